@@ -1,0 +1,234 @@
+"""The attention registry: implementations as plain functions with declared capabilities.
+
+Every implementation follows one contract::
+
+    out = attn(q, k, v, *, causal: bool, window: int | None, scale: float | None)
+
+* q is [B, Hq, N, D]; k and v are [B, Hkv, N, D] with Hq % Hkv == 0. Query head h
+  reads kv head h // (Hq // Hkv) (grouped-query attention).
+* window=W: query i sees keys j with i - W < j <= i (W keys, itself included). A window
+  implies causal. This is transformers' ``sliding_window`` convention.
+* scale defaults to 1/sqrt(D); softmax statistics are kept in fp32 whatever the dtype.
+* out is [B, Hq, N, D] in q's dtype.
+
+Implementations declare what they can do with ``@register``; the harness never asks one
+for anything it has not declared (such a cell is recorded as ``unsupported``). Users add
+their own without editing ctxbench: ``--impl package.module:function`` on the command line
+(a plain function, or one decorated with ``@register``), or an installed plugin exposing
+an entry point in the group ``ctxbench.attention``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Iterable
+
+ENTRY_POINT_GROUP = "ctxbench.attention"
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+MASKS = ("none", "causal", "window")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+AttentionFn = Callable[..., Any]
+
+
+class Unsupported(Exception):
+    """Raised by an implementation at run time when it refuses a shape it cannot handle.
+
+    The harness records the cell as ``unsupported`` with the exception's message, rather
+    than as an error. Example: a pinned SDPA backend that rejects a head dimension.
+    """
+
+
+class RegistryError(ValueError):
+    """A user-facing problem resolving an implementation (unknown name, bad spec)."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One registered attention implementation and what it declares it can do."""
+
+    name: str
+    fn: AttentionFn
+    devices: frozenset[str] = frozenset(DEVICES)
+    dtypes: frozenset[str] = frozenset(DTYPES)
+    masks: frozenset[str] = frozenset(MASKS)
+    modes: frozenset[str] = frozenset(MODES)
+    gqa: bool = True
+    exact: bool = True
+    description: str = ""
+    source: str = ""
+    # Optional run-time checks: check(cell) -> None when the cell can run, else the reason.
+    check: Callable[[Any], str | None] | None = None
+    # Optional: info() -> dict of details worth a column after a run (a chosen config, ...).
+    info: Callable[[], dict] | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def unsupported_reason(self, cell: Any) -> str | None:
+        """Why this implementation can't run `cell` (a ctxbench.plan.Cell), or None if it can."""
+        if cell.device not in self.devices:
+            return f"{self.name} does not run on {cell.device} (declares {', '.join(sorted(self.devices))})"
+        if cell.dtype not in self.dtypes:
+            return f"{self.name} does not support {cell.dtype} (declares {', '.join(sorted(self.dtypes))})"
+        if cell.mask not in self.masks:
+            return f"{self.name} does not support mask={cell.mask} (declares {', '.join(sorted(self.masks))})"
+        if cell.mode not in self.modes:
+            return f"{self.name} does not support mode={cell.mode} (declares {', '.join(sorted(self.modes))})"
+        if cell.heads != cell.kv_heads and not self.gqa:
+            return f"{self.name} does not support grouped-query attention (heads {cell.heads} != kv-heads {cell.kv_heads})"
+        if self.check is not None:
+            return self.check(cell)
+        return None
+
+
+_REGISTRY: dict[str, Impl] = {}
+_BUILTINS_LOADED = False
+_PLUGINS_LOADED = False
+
+
+def register(
+    name: str,
+    *,
+    devices: Iterable[str] = DEVICES,
+    dtypes: Iterable[str] = DTYPES,
+    masks: Iterable[str] = MASKS,
+    modes: Iterable[str] = MODES,
+    gqa: bool = True,
+    exact: bool = True,
+    description: str = "",
+    check: Callable[[Any], str | None] | None = None,
+    info: Callable[[], dict] | None = None,
+) -> Callable[[AttentionFn], AttentionFn]:
+    """Declare an attention implementation and its capabilities; returns the function unchanged.
+
+    >>> @register("mine", devices=["cpu"], masks=["none", "causal"])
+    ... def mine(q, k, v, *, causal, window, scale): ...
+    """
+    for label, values, allowed in (("devices", devices, DEVICES), ("dtypes", dtypes, DTYPES),
+                                   ("masks", masks, MASKS), ("modes", modes, MODES)):
+        bad = set(values) - set(allowed)
+        if bad:
+            raise RegistryError(f"register({name!r}): unknown {label} {sorted(bad)}; choose from {list(allowed)}")
+
+    def deco(fn: AttentionFn) -> AttentionFn:
+        impl = Impl(
+            name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
+            masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact,
+            description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
+            check=check, info=info,
+        )
+        _REGISTRY[name] = impl
+        fn.__ctxbench_impl__ = impl  # lets --impl module:function find the declaration
+        return fn
+
+    return deco
+
+
+def _first_doc_line(fn: Callable) -> str:
+    doc = (fn.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def load_builtins() -> None:
+    """Import ctxbench.kernels so that the built-in implementations register themselves."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        importlib.import_module("ctxbench.kernels")
+        _BUILTINS_LOADED = True
+
+
+def load_plugins() -> list[str]:
+    """Load every installed ``ctxbench.attention`` entry point; returns the names that failed.
+
+    An entry point may point at a module (whose import registers functions), at a function
+    decorated with @register, or at a plain function, which is registered under the entry
+    point's name with default capabilities.
+    """
+    global _PLUGINS_LOADED
+    failed: list[str] = []
+    if _PLUGINS_LOADED:
+        return failed
+    _PLUGINS_LOADED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not take the whole tool down
+            failed.append(f"{ep.name} ({type(exc).__name__}: {exc})")
+            continue
+        if callable(obj) and not hasattr(obj, "__ctxbench_impl__"):
+            register(ep.name)(obj)
+    return failed
+
+
+def all_impls() -> dict[str, Impl]:
+    """Every known implementation (built-ins, plugins and anything registered so far), by name."""
+    load_builtins()
+    load_plugins()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Impl:
+    """The implementation registered as `name`; RegistryError listing the known ones if none."""
+    impls = all_impls()
+    if name not in impls:
+        raise RegistryError(f"unknown implementation {name!r}; known: {', '.join(sorted(impls))} "
+                            "(or pass --impl package.module:function)")
+    return impls[name]
+
+
+def load_spec(spec: str) -> Impl:
+    """Resolve ``package.module:function`` or ``path/to/file.py:function`` to an Impl.
+
+    A function decorated with @register keeps its declaration; a plain function gets the
+    default capabilities (every device, dtype, mask and mode) under the name `spec`.
+    The current directory is importable, as it is for ``python -m``.
+    """
+    if spec.count(":") != 1:
+        raise RegistryError(f"--impl {spec!r} is not of the form package.module:function")
+    mod_name, fn_name = spec.split(":")
+    if not mod_name or not fn_name:
+        raise RegistryError(f"--impl {spec!r} is not of the form package.module:function")
+    try:
+        if mod_name.endswith(".py"):
+            path = os.path.abspath(mod_name)
+            if not os.path.isfile(path):
+                raise RegistryError(f"--impl {spec!r}: no file {mod_name}")
+            module_key = "ctxbench_user_" + os.path.splitext(os.path.basename(path))[0]
+            s = importlib.util.spec_from_file_location(module_key, path)
+            module = importlib.util.module_from_spec(s)
+            sys.modules[module_key] = module
+            s.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"--impl {spec!r}: cannot import {mod_name} ({type(exc).__name__}: {exc})") from None
+    fn = module
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise RegistryError(f"--impl {spec!r}: {mod_name} has no attribute {fn_name!r}")
+    if not callable(fn):
+        raise RegistryError(f"--impl {spec!r}: {fn_name} is not callable")
+    declared = getattr(fn, "__ctxbench_impl__", None)
+    if declared is not None:
+        return declared
+    impl = Impl(name=spec, fn=fn, description=_first_doc_line(fn), source=spec)
+    _REGISTRY[spec] = impl
+    return impl
+
+
+def resolve(name_or_spec: str) -> Impl:
+    """A registered name, or a module:function spec (anything with a colon)."""
+    if ":" in name_or_spec:
+        return load_spec(name_or_spec)
+    return get(name_or_spec)

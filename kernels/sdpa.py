@@ -1,0 +1,63 @@
+"""sdpa: torch.nn.functional.scaled_dot_product_attention, the reference implementation.
+
+`sdpa` lets PyTorch pick its backend. On CUDA each backend is also its own implementation
+(`sdpa_flash`, `sdpa_efficient`, `sdpa_cudnn`, `sdpa_math`), pinned with
+torch.nn.attention.sdpa_kernel: a backend that refuses a shape raises Unsupported, and the
+cell is recorded as unsupported instead of silently running on another backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ctxbench.masks import visible
+from ctxbench.registry import Unsupported, register
+
+
+def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+          window: int | None, scale: float | None) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    # SDPA has no window argument: the band goes in as a boolean mask (N x N bytes, shared
+    # by every batch and head), which also rules out the flash and cudnn backends.
+    pos = torch.arange(q.shape[2], device=q.device)
+    mask = visible(pos, pos, True, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+@register("sdpa", description="torch SDPA, backend chosen by PyTorch")
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+         window: int | None, scale: float | None = None) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
+    return _call(q, k, v, causal, window, scale)
+
+
+def _pinned(backend: SDPBackend):
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+             window: int | None, scale: float | None = None) -> torch.Tensor:
+        try:
+            with sdpa_kernel([backend]):
+                return _call(q, k, v, causal, window, scale)
+        except RuntimeError as exc:
+            # PyTorch says "No available kernel" (with the reasons as warnings) when the
+            # pinned backend rejects the inputs.
+            if "No available kernel" in str(exc):
+                raise Unsupported(f"SDPA backend {backend.name} refused this shape/dtype/mask") from exc
+            raise
+    attn.__name__ = attn.__qualname__ = f"sdpa_{backend.name.lower()}"
+    return attn
+
+
+_BACKENDS = {
+    "sdpa_flash": (SDPBackend.FLASH_ATTENTION, ("float16", "bfloat16"), ("none", "causal")),
+    "sdpa_efficient": (SDPBackend.EFFICIENT_ATTENTION, ("float32", "float16", "bfloat16"), ("none", "causal", "window")),
+    "sdpa_cudnn": (SDPBackend.CUDNN_ATTENTION, ("float16", "bfloat16"), ("none", "causal")),
+    "sdpa_math": (SDPBackend.MATH, ("float32", "float16", "bfloat16"), ("none", "causal", "window")),
+}
+
+for _name, (_backend, _dtypes, _masks) in _BACKENDS.items():
+    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks,
+             description=f"torch SDPA pinned to the {_backend.name} backend")(_pinned(_backend))
