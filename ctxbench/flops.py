@@ -1,0 +1,35 @@
+"""Mask-aware FLOP counts and device peaks, the denominators of TFLOP/s and %-of-peak."""
+
+from __future__ import annotations
+
+from ctxbench.masks import visible_pairs
+
+# Backward costs 2.5 forwards (five matmuls against two), the convention every repo uses.
+MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+# Dense peak TFLOP/s by device-name fragment and dtype (vendor datasheets, SXM parts).
+# fp32 is the non-tensor-core rate: ctxbench holds fp32 to fp32 (not tf32) precision.
+DEVICE_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+    "L40S": {"bfloat16": 362.0, "float16": 362.0, "float32": 91.6},
+    "A10G": {"bfloat16": 70.0, "float16": 70.0, "float32": 31.2},
+}
+
+
+def attention_flops(batch: int, heads: int, n: int, head_dim: int, causal: bool,
+                    window: int | None, mode: str) -> float:
+    """FLOPs of one call: 4 * B * Hq * D * (visible query-key pairs), times the mode factor.
+
+    GQA does not change the count: every query head does its own two matmuls.
+    """
+    return 4.0 * batch * heads * head_dim * visible_pairs(n, causal, window) * MODE_FACTOR[mode]
+
+
+def device_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Datasheet dense peak for a CUDA device name, or None when ctxbench doesn't know it."""
+    for fragment, peaks in DEVICE_PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return peaks.get(dtype)
+    return None

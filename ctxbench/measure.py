@@ -1,0 +1,274 @@
+"""Measurement of one cell inside a worker: error check, peak memory, latency.
+
+Order matters: the error check and memory run come first (one call each) so that an
+implementation that is wrong or runs out of memory is found before the timing loop, and
+the timing loop runs on a warmed-up implementation. Every number in a CSV row that is
+measured (not configured) is produced by `measure_cell` below.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ctxbench.flops import attention_flops, device_peak_tflops
+from ctxbench.plan import Cell
+from ctxbench.reference import TOLERANCE, errors, reference_attention, sample_rows
+from ctxbench.registry import Impl
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Gradients are checked only up to this length: the float64 reference backward is O(N^2).
+GRAD_CHECK_MAX_LEN = 2048
+# Gradients of low-precision inputs carry more rounding than the output does.
+GRAD_TOLERANCE_FACTOR = 2.0
+# Bytes the float64 reference may use for one block of checked rows.
+REFERENCE_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to measure (not what): timing budget, rows checked, input seed."""
+
+    warmup_ms: float = 100.0
+    rep_ms: float = 1000.0
+    min_repeats: int = 3
+    max_repeats: int = 100
+    check_rows: int = 256
+    seed: int = 0
+
+
+def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """Random q, k, v (and dout) for a cell; the same seed and length give the same inputs
+    to every implementation, so their errors are comparable."""
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + cell.n)
+    dtype = TORCH_DTYPES[cell.dtype]
+
+    def rand(heads: int) -> torch.Tensor:
+        t = torch.randn(cell.batch, heads, cell.n, cell.head_dim, generator=gen, dtype=torch.float32)
+        return t.to(device=cell.device, dtype=dtype).requires_grad_(requires_grad)
+
+    q, k, v = rand(cell.heads), rand(cell.kv_heads), rand(cell.kv_heads)
+    dout = rand(cell.heads).detach()
+    return q, k, v, dout
+
+
+def _call(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return impl.fn(q, k, v, causal=cell.causal, window=cell.attn_window, scale=None)
+
+
+def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              dout: torch.Tensor) -> Callable[[], Any]:
+    """The function the timing loop calls for the cell's mode.
+
+    bwd times only the backward: one forward is kept and its graph retained, and the
+    gradients are dropped before each call so accumulation is not timed.
+    """
+    if cell.mode == "fwd":
+        def fwd() -> torch.Tensor:
+            with torch.no_grad():
+                return _call(impl, cell, q, k, v)
+        return fwd
+    if cell.mode == "fwd+bwd":
+        def fwd_bwd() -> None:
+            q.grad = k.grad = v.grad = None
+            _call(impl, cell, q, k, v).backward(dout)
+        return fwd_bwd
+    out = _call(impl, cell, q, k, v)
+
+    def bwd() -> None:
+        q.grad = k.grad = v.grad = None
+        out.backward(dout, retain_graph=True)
+    return bwd
+
+
+# ---------------------------------------------------------------- memory
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
+    """(peak bytes above what was allocated before, method name, step's return value).
+
+    cuda: torch.cuda.max_memory_allocated minus memory_allocated before the step (so the
+    inputs' footprint is not counted). cpu: growth of the process's peak resident set
+    (VmHWM after resetting it) over the resident set before the step; the worker sets
+    glibc's mmap threshold low so freed blocks leave the resident set at once.
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, "cuda_max_allocated", result
+    base_kib = _proc_status_kib("VmRSS")
+    if base_kib is not None and _reset_rss_peak():
+        result = step()
+        peak_kib = _proc_status_kib("VmHWM") or base_kib
+        return max(0, peak_kib - base_kib) * 1024, "cpu_rss_peak_growth", result
+    import resource  # not Linux: ru_maxrss is a lifetime peak, the best available
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if __import__("sys").platform == "darwin" else 1024
+    return max(0, after - before) * scale, "cpu_ru_maxrss_growth", result
+
+
+# ---------------------------------------------------------------- timing
+
+def _quantiles(samples_ms: list[float]) -> dict[str, float]:
+    t = torch.tensor(samples_ms, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return {"latency_ms": q[0].item(), "latency_p20_ms": q[1].item(), "latency_p80_ms": q[2].item(),
+            "latency_min_ms": t.min().item(), "repeats": len(samples_ms)}
+
+
+def _repeats(estimate_ms: float, s: Settings) -> int:
+    return int(min(s.max_repeats, max(s.min_repeats, math.ceil(s.rep_ms / max(estimate_ms, 1e-3)))))
+
+
+def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, float]:
+    """Warm up for s.warmup_ms (at least one call), then time repeats with perf_counter (ms)."""
+    warm: list[float] = []
+    start = time.perf_counter()
+    while not warm or ((time.perf_counter() - start) * 1e3 < s.warmup_ms and len(warm) < 20):
+        t0 = time.perf_counter()
+        step()
+        warm.append((time.perf_counter() - t0) * 1e3)
+    samples = []
+    for _ in range(_repeats(min(warm), s)):
+        t0 = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, float]:
+    """CUDA events around each call, with L2 flushed before each (as triton.testing.do_bench)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
+    step()  # first call: compilation and autotuning happen here, never in timed runs
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n_warm = 0
+    while n_warm < 1 or ((time.perf_counter() - t0) * 1e3 < s.warmup_ms and n_warm < 1000):
+        step()
+        torch.cuda.synchronize()
+        n_warm += 1
+    estimate_ms = (time.perf_counter() - t0) * 1e3 / n_warm
+    n = _repeats(estimate_ms, s)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        starts[i].record()
+        step()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+
+# ---------------------------------------------------------------- the cell
+
+def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, s: Settings) -> dict[str, Any]:
+    """Relative L2 and max-abs error of `out` on a random subset of rows vs the float64 reference."""
+    expected = (cell.batch, cell.heads, cell.n, cell.head_dim)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{impl.name} returned {shape}, expected a tensor of shape {expected}")
+    gen = torch.Generator().manual_seed(s.seed + cell.n)
+    rows = sample_rows(cell.n, s.check_rows, gen)
+    row_block = max(1, min(len(rows), REFERENCE_BUDGET_BYTES // (8 * cell.batch * cell.heads * cell.n)))
+    with torch.no_grad():
+        ref = reference_attention(q.detach(), k.detach(), v.detach(), causal=cell.causal,
+                                  window=cell.attn_window, rows=rows, row_block=row_block)
+        rel, mx = errors(out.detach()[:, :, rows.to(out.device), :], ref)
+    return {"err_rel_l2": rel, "err_max_abs": mx, "err_rows": len(rows), "err_tolerance": TOLERANCE[cell.dtype],
+            "out_dtype_ok": out.dtype == q.dtype}
+
+
+def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                dout: torch.Tensor) -> float:
+    """Relative L2 error of (dq, dk, dv) against float64 autograd of the reference."""
+    q.grad = k.grad = v.grad = None
+    _call(impl, cell, q, k, v).backward(dout)
+    got = [t.grad.double().flatten() for t in (q, k, v)]
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = reference_attention(q64, k64, v64, causal=cell.causal, window=cell.attn_window)
+    ref.backward(dout.double())
+    want = [t.grad.flatten() for t in (q64, k64, v64)]
+    rel, _ = errors(torch.cat(got), torch.cat(want))
+    q.grad = k.grad = v.grad = None
+    return rel
+
+
+def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
+    """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
+    needs_grad = cell.mode != "fwd"
+    q, k, v, dout = make_inputs(cell, s.seed, needs_grad)
+
+    def once() -> torch.Tensor:
+        if needs_grad:
+            q.grad = k.grad = v.grad = None
+            out = _call(impl, cell, q, k, v)
+            out.backward(dout)
+            return out.detach()
+        with torch.no_grad():
+            return _call(impl, cell, q, k, v)
+
+    if cell.device == "cuda":
+        torch.cuda.synchronize()
+    mem_bytes, mem_method, out = peak_memory(once, cell.device)
+    row: dict[str, Any] = {"peak_mem_bytes": mem_bytes, "mem_method": mem_method}
+    row.update(check_output(impl, cell, q, k, v, out, s))
+    del out
+    problems = []
+    if row["err_rel_l2"] > row["err_tolerance"] or not math.isfinite(row["err_rel_l2"]):
+        problems.append(f"relative L2 error {row['err_rel_l2']:.3g} over the {cell.dtype} tolerance "
+                        f"{row['err_tolerance']:g}")
+    if not row.pop("out_dtype_ok"):
+        problems.append(f"output dtype differs from the input's {cell.dtype}")
+    if needs_grad and cell.n <= GRAD_CHECK_MAX_LEN:
+        row["grad_err_rel_l2"] = check_grads(impl, cell, q, k, v, dout)
+        if not row["grad_err_rel_l2"] <= GRAD_TOLERANCE_FACTOR * row["err_tolerance"]:
+            problems.append(f"gradient relative L2 error {row['grad_err_rel_l2']:.3g} over "
+                            f"{GRAD_TOLERANCE_FACTOR:g}x the {cell.dtype} tolerance")
+    gc.collect()
+
+    step = make_step(impl, cell, q, k, v, dout)
+    timing = time_cuda(step, s) if cell.device == "cuda" else time_cpu(step, s)
+    row.update(timing)
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode)
+    row["flops"] = flops
+    row["tflops"] = flops / (timing["latency_ms"] * 1e-3) / 1e12
+    if cell.device == "cuda":
+        peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
+        row["peak_fraction"] = row["tflops"] / peak if peak else None
+    row["status"] = "wrong" if problems else "ok"
+    row["message"] = "; ".join(problems)
+    return row

@@ -1,0 +1,120 @@
+"""results.csv: the long-format table, one row per cell, appended as each cell finishes.
+
+Column groups, in order: identity (run, implementation, length), configuration, outcome,
+measurements (see ctxbench.measure), bookkeeping, environment (see ctxbench.env).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Iterable
+
+from ctxbench.env import ENV_FIELDS
+from ctxbench.plan import KEY_FIELDS
+
+STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
+
+CONFIG_COLUMNS = ("impl", "n", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window", "mode",
+                  "device", "allow_interpreter")
+MEASURE_COLUMNS = (
+    "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
+    "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
+    "peak_mem_bytes", "mem_method",                    # bytes above the inputs; how it was read
+    "err_rel_l2", "err_max_abs", "err_rows", "err_tolerance", "grad_err_rel_l2",
+    "impl_info",                                       # JSON the implementation reports (config chosen, ...)
+)
+COLUMNS: tuple[str, ...] = (
+    ("run_id",) + CONFIG_COLUMNS + ("status", "message") + MEASURE_COLUMNS
+    + ("impl_exact", "rep_ms", "seed", "wall_s", "log", "finished_at") + ENV_FIELDS
+)
+assert set(KEY_FIELDS) <= set(COLUMNS), "every Cell field must be a CSV column"
+
+
+class CorruptResults(ValueError):
+    """results.csv can't be read as a ctxbench table; the message names the line."""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if value == value else ""  # NaN -> empty
+    return str(value)
+
+
+class ResultsWriter:
+    """Appends rows to results.csv, writing the header when the file is new.
+
+    Each row is written with one write() and flushed and fsynced, so a killed sweep leaves
+    at most the row in flight unwritten. An existing file keeps its own header (a run from
+    an older ctxbench resumes with its columns; new columns are left out of it).
+    """
+
+    def __init__(self, path: str, header: Iterable[str] | None = None) -> None:
+        self.path = path
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.header = list(header) if header is not None else list(COLUMNS)
+        if new:
+            self._write_line(self.header)
+
+    def _write_line(self, values: list[str]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(values)
+        with open(self.path, "a", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row; keys outside the header are dropped, missing ones left empty."""
+        self._write_line([_fmt(row.get(c)) for c in self.header])
+
+
+def read_results(path: str, *, repair_tail: bool = False) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of a results.csv; CorruptResults naming the line if it isn't one.
+
+    A last line without its newline is a row that was being written when the sweep died:
+    with repair_tail it is cut off the file (that cell runs again), else it is an error.
+    """
+    with open(path, newline="") as f:
+        text = f.read()
+    if not text.strip():
+        raise CorruptResults(f"{path} is empty")
+    if not text.endswith("\n"):
+        if not repair_tail:
+            raise CorruptResults(f"{path}: the last line is incomplete")
+        cut = text.rfind("\n") + 1
+        with open(path, "r+", newline="") as f:
+            f.truncate(len(text[:cut].encode()))
+        text = text[:cut]
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as exc:
+        raise CorruptResults(f"{path} line 1: not a ctxbench header ({exc})") from None
+    missing = [c for c in ("impl", "n", "status") + KEY_FIELDS if c not in header]
+    if missing:
+        raise CorruptResults(f"{path} line 1: not a ctxbench results header (missing columns: "
+                             f"{', '.join(dict.fromkeys(missing))})")
+    rows = []
+    try:
+        for values in reader:
+            line = reader.line_num
+            if len(values) != len(header):
+                raise CorruptResults(f"{path} line {line}: {len(values)} fields where the header has {len(header)}")
+            row = dict(zip(header, values))
+            if row["status"] not in STATUSES:
+                raise CorruptResults(f"{path} line {line}: unknown status {row['status']!r}")
+            if not row["n"].isdigit():
+                raise CorruptResults(f"{path} line {line}: length {row['n']!r} is not a number")
+            rows.append(row)
+    except csv.Error as exc:
+        raise CorruptResults(f"{path} line {reader.line_num}: {exc}") from None
+    return header, rows
+
+
+def row_key(row: dict[str, str]) -> tuple:
+    """The key of a CSV row, comparable with Cell.key."""
+    return tuple(row.get(f, "") for f in KEY_FIELDS)

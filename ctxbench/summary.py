@@ -1,0 +1,64 @@
+"""The terminal summary: implementation x length pivot of latency, memory and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
+                "unsupported": "dim", "skipped": "dim"}
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as B/KiB/MiB/GiB with 3 significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def human_ms(ms: float) -> str:
+    """Milliseconds with a unit that keeps 3 significant digits readable."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    if ms >= 1:
+        return f"{ms:.3g} ms"
+    return f"{ms * 1000:.3g} us"
+
+
+def _num(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def cell_text(row: dict[str, Any]) -> str:
+    """What one pivot cell shows: latency and memory when measured, else the status."""
+    status = row.get("status", "")
+    style = STATUS_STYLE.get(status, "")
+    lat = _num(row, "latency_ms")
+    mem = _num(row, "peak_mem_bytes")
+    if lat is None:
+        return f"[{style}]{status}[/]"
+    text = human_ms(lat) + (f"\n{human_bytes(mem)}" if mem is not None else "")
+    return text if status == "ok" else f"{text}\n[{style}]{status}[/]"
+
+
+def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
+    """A rich Table: one line per implementation, one column per context length (tokens)."""
+    lengths = sorted({int(r["n"]) for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    by_key = {(r["impl"], int(r["n"])): r for r in rows}  # a later row for a cell wins
+    table = Table(title=title or None, show_lines=True, title_justify="left")
+    table.add_column("impl \\ N", style="bold")
+    for n in lengths:
+        table.add_column(f"{n:,}", justify="right")
+    for impl in impls:
+        table.add_row(impl, *(cell_text(by_key[(impl, n)]) if (impl, n) in by_key else "" for n in lengths))
+    return table

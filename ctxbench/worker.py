@@ -1,0 +1,98 @@
+"""The worker: measures exactly one cell in its own process.
+
+    python -m ctxbench.worker JOB.json RESULT.json
+
+JOB.json holds the cell, the measurement settings and the memory cap; RESULT.json gets
+the measured fields, or a status (oom, unsupported, error) and a one-line message. The
+full traceback of a failure goes to stderr, which the executor keeps in the cell's log.
+A crash that leaves no RESULT.json (segfault, abort, OOM killer) is classified by the
+executor from the exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def cap_memory(limit_bytes: int) -> None:
+    """Cap the address space so a huge allocation fails here (MemoryError or a torch
+    'can't allocate memory' error) instead of waking the kernel's OOM killer."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit_bytes = min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, hard))
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception means the device or the process ran out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                   "std::bad_alloc", "failed to allocate"))
+
+
+def one_line(exc: BaseException) -> str:
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Measure the job's cell; never raises for failures of the implementation itself."""
+    from ctxbench import registry
+    from ctxbench.measure import Settings, measure_cell
+    from ctxbench.plan import Cell
+
+    cell = Cell(**job["cell"])
+    settings = Settings(**job["settings"])
+    impl = registry.resolve(cell.impl)
+    try:
+        row = measure_cell(impl, cell, settings)
+    except registry.Unsupported as exc:
+        return {"status": "unsupported", "message": str(exc).splitlines()[0] if str(exc) else "unsupported"}
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a row
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        return {"status": "oom" if is_oom(exc) else "error", "message": one_line(exc)}
+    if impl.info is not None:
+        try:
+            row["impl_info"] = json.dumps(impl.info(), sort_keys=True)
+        except Exception as exc:  # details are optional; a failure to report them is not fatal
+            row["impl_info"] = json.dumps({"info_error": one_line(exc)})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    job_path, result_path = (argv or sys.argv[1:])[:2]
+    with open(job_path) as f:
+        job = json.load(f)
+    if job.get("memory_limit_bytes") and job["cell"]["device"] == "cpu":
+        cap_memory(int(job["memory_limit_bytes"]))
+    try:
+        result = run_job(job)
+    except BaseException as exc:  # noqa: BLE001 - e.g. the implementation could not be imported
+        traceback.print_exc()
+        result = {"status": "oom" if is_oom(exc) else "error", "message": one_line(exc)}
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, default=float)
+    os.replace(tmp, result_path)  # the executor sees the whole result or none of it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: some extensions crash or hang at exit, and the result is safe.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
