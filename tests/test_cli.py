@@ -1,0 +1,153 @@
+"""Bad input gets one line and exit status 2; good input gets a complete, resumable run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ctxbench.env import ENV_FIELDS
+from ctxbench.results import COLUMNS, read_results
+from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
+
+SMALL = ["--device", "cpu", "--heads", "2", "--head-dim", "16", "--rep-ms", "5"]
+
+
+def _bad(args: list[str], capsys, *fragments: str) -> None:
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ctxbench: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--impls", "nosuch"], ["unknown implementation 'nosuch'", "known:", "naive", "sdpa"]),
+    (["--lengths", "0,128"], ["positive"]),
+    (["--lengths", "128,64"], ["strictly increasing"]),
+    (["--lengths", "128,128"], ["strictly increasing"]),
+    (["--lengths", "12x"], ["comma-separated"]),
+    (["--min-len", "0"], ["positive"]),
+    (["--min-len", "256", "--max-len", "128"], ["below --min-len"]),
+    (["--window", "0"], ["--window must be at least 1"]),
+    (["--mask", "window"], ["needs --window"]),
+    (["--heads", "6", "--kv-heads", "4"], ["not divisible by --kv-heads 4"]),
+    (["--dtype", "float64"], ["unsupported --dtype 'float64'", "bf16"]),
+    (["--device", "tpu"], ["unsupported --device 'tpu'"]),
+    (["--impl", "no_such_module_xyz:attn"], ["cannot import no_such_module_xyz"]),
+    (["--impl", f"{MISBEHAVING}:no_such_function"], ["has no attribute 'no_such_function'"]),
+    (["--impl", "not-a-spec"], ["package.module:function"]),
+    (["--timeout", "0"], ["--timeout must be positive"]),
+    (["--bogus-flag"], ["No such option"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragments, tmp_path, capsys):
+    _bad(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys, *fragments)
+    assert not list(tmp_path.iterdir()), "bad input must not leave a run behind"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(tmp_path, capsys):
+    _bad(["sweep", "--device", "cuda", "--out", str(tmp_path)], capsys, "no CUDA device", "--device cpu")
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _bad(["sweep", *SMALL, "--out", str(blocker)], capsys, "is a file, not a folder")
+    _bad(["sweep", *SMALL, "--out", str(blocker / "sub")], capsys, "cannot write to output folder")
+
+
+def test_resume_of_missing_or_corrupt_run(tmp_path, capsys):
+    _bad(["sweep", "--resume", str(tmp_path / "nope")], capsys, "no such run folder")
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    _bad(["sweep", "--resume", str(not_a_run)], capsys, "no meta.json")
+
+    code, _, err = run_cli(["sweep", *SMALL, "--lengths", "8,16", "--impls", "sdpa", "--out", str(tmp_path / "r")],
+                           capsys)
+    assert code == 0, err
+    run_dir = only_run_dir(str(tmp_path / "r"))
+    csv_path = os.path.join(run_dir, "results.csv")
+    lines = open(csv_path).read().splitlines(keepends=True)
+    lines.insert(2, "garbage,with,too,few,fields\n")
+    open(csv_path, "w").write("".join(lines))
+    _bad(["sweep", "--resume", run_dir], capsys, "results.csv line 3", "fields")
+
+
+def test_csv_is_long_format_with_configuration_and_environment(tmp_path, capsys):
+    code, out, err = run_cli(["sweep", *SMALL, "--kv-heads", "1", "--lengths", "16,33", "--impls", "naive,sdpa",
+                              "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    run_dir = only_run_dir(str(tmp_path))
+    header, rows = read_results(os.path.join(run_dir, "results.csv"))
+    assert header == list(COLUMNS)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["status"] == "ok", r["message"]
+        assert (r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["mask"], r["device"]) == \
+               ("2", "1", "16", "float32", "causal", "cpu")
+        assert float(r["latency_p20_ms"]) <= float(r["latency_ms"]) <= float(r["latency_p80_ms"])
+        assert int(r["repeats"]) >= 3
+        assert float(r["err_rel_l2"]) < 1e-5
+        n = int(r["n"])
+        assert float(r["flops"]) == 4 * 2 * 16 * n * (n + 1) / 2  # causal pairs, B=1, Hq=2, D=16
+        assert r["mem_method"] == "cpu_rss_peak_growth"
+        for field in ENV_FIELDS:
+            assert field in r
+        assert r["torch_version"] == torch.__version__
+    meta = json.load(open(os.path.join(run_dir, "meta.json")))
+    assert meta["spec"]["impls"] == ["naive", "sdpa"]
+    assert meta["environment"]["torch_version"] == torch.__version__
+    # The terminal gets a pivot table: one line per implementation, lengths as columns.
+    assert "naive" in out and "sdpa" in out and "33" in out
+
+
+def test_unsupported_cells_are_recorded_not_attempted(tmp_path, capsys):
+    code, _, err = run_cli(["sweep", *SMALL, "--lengths", "16", "--impls", "sdpa_flash,sdpa",
+                            "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    cells = rows_by_cell(only_run_dir(str(tmp_path)))
+    row = cells[("sdpa_flash", 16)]
+    assert row["status"] == "unsupported"
+    assert "does not run on cpu" in row["message"]
+    assert row["latency_ms"] == ""
+    assert cells[("sdpa", 16)]["status"] == "ok"
+
+
+def test_interrupted_sweep_resumes_without_repeating_or_losing_cells(tmp_path):
+    out = tmp_path / "runs"
+    lengths = "8,16,24,32,40,48"
+    cmd = [sys.executable, "-m", "ctxbench", "sweep", *SMALL, "--lengths", lengths, "--impls", "sdpa,naive",
+           "--out", str(out), "--run-id", "r"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    csv_path = out / "r" / "results.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 4:  # header + 3 rows
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "--resume" in output
+    _, before = read_results(str(csv_path), repair_tail=True)
+    assert 3 <= len(before) < 12
+
+    done = subprocess.run([sys.executable, "-m", "ctxbench", "sweep", "--resume", str(out / "r")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _, after = read_results(str(csv_path))
+    keys = [(r["impl"], r["n"]) for r in after]
+    assert len(keys) == len(set(keys)) == 12, keys
+    assert after[:len(before)] == before  # finished cells untouched, not re-run
+    meta = json.load(open(out / "r" / "meta.json"))
+    assert len(meta["invocations"]) == 2
