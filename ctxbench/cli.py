@@ -177,11 +177,12 @@ def list_cmd() -> None:
 @click.option("--check-rows", type=int, default=256, show_default=True, help="query rows checked against the float64 reference")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random inputs")
 @click.option("--allow-interpreter", is_flag=True, help="time interpreted (Triton-on-CPU) implementations at every length")
+@click.option("--fresh-worker", is_flag=True, help="a new worker process for every cell (default: one per implementation, replaced after any failure)")
 def sweep_cmd(min_len: int, max_len: int, lengths: str | None, batch: int, heads: int, kv_heads: int | None,
               head_dim: int, dtype: str | None, mask: str | None, window: int | None, mode: str, device: str | None,
               impl_names: str | None, impl_specs: tuple[str, ...], timeout: float, out: str, run_id: str | None,
               resume: str | None, memory_limit: float | None, rep_ms: float | None, check_rows: int, seed: int,
-              allow_interpreter: bool) -> None:
+              allow_interpreter: bool, fresh_worker: bool) -> None:
     """Sweep implementations x context lengths for one configuration; writes results.csv."""
     console = Console(stderr=False)
     if resume is not None:
@@ -191,7 +192,7 @@ def sweep_cmd(min_len: int, max_len: int, lengths: str | None, batch: int, heads
     else:
         spec = build_spec(min_len, max_len, lengths, batch, heads, kv_heads, head_dim, dtype, mask, window, mode,
                           device, impl_names, impl_specs, timeout, memory_limit, rep_ms, check_rows, seed,
-                          allow_interpreter)
+                          allow_interpreter, fresh_worker)
         check_writable(out)
         run_dir = new_run_dir(out, spec.config, run_id)
         os.makedirs(run_dir, exist_ok=True)
@@ -213,7 +214,7 @@ def build_spec(min_len: int, max_len: int, lengths: str | None, batch: int, head
                head_dim: int, dtype: str | None, mask: str | None, window: int | None, mode: str,
                device: str | None, impl_names: str | None, impl_specs: tuple[str, ...], timeout: float,
                memory_limit: float | None, rep_ms: float | None, check_rows: int, seed: int,
-               allow_interpreter: bool) -> SweepSpec:
+               allow_interpreter: bool, fresh_worker: bool = False) -> SweepSpec:
     """Validate the sweep flags (UsageError on the first problem) and build the spec."""
     if lengths is not None:
         ns = parse_lengths(lengths)
@@ -260,7 +261,7 @@ def build_spec(min_len: int, max_len: int, lengths: str | None, batch: int, head
                         seed=seed)
     limit = int(memory_limit * 2**30) if memory_limit is not None else default_memory_limit()
     return SweepSpec(config=config, impls=impls, lengths=ns, timeout_s=timeout, memory_limit_bytes=limit,
-                     settings=settings)
+                     settings=settings, reuse_workers=not fresh_worker)
 
 
 def load_resume(resume: str, out: str) -> tuple[SweepSpec, str]:

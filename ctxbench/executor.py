@@ -1,4 +1,4 @@
-"""The local executor: runs one cell's worker as a subprocess and classifies how it ended.
+"""The local executor: runs cells in worker subprocesses and classifies how each ended.
 
 Isolation is the point: an implementation that raises, runs out of memory, segfaults,
 calls abort(), is killed by the OS or hangs costs one row, never the sweep.
@@ -47,45 +47,108 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def run_cell(cell: Cell, settings: Settings, *, timeout_s: float, memory_limit_bytes: int | None,
-             log_path: str) -> dict[str, Any]:
-    """Run `cell` in a fresh worker process; returns the measured fields with status and message.
+class Worker:
+    """One worker process serving cells of one implementation (see ctxbench.worker.serve)."""
 
-    The worker's stdout and stderr (tracebacks included) go to `log_path`.
-    """
-    job = {"cell": asdict(cell), "settings": asdict(settings), "memory_limit_bytes": memory_limit_bytes}
-    with tempfile.TemporaryDirectory(prefix="ctxbench-") as tmp:
-        job_path = os.path.join(tmp, "job.json")
-        result_path = os.path.join(tmp, "result.json")
-        with open(job_path, "w") as f:
-            json.dump(job, f)
-        start = time.perf_counter()
-        with open(log_path, "ab") as log:
-            log.write(f"=== {cell.label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            log.flush()
-            # A new session: on timeout the whole process group (threads, helpers) is killed.
-            proc = subprocess.Popen([sys.executable, "-m", "ctxbench.worker", job_path, result_path],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=worker_env(),
-                                    start_new_session=True)
+    def __init__(self, memory_limit_bytes: int | None, log_path: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        args = [sys.executable, "-m", "ctxbench.worker"]
+        if memory_limit_bytes:
+            args += ["--memory-limit", str(int(memory_limit_bytes))]
+        # A new session: on timeout the whole process group (threads, helpers) is killed.
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
+                                     env=worker_env(), start_new_session=True, text=True)
+
+    def run(self, cell: Cell, settings: Settings, timeout_s: float) -> dict[str, Any]:
+        """Measure one cell; the result dict always has a status. Raises nothing for the
+        implementation's failures; on timeout or crash the process is gone afterwards."""
+        job = {"cell": asdict(cell), "settings": asdict(settings)}
+        with tempfile.TemporaryDirectory(prefix="ctxbench-") as tmp:
+            job_path = os.path.join(tmp, "job.json")
+            result_path = os.path.join(tmp, "result.json")
+            with open(job_path, "w") as f:
+                json.dump(job, f)
+            self._log.write(f"=== {cell.label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            self._log.flush()
+            deadline = time.monotonic() + timeout_s
             try:
-                proc.wait(timeout=timeout_s)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-            except BaseException:  # Ctrl-C in the parent: don't leave the worker behind
-                _kill_group(proc)
-                raise
-        wall_s = time.perf_counter() - start
-        if timed_out:
-            result = {"status": "timeout", "message": f"no result after {timeout_s:g} s; worker killed"}
-        elif os.path.exists(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
-        else:
-            result = _classify_crash(proc.returncode, log_path)
-    result["wall_s"] = wall_s
-    return result
+                self.proc.stdin.write(f"{job_path} {result_path}\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # it died between cells: classified below
+            while True:
+                if os.path.exists(result_path):
+                    with open(result_path) as f:
+                        return json.load(f)
+                if self.proc.poll() is not None:
+                    return _classify_crash(self.proc.returncode, self.log_path)
+                if time.monotonic() > deadline:
+                    self.kill()
+                    return {"status": "timeout", "message": f"no result after {timeout_s:g} s; worker killed"}
+                time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        _kill_group(self.proc)
+        self._log.close()
+
+    def close(self) -> None:
+        """Let the worker finish (stdin closed); kill it if it doesn't within seconds."""
+        if self.alive:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        self.kill()
+
+
+# Statuses after which a worker is replaced: its process may be left in a bad state.
+REPLACE_AFTER = ("error", "oom", "timeout")
+
+
+class WorkerPool:
+    """Worker processes keyed by implementation, replaced after any failure.
+
+    With reuse=False every cell gets a fresh process (slower, fully cold).
+    """
+
+    def __init__(self, memory_limit_bytes: int | None, reuse: bool = True) -> None:
+        self.memory_limit_bytes = memory_limit_bytes
+        self.reuse = reuse
+        self.workers: dict[str, Worker] = {}
+
+    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
+        """Measured fields with status and message, plus wall_s (seconds, worker start included)."""
+        start = time.perf_counter()
+        worker = self.workers.get(cell.impl)
+        if worker is None or not worker.alive:
+            worker = self.workers[cell.impl] = Worker(self.memory_limit_bytes, log_path)
+        try:
+            result = worker.run(cell, settings, timeout_s)
+        except BaseException:  # Ctrl-C in the parent: don't leave the worker behind
+            worker.kill()
+            raise
+        if result.get("status") in REPLACE_AFTER or not self.reuse or not worker.alive:
+            worker.close()
+            del self.workers[cell.impl]
+        result["wall_s"] = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

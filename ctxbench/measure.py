@@ -242,6 +242,9 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
             return _call(impl, cell, q, k, v)
 
     if cell.device == "cuda":
+        # Compilation and autotuning (which allocate benchmark buffers of their own) happen
+        # on the first call: keep them out of the memory reading as well as the timings.
+        once()
         torch.cuda.synchronize()
     mem_bytes, mem_method, out = peak_memory(once, cell.device)
     row: dict[str, Any] = {"peak_mem_bytes": mem_bytes, "mem_method": mem_method}

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ctxbench import registry
 from ctxbench.env import environment
-from ctxbench.executor import run_cell
+from ctxbench.executor import WorkerPool
 from ctxbench.flops import attention_flops
 from ctxbench.measure import Settings
 from ctxbench.plan import Cell, Config, build_cells
@@ -45,17 +45,18 @@ class SweepSpec:
     timeout_s: float
     memory_limit_bytes: int | None
     settings: Settings = field(default_factory=Settings)
+    reuse_workers: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "impls": self.impls, "lengths": self.lengths,
                 "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
-                "settings": asdict(self.settings)}
+                "settings": asdict(self.settings), "reuse_workers": self.reuse_workers}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
         return cls(config=Config(**d["config"]), impls=list(d["impls"]), lengths=[int(n) for n in d["lengths"]],
                    timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
-                   settings=Settings(**d.get("settings", {})))
+                   settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True))
 
 
 def _safe(name: str) -> str:
@@ -125,11 +126,12 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     # 32K costs far more than one at 1K; the cell count is shown beside it.
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[cells]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with WorkerPool(spec.memory_limit_bytes, reuse=spec.reuse_workers) as pool, \
+            Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=sum(weights.values()) or 1.0, cells=f"0/{len(todo)} cells")
         for i, cell in enumerate(todo):
             progress.update(task, description=f"{cell.label:<24}")
-            result = _run_or_skip(cell, impls[cell.impl], spec, stopped, run_dir)
+            result = _run_or_skip(cell, impls[cell.impl], spec, stopped, run_dir, pool)
             row = {"run_id": run_id, **asdict(cell), **result, "impl_exact": impls[cell.impl].exact,
                    "rep_ms": spec.settings.rep_ms, "seed": spec.settings.seed,
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env}
@@ -148,7 +150,7 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
 
 
 def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict[str, tuple[str, int]],
-                 run_dir: str) -> dict[str, Any]:
+                 run_dir: str, pool: WorkerPool) -> dict[str, Any]:
     reason = impl.unsupported_reason(cell)
     if reason is not None:
         return {"status": "unsupported", "message": reason}
@@ -157,8 +159,7 @@ def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict
         what = "ran out of memory" if status == "oom" else "timed out"
         return {"status": "skipped", "message": f"not attempted: {cell.impl} {what} at N={n}"}
     log_path = os.path.join(run_dir, "logs", _safe(cell.impl) + ".log")
-    result = run_cell(cell, spec.settings, timeout_s=spec.timeout_s, memory_limit_bytes=spec.memory_limit_bytes,
-                      log_path=log_path)
+    result = pool.run_cell(cell, spec.settings, timeout_s=spec.timeout_s, log_path=log_path)
     if result.get("status") in ("error", "oom", "timeout"):
         result["log"] = os.path.relpath(log_path, run_dir)
     return result

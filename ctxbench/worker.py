@@ -1,11 +1,11 @@
-"""The worker: measures exactly one cell in its own process.
+"""The worker: a separate process that measures cells, one at a time.
 
-    python -m ctxbench.worker JOB.json RESULT.json
+    python -m ctxbench.worker [--memory-limit BYTES]    (then 'JOB.json RESULT.json' lines on stdin)
 
-JOB.json holds the cell, the measurement settings and the memory cap; RESULT.json gets
-the measured fields, or a status (oom, unsupported, error) and a one-line message. The
-full traceback of a failure goes to stderr, which the executor keeps in the cell's log.
-A crash that leaves no RESULT.json (segfault, abort, OOM killer) is classified by the
+JOB.json holds the cell and the measurement settings; RESULT.json gets the measured
+fields, or a status (oom, unsupported, error) and a one-line message. The full traceback
+of a failure goes to stderr, which the executor keeps in the implementation's log. A
+crash that leaves no RESULT.json (segfault, abort, OOM killer) is classified by the
 executor from the exit status.
 """
 
@@ -73,24 +73,63 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    job_path, result_path = (argv or sys.argv[1:])[:2]
-    with open(job_path) as f:
-        job = json.load(f)
-    if job.get("memory_limit_bytes") and job["cell"]["device"] == "cpu":
-        cap_memory(int(job["memory_limit_bytes"]))
-    try:
-        result = run_job(job)
-    except BaseException as exc:  # noqa: BLE001 - e.g. the implementation could not be imported
-        traceback.print_exc()
-        result = {"status": "oom" if is_oom(exc) else "error", "message": one_line(exc)}
+def _write_result(result: dict[str, Any], result_path: str) -> None:
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, default=float)
     os.replace(tmp, result_path)  # the executor sees the whole result or none of it
+
+
+def serve(memory_limit_bytes: int | None) -> None:
+    """Measure jobs named on stdin, one 'JOB.json RESULT.json' line each, until stdin closes.
+
+    One process serves many cells of one implementation, which saves the start-up (torch
+    import, CUDA context, compilation caches) per cell; the executor replaces it after any
+    failure, so a crash still costs one row.
+    """
+    if memory_limit_bytes:
+        cap_memory(memory_limit_bytes)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job_path, result_path = line.split()
+        with open(job_path) as f:
+            job = json.load(f)
+        try:
+            result = run_job(job)
+        except BaseException as exc:  # noqa: BLE001 - e.g. the implementation could not be imported
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            traceback.print_exc()
+            result = {"status": "oom" if is_oom(exc) else "error", "message": one_line(exc)}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _free_device_memory()
+        _write_result(result, result_path)
+
+
+def _free_device_memory() -> None:
+    """Return cached CUDA blocks so the next cell (maybe another worker's) starts from empty."""
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    limit = int(args[1]) if len(args) > 1 and args[0] == "--memory-limit" else None
+    try:
+        serve(limit)
+    except KeyboardInterrupt:
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
-    # Skip interpreter teardown: some extensions crash or hang at exit, and the result is safe.
+    # Skip interpreter teardown: some extensions crash or hang at exit, and results are safe.
     os._exit(0)
 
 
