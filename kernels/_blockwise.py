@@ -1,0 +1,232 @@
+"""Shared engine of the blockwise kernels (chunked, sliding_window): online softmax over tiles.
+
+A kernel describes *which* (query block, key tile) pairs to compute as a plan, a list of
+QueryBlock; this module does the arithmetic, identically for every plan:
+
+    for each query block Q_i (rows [start, end) of every head):
+        m = -big, l = 0, acc = 0                      # running max, sum, output (fp32)
+        for each key tile K_j, V_j of the block:
+            S = Q_i K_j^T * scale * log2(e)           # [BH, rows, keys] scores, base 2
+            S[hidden] = -inf                          # only tiles straddling the mask edge
+            m' = max(m, rowmax(S))
+            P = exp2(S - m')                          # unnormalised probabilities
+            l = l * exp2(m - m') + rowsum(P)
+            acc = acc * exp2(m - m') + P V_j
+            m = m'
+        O_i = acc / l;  lse_i = m + log2(l)           # lse kept for the backward pass
+
+That is FlashAttention's algorithm in plain PyTorch: peak extra memory is one score tile
+plus O(N * D) for fp32 copies of K and V, never N x N. Base 2 (log2(e) folded into the
+query scale once) because torch's exp2 is about three times faster than exp on the CPU,
+and the rescaling is the same math.
+
+The backward pass (a custom autograd.Function) recomputes each tile's probabilities from
+the saved log-sum-exp instead of storing them, so backward memory stays O(N * block) too.
+
+Grouped-query attention without copying K/V: the `group` query heads that share a kv head
+are stacked along the row axis, so one [group*rows, D] x [D, keys] matmul per kv head
+covers them all (as kernels/naive.py does for the whole sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ctxbench.masks import visible
+
+LOG2E = math.log2(math.e)
+# The running max starts finite so that a row with no visible key in a tile gives
+# exp2(-inf - (-big)) = 0 and a rescale factor of exp2(0) = 1, instead of the NaN of
+# -inf - -inf; no extra pass is needed to guard such rows.
+_NEG_BIG = -0.5 * torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Keys [start, end) of one tile; `masked` when some (query, key) pair in it is hidden."""
+
+    start: int
+    end: int
+    masked: bool
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """Queries [start, end) and the key tiles they read, in order."""
+
+    start: int
+    end: int
+    tiles: tuple[Tile, ...]
+
+
+def key_span(q_start: int, q_end: int, n: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """Keys [lo, hi) that at least one query in [q_start, q_end) can see."""
+    lo = max(0, q_start - window + 1) if window is not None else 0
+    hi = q_end if (causal or window is not None) else n
+    return lo, hi
+
+
+def needs_mask(q_start: int, q_end: int, k_start: int, k_end: int, causal: bool,
+               window: int | None) -> bool:
+    """True when some query in [q_start, q_end) cannot see some key in [k_start, k_end)."""
+    causal = causal or window is not None
+    if causal and k_end - 1 > q_start:  # the first query cannot see the last key
+        return True
+    if window is not None and k_start <= q_end - 1 - window:  # the last query's window misses the first key
+        return True
+    return False
+
+
+def visited_pairs(plan: list[QueryBlock], rows_per_position: int = 1) -> int:
+    """Number of (query, key) scores the plan computes per head (the kernel's work)."""
+    return rows_per_position * sum((b.end - b.start) * (t.end - t.start) for b in plan for t in b.tiles)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock], *,
+              causal: bool, window: int | None, scale: float | None) -> torch.Tensor:
+    """Exact attention over the tiles of `plan`; q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
+
+    The plan must cover every visible pair exactly once per query block; hidden pairs
+    inside a tile marked `masked` are removed here.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _Attention.apply(q, k, v, plan, causal or window is not None, window, scale)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, causal, window, scale):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, causal, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.causal, ctx.window, ctx.scale = plan, causal, window, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.plan, ctx.causal, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+class _MaskBias:
+    """Additive masks (0 where visible, -inf where hidden) for the masked tiles of one call.
+
+    A tile's mask depends only on its shape and on the offset between its first query and
+    first key, so a plan's edge tiles share a handful of masks: build each once, and apply
+    it with one in-place add (cheaper than masked_fill with a broadcast boolean).
+    """
+
+    def __init__(self, causal: bool, window: int | None, device: torch.device) -> None:
+        self.causal, self.window, self.device = causal, window, device
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def __call__(self, q_start: int, q_end: int, tile: Tile) -> torch.Tensor:
+        """Float32 [rows, keys] bias for queries [q_start, q_end) against the tile's keys."""
+        key = (q_start - tile.start, q_end - q_start, tile.end - tile.start)
+        bias = self._cache.get(key)
+        if bias is None:
+            rows = torch.arange(q_start, q_end, device=self.device)
+            cols = torch.arange(tile.start, tile.end, device=self.device)
+            hidden = ~visible(rows, cols, self.causal, self.window)
+            bias = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)
+            bias.masked_fill_(hidden, float("-inf"))
+            self._cache[key] = bias
+        return bias
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock],
+             causal: bool, window: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, N, D] in q's dtype, lse [B, Hkv, group, N] fp32: log2 of each row's
+    softmax denominator in the base-2 units of the scaled scores, for the backward pass)."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    BH = B * Hkv
+    # fp32 copies of K and V (no-ops for fp32): O(N * D), and every tile then multiplies
+    # in fp32 with fp32 accumulation whatever the input dtype.
+    kf = k.float().reshape(BH, N, D)
+    vf = v.float().reshape(BH, N, D)
+    q5 = q.reshape(B, Hkv, G, N, D)
+    out = torch.empty(B, Hkv, G, N, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
+    qscale = scale * LOG2E
+    mask_bias = _MaskBias(causal, window, q.device)
+    # One flat buffer reused for every score tile: allocating a fresh multi-MB tile per step
+    # costs page faults on the CPU allocator.
+    max_tile = max((G * (b.end - b.start) * (t.end - t.start) for b in plan for t in b.tiles), default=0)
+    sbuf = torch.empty(BH * max_tile, dtype=torch.float32, device=q.device)
+    for blk in plan:
+        nq = blk.end - blk.start
+        R = G * nq
+        # Fold the scale (and log2 e) into Q once per block rather than into every tile.
+        qb = (q5[:, :, :, blk.start:blk.end].float() * qscale).reshape(BH, R, D)
+        m = torch.full((BH, R, 1), _NEG_BIG, dtype=torch.float32, device=q.device)
+        l = torch.zeros((BH, R, 1), dtype=torch.float32, device=q.device)
+        acc = torch.zeros((BH, R, D), dtype=torch.float32, device=q.device)
+        for tile in blk.tiles:
+            nk = tile.end - tile.start
+            s = sbuf[: BH * R * nk].view(BH, R, nk)
+            torch.bmm(qb, kf[:, tile.start:tile.end].transpose(1, 2), out=s)
+            if tile.masked:
+                s.view(BH, G, nq, nk).add_(mask_bias(blk.start, blk.end, tile))
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            s.sub_(m_new).exp2_()
+            alpha = (m - m_new).exp2_()
+            l.mul_(alpha).add_(s.sum(dim=-1, keepdim=True))
+            acc.mul_(alpha).baddbmm_(s, vf[:, tile.start:tile.end])
+            m = m_new
+        acc.div_(l)
+        out[:, :, :, blk.start:blk.end] = acc.view(B, Hkv, G, nq, D)
+        lse[:, :, :, blk.start:blk.end] = (m + l.log2()).view(B, Hkv, G, nq)
+    return out.view(B, Hq, N, D), lse
+
+
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              dout: torch.Tensor, plan: list[QueryBlock], causal: bool, window: int | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention's backward: recompute P per tile from lse, accumulate dQ, dK, dV in fp32."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    BH = B * Hkv
+    kf = k.float().reshape(BH, N, D)
+    vf = v.float().reshape(BH, N, D)
+    q5 = q.reshape(B, Hkv, G, N, D)
+    do5 = dout.reshape(B, Hkv, G, N, D)
+    o5 = out.reshape(B, Hkv, G, N, D)
+    dq = torch.empty(B, Hkv, G, N, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
+    qscale = scale * LOG2E
+    mask_bias = _MaskBias(causal, window, q.device)
+    for blk in plan:
+        nq = blk.end - blk.start
+        R = G * nq
+        qb = q5[:, :, :, blk.start:blk.end].float().reshape(BH, R, D)
+        qs = qb * qscale
+        dob = do5[:, :, :, blk.start:blk.end].float().reshape(BH, R, D)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax Jacobian's row term.
+        delta = (dob * o5[:, :, :, blk.start:blk.end].float().reshape(BH, R, D)).sum(-1, keepdim=True)
+        lse_b = lse[:, :, :, blk.start:blk.end].reshape(BH, R, 1)
+        dqb = torch.zeros(BH, R, D, dtype=torch.float32, device=q.device)
+        for tile in blk.tiles:
+            nk = tile.end - tile.start
+            kt = kf[:, tile.start:tile.end]
+            vt = vf[:, tile.start:tile.end]
+            s = torch.bmm(qs, kt.transpose(1, 2))
+            if tile.masked:
+                s.view(BH, G, nq, nk).add_(mask_bias(blk.start, blk.end, tile))
+            p = s.sub_(lse_b).exp2_()
+            dv[:, tile.start:tile.end].baddbmm_(p.transpose(1, 2), dob)
+            ds = torch.bmm(dob, vt.transpose(1, 2)).sub_(delta).mul_(p)
+            dqb.baddbmm_(ds, kt)
+            dk[:, tile.start:tile.end].baddbmm_(ds.transpose(1, 2), qb)
+        dq[:, :, :, blk.start:blk.end] = dqb.view(B, Hkv, G, nq, D)
+    dq.mul_(scale)
+    dk.mul_(scale)
+    return (dq.view(B, Hq, N, D).to(q.dtype), dk.view(B, Hkv, N, D).to(k.dtype),
+            dv.view(B, Hkv, N, D).to(v.dtype))

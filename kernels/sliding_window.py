@@ -1,0 +1,79 @@
+"""sliding_window: exact windowed attention that only computes the band, O(N * W).
+
+With a window W, query i sees keys (i - W, i]. A block of queries [qs, qe) therefore sees
+the band of keys [qs - W + 1, qe), W + block_q - 1 keys whatever N is. This kernel walks
+only that band, with the same online softmax as chunked (the arithmetic is shared in
+_blockwise.py), so time and memory are O(N * (W + block_q)) = O(N * W), not O(N^2).
+
+Unlike chunked, whose key blocks sit on a fixed grid, the tiles here are anchored to the
+band of each query block and cut where the mask changes, so only the two triangles at the
+band's edges are masked and nothing outside the band is ever multiplied:
+
+    keys ->   qs-W        qe-W              qs           qe
+              |  left edge  |  fully visible  |  diagonal  |
+              |  (masked)   | (block_k tiles) |  (masked)  |
+
+Each edge is block_q keys wide and about half hidden, so the wasted work is about block_q / W
+of the useful work; block_q follows W (never above it, for W >= MIN_BLOCK_Q) to keep that
+small, and shrinks further when many heads share a tile, as in chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, needs_mask
+from ctxbench.registry import register
+
+# fp32 elements of one score tile for all (batch, head) pairs: 4 MiB, the L2 caches of the
+# CPU this was tuned on (as in chunked).
+TILE_ELEMENTS = 1 << 20
+BLOCK_K = 512
+MAX_BLOCK_Q = 128
+# Below this the per-block Python overhead dominates: a window of 1 or 3 still gets
+# 16-row blocks, so the work is O(N * (W + 16)).
+MIN_BLOCK_Q = 16
+
+
+def block_sizes(n: int, window: int, rows_per_block_row: int) -> tuple[int, int]:
+    """(block_q, block_k) for n tokens, window W, and `rows_per_block_row` = batch * query heads."""
+    block_q = MIN_BLOCK_Q
+    while (block_q * 2 <= min(window, MAX_BLOCK_Q)
+           and rows_per_block_row * block_q * 2 * BLOCK_K <= TILE_ELEMENTS):
+        block_q *= 2
+    return min(block_q, n), BLOCK_K
+
+
+def plan(n: int, window: int, block_q: int, block_k: int) -> list[QueryBlock]:
+    """For each query block, the band of keys it can see, cut at the mask edges and into
+    tiles of at most block_k keys."""
+    blocks = []
+    for qs in range(0, n, block_q):
+        qe = min(qs + block_q, n)
+        # Edges of block_q keys, not block_q - 1: the left edge starts one key early (at
+        # qs - W, hidden from every query of the block) and the diagonal tile includes key
+        # qs. One wasted column per row keeps tile widths multiples of block_q, which MKL
+        # multiplies markedly faster than odd widths such as 127.
+        left = max(0, qs - window)
+        full_lo = min(max(left, qe - window), qs)  # keys in [full_lo, qs) are seen by every query
+        cuts = [left] + list(range(full_lo, qs, block_k)) + [qs, qe]
+        tiles = tuple(Tile(a, b, needs_mask(qs, qe, a, b, True, window))
+                      for a, b in zip(cuts, cuts[1:])
+                      if b > a and b > qs - window + 1)  # drop a tile the window hides entirely
+        blocks.append(QueryBlock(qs, qe, tiles))
+    return blocks
+
+
+@register("sliding_window", masks=["window"],
+          description="computes only the W-wide band of keys per query block; O(N*W) time and memory")
+def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                   window: int | None, scale: float | None = None) -> torch.Tensor:
+    """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required."""
+    if window is None:
+        raise ValueError("sliding_window needs a window (it declares masks=['window'] only)")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    B, Hq, N, _ = q.shape
+    block_q, block_k = block_sizes(N, window, B * Hq)
+    return attention(q, k, v, plan(N, window, block_q, block_k),
+                     causal=True, window=window, scale=scale)

@@ -1,0 +1,316 @@
+"""Every CPU attention implementation against the float64 reference, plus the blockwise
+kernels' own promises: exact tiling plans, O(N * block) memory, O(N * W) work, gradients.
+
+Inputs are fresh random tensors from a per-test random seed, printed in every failure
+message so that a failing case can be replayed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from ctxbench.kernels import _blockwise, chunked as chunked_mod, sliding_window as sliding_mod
+from ctxbench.masks import mask_of, visible, visible_pairs
+from ctxbench.plan import Cell
+from ctxbench.reference import TOLERANCE, errors, reference_attention
+from ctxbench.registry import Unsupported, all_impls
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Axes of the accuracy matrix. The full product is 4*4*7*5*2*2 = 2240 cases per
+# implementation; the orthogonal array below covers every pair of values of any two axes
+# in 49 cases.
+LENGTHS = [1, 7, 129, 1000]
+HEAD_DIMS = [32, 64, 80, 128]
+HEADS = [(8, 8), (8, 4), (8, 2), (8, 1), (1, 1), (2, 1), (4, 2)]  # (Hq, Hkv): groups 1, 2, 4, 8
+MASKS = ["none", "causal", "window1", "window3", "windowN"]
+DTYPE_NAMES = ["float32", "bfloat16"]
+BATCHES = [1, 2]
+
+
+def pairwise_cases() -> list[tuple]:
+    """(n, head_dim, (hq, hkv), mask, dtype, batch) tuples covering every pair of values.
+
+    Orthogonal array OA(49, 8, 7, 2): row (a, b) puts value index (a + j*b) mod 7 on axis j.
+    Any two axes j1 != j2 see all 49 index pairs, since (a, b) -> (a + j1 b, a + j2 b) is a
+    bijection mod 7; folding an index onto a shorter axis (mod its length) keeps every pair
+    of that axis's values present.
+    """
+    axes = [LENGTHS, HEAD_DIMS, HEADS, MASKS, DTYPE_NAMES, BATCHES]
+    cases = []
+    for a in range(7):
+        for b in range(7):
+            cases.append(tuple(axis[(a + j * b) % 7 % len(axis)] for j, axis in enumerate(axes)))
+    return cases
+
+
+def mask_args(mask: str, n: int) -> tuple[bool, int | None]:
+    """(causal, window) for a mask label; windowN is a window at least as long as the sequence."""
+    if mask == "none":
+        return False, None
+    if mask == "causal":
+        return True, None
+    return True, {"window1": 1, "window3": 3, "windowN": n + 5}[mask]
+
+
+def cpu_impls() -> list:
+    return [impl for name, impl in sorted(all_impls().items()) if "cpu" in impl.devices]
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def random_qkv(seed: int, b: int, hq: int, hkv: int, n: int, d: int, dtype: torch.dtype,
+               q_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, hq, n, d, generator=g) * q_scale).to(dtype)
+    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def cell_for(impl, *, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool,
+             window: int | None, mode: str = "fwd") -> Cell:
+    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=mask_of(causal, window),
+                window=window, mode=mode, device="cpu", impl=impl.name, n=n)
+
+
+def run_or_skip(impl, cell: Cell, q, k, v, causal, window, scale=None) -> torch.Tensor:
+    reason = impl.unsupported_reason(cell)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        return impl.fn(q, k, v, causal=causal, window=window, scale=scale)
+    except Unsupported as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("impl", cpu_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("n,d,heads,mask,dtype,b", pairwise_cases(),
+                         ids=lambda x: str(x) if not isinstance(x, tuple) else f"{x[0]}/{x[1]}")
+def test_matches_reference(impl, n, d, heads, mask, dtype, b):
+    hq, hkv = heads
+    causal, window = mask_args(mask, n)
+    cell = cell_for(impl, b=b, hq=hq, hkv=hkv, n=n, d=d, dtype=dtype, causal=causal, window=window)
+    if impl.unsupported_reason(cell) is not None:
+        pytest.skip(impl.unsupported_reason(cell))
+    seed = new_seed()
+    q, k, v = random_qkv(seed, b, hq, hkv, n, d, DTYPES[dtype])
+    out = run_or_skip(impl, cell, q, k, v, causal, window)
+    ref = reference_attention(q, k, v, causal=causal, window=window)
+    rel, worst = errors(out, ref)
+    assert rel <= TOLERANCE[dtype], (f"{impl.name} seed={seed} B={b} Hq={hq} Hkv={hkv} N={n} D={d} "
+                                     f"mask={mask} {dtype}: rel L2 {rel:.2e}, max abs {worst:.2e}")
+
+
+@pytest.mark.parametrize("impl", cpu_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("mask", ["none", "causal", "window3", "windowN"])
+def test_peaked_scores_and_explicit_scale(impl, mask):
+    """Large, spread-out scores make the running max jump between key blocks, which is where
+    a wrong online-softmax rescale shows; a non-default scale must be honoured."""
+    n, d, hq, hkv = 700, 64, 4, 2
+    causal, window = mask_args(mask, n)
+    cell = cell_for(impl, b=1, hq=hq, hkv=hkv, n=n, d=d, dtype="float32", causal=causal, window=window)
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 1, hq, hkv, n, d, torch.float32, q_scale=6.0)
+    scale = 0.37
+    out = run_or_skip(impl, cell, q, k, v, causal, window, scale=scale)
+    ref = reference_attention(q, k, v, causal=causal, window=window, scale=scale)
+    rel, _ = errors(out, ref)
+    assert rel <= TOLERANCE["float32"], f"{impl.name} seed={seed} mask={mask}: rel L2 {rel:.2e}"
+
+
+@pytest.mark.parametrize("impl", cpu_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_output_dtype_and_shape(impl, dtype):
+    b, hq, hkv, n, d = 2, 4, 2, 33, 40
+    causal, window = (True, 5) if "window" in impl.masks and len(impl.masks) == 1 else (True, None)
+    cell = cell_for(impl, b=b, hq=hq, hkv=hkv, n=n, d=d, dtype=dtype, causal=causal, window=window)
+    seed = new_seed()
+    q, k, v = random_qkv(seed, b, hq, hkv, n, d, DTYPES[dtype])
+    out = run_or_skip(impl, cell, q, k, v, causal, window)
+    assert out.dtype == q.dtype
+    assert out.shape == (b, hq, n, d)
+    assert torch.isfinite(out).all(), f"{impl.name} seed={seed}: non-finite output"
+
+
+# --- the tiling plans --------------------------------------------------------------------
+
+
+def coverage(plan: list[_blockwise.QueryBlock], n: int) -> torch.Tensor:
+    """[n, n] count of how many tiles compute each (query, key) score."""
+    cov = torch.zeros(n, n, dtype=torch.int32)
+    for blk in plan:
+        for t in blk.tiles:
+            cov[blk.start:blk.end, t.start:t.end] += 1
+    return cov
+
+
+def check_plan(plan: list[_blockwise.QueryBlock], n: int, causal: bool, window: int | None) -> None:
+    pos = torch.arange(n)
+    ok = visible(pos, pos, causal or window is not None, window)
+    ok = torch.ones(n, n, dtype=torch.bool) if ok is None else ok
+    cov = coverage(plan, n)
+    assert (cov[ok] == 1).all(), "a visible pair is computed zero or several times"
+    assert (cov <= 1).all(), "a score is computed twice"
+    assert [b.start for b in plan] == list(range(0, n, plan[0].end - plan[0].start)) if plan else n == 0
+    for blk in plan:
+        for t in blk.tiles:
+            tile_ok = ok[blk.start:blk.end, t.start:t.end]
+            assert tile_ok.any(), f"tile {t} of queries [{blk.start}, {blk.end}) is entirely hidden"
+            assert t.masked == (not tile_ok.all()), f"tile {t} of [{blk.start}, {blk.end}): wrong masked flag"
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
+@pytest.mark.parametrize("mask", ["none", "causal", "window1", "window3", "window40", "windowN"])
+@pytest.mark.parametrize("block_q,block_k", [(16, 32), (32, 16), (7, 13), (64, 64)])
+def test_chunked_plan_is_exact_and_skips_hidden_blocks(n, mask, block_q, block_k):
+    causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
+    check_plan(chunked_mod.plan(n, causal, window, block_q, block_k), n, causal, window)
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
+@pytest.mark.parametrize("window", [1, 3, 16, 40, 300])
+@pytest.mark.parametrize("block_q,block_k", [(16, 32), (32, 16), (7, 13), (64, 64)])
+def test_sliding_plan_is_exact_band(n, window, block_q, block_k):
+    plan = sliding_mod.plan(n, window, block_q, block_k)
+    check_plan(plan, n, True, window)
+    # Only the band is computed: the visible pairs plus the two edge triangles of each
+    # query block, at most block_q hidden keys per row.
+    assert _blockwise.visited_pairs(plan) <= visible_pairs(n, True, window) + n * block_q
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "window3", "window40"])
+@pytest.mark.parametrize("block_q,block_k", [(16, 32), (7, 13)])
+def test_small_blocks_match_reference(mask, block_q, block_k):
+    """Many query and key blocks at a small N: exercises every tile boundary of the engine."""
+    n, d, hq, hkv = 150, 48, 4, 2
+    causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 2, hq, hkv, n, d, torch.float32, q_scale=3.0)
+    ref = reference_attention(q, k, v, causal=causal, window=window)
+    plans = {"chunked": chunked_mod.plan(n, causal, window, block_q, block_k)}
+    if window is not None:
+        plans["sliding_window"] = sliding_mod.plan(n, window, block_q, block_k)
+    for name, plan in plans.items():
+        out = _blockwise.attention(q, k, v, plan, causal=causal, window=window, scale=None)
+        rel, _ = errors(out, ref)
+        assert rel <= TOLERANCE["float32"], f"{name} seed={seed} mask={mask} blocks {block_q}x{block_k}: {rel:.2e}"
+
+
+# --- work and memory ---------------------------------------------------------------------
+
+
+def test_sliding_window_work_is_linear_in_n_times_w(monkeypatch):
+    """The kernel hands the engine a band plan: visited scores ~ N * W, not N^2."""
+    plans = []
+    real = sliding_mod.attention
+
+    def spy(q, k, v, plan, **kw):
+        plans.append(plan)
+        return real(q, k, v, plan, **kw)
+
+    monkeypatch.setattr(sliding_mod, "attention", spy)
+    w = 64
+    work = {}
+    for n in (2048, 4096):
+        q, k, v = random_qkv(new_seed(), 1, 1, 1, n, 16, torch.float32)
+        sliding_mod.sliding_window(q, k, v, causal=True, window=w, scale=None)
+        block_q, _ = sliding_mod.block_sizes(n, w, 1)
+        work[n] = _blockwise.visited_pairs(plans[-1])
+        assert visible_pairs(n, True, w) <= work[n] <= n * (w + block_q)
+    assert work[4096] <= 2 * work[2048] + 2 * w * w  # linear in N, not quadratic
+    assert work[4096] < 4096 * 4096 / 16
+
+
+def test_chunked_causal_skips_the_upper_triangle():
+    n = 4096
+    block_q, block_k = chunked_mod.block_sizes(n, 8)
+    causal_work = _blockwise.visited_pairs(chunked_mod.plan(n, True, None, block_q, block_k))
+    assert causal_work <= n * (n + 1) // 2 + n * block_k
+    window_work = _blockwise.visited_pairs(chunked_mod.plan(n, True, 100, block_q, block_k))
+    assert window_work <= n * (100 + block_q + 2 * block_k)
+
+
+def _peak_rss_growth(fn) -> int:
+    """Bytes by which the process's peak resident set grows while fn() runs.
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM (the peak RSS) to the current RSS.
+    """
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_chunked_memory_is_not_quadratic():
+    n, d = 8192, 64
+    q, k, v = random_qkv(new_seed(), 1, 1, 1, n, d, torch.float32)
+    quadratic = n * n * 4  # one fp32 score matrix: 256 MiB
+    try:
+        naive_growth = _peak_rss_growth(lambda: all_impls()["naive"].fn(q, k, v, causal=True, window=None))
+    except OSError as exc:  # clear_refs not writable in this sandbox
+        pytest.skip(f"cannot reset VmHWM: {exc}")
+    # The measurement must be able to see an N x N allocation at all, or the check below is moot.
+    assert naive_growth >= quadratic / 2, f"measurement broken: naive grew only {naive_growth / 2**20:.0f} MiB"
+    growth = _peak_rss_growth(lambda: chunked_mod.chunked(q, k, v, causal=True, window=None))
+    assert growth < quadratic / 16, f"chunked peak grew {growth / 2**20:.1f} MiB at N={n}"
+
+
+# --- gradients ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["chunked", "sliding_window"])
+@pytest.mark.parametrize("n,mask", [(1, "causal"), (37, "none"), (37, "window3"), (130, "causal"),
+                                    (130, "window40"), (200, "windowN")])
+def test_gradients_match_float64_autograd(name, n, mask):
+    impl = all_impls()[name]
+    causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
+    if mask_of(causal, window) not in impl.masks:
+        pytest.skip(f"{name} does not support {mask}")
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 2, 4, 2, n, 24, torch.float32, q_scale=2.0)
+    dout = torch.randn(2, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    impl.fn(*leaves, causal=causal, window=window, scale=None).backward(dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*ref_leaves, causal=causal, window=window).backward(dout.double())
+    for label, got, want in zip("qkv", leaves, ref_leaves):
+        rel, _ = errors(got.grad, want.grad)
+        assert rel <= TOLERANCE["float32"], f"{name} seed={seed} N={n} mask={mask}: d{label} rel L2 {rel:.2e}"
+
+
+def test_gradients_in_bfloat16_have_input_dtype():
+    q, k, v = (t.requires_grad_() for t in random_qkv(new_seed(), 1, 2, 1, 50, 16, torch.bfloat16))
+    chunked_mod.chunked(q, k, v, causal=True, window=None).float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_sliding_window_refuses_a_missing_window():
+    q, k, v = random_qkv(new_seed(), 1, 1, 1, 8, 8, torch.float32)
+    with pytest.raises(ValueError):
+        sliding_mod.sliding_window(q, k, v, causal=True, window=None)
+    assert all_impls()["sliding_window"].masks == frozenset({"window"})
+
+
+def test_scale_default_is_inverse_sqrt_d():
+    q, k, v = random_qkv(new_seed(), 1, 2, 2, 20, 36, torch.float32)
+    a = chunked_mod.chunked(q, k, v, causal=False, window=None)
+    b = chunked_mod.chunked(q, k, v, causal=False, window=None, scale=1 / math.sqrt(36))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
