@@ -149,7 +149,10 @@ def list_cmd() -> None:
                       ",".join(m for m in registry.MASKS if m in impl.masks),
                       ",".join(m for m in registry.MODES if m in impl.modes),
                       "yes" if impl.gqa else "no", "yes" if impl.exact else "approx", impl.description)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 @cli.command("sweep")

@@ -1,0 +1,892 @@
+"""triton: a fused flash-attention kernel (forward and backward) written in Triton.
+
+One source runs everywhere: compiled for CUDA GPUs, or executed by Triton's interpreter on
+the CPU (slow; for correctness checks at small N only). The algorithm is FlashAttention-2
+in the shape of the Triton tutorial's fused attention (06-fused-attention.py), without its
+limits: any N >= 1, head dims that are not powers of two, fp32/fp16/bf16, grouped-query
+attention, causal and sliding-window masks, and non-contiguous inputs.
+
+Forward (grid: cdiv(N, BLOCK_M) x B*Hq). A query tile stays on chip while K/V tiles stream
+through an online softmax (running max and sum in fp32, exp2 with scale*log2(e) folded in).
+It writes O and the per-row log-sum-exp (fp32, base 2) for the backward.
+
+Block skipping. For the query block [m0, m0 + BLOCK_M) the visible keys are a contiguous
+range: lo = max(0, m0 - W + 1) (window) or 0, hi = min(N, m0 + BLOCK_M) (causal) or N. Only
+the key blocks overlapping [lo, hi) are visited, in three loops:
+  [lo, full_lo)       masked: the window's low edge cuts through these blocks,
+  [full_lo, full_hi)  unmasked: every (row, key) pair of the tile is visible,
+  [full_hi, hi)       masked: the diagonal and/or the end of the sequence (key N).
+full_lo is the first block whose keys every real row (< N) of the query block can see from
+below, full_hi ends the last block entirely at or below the diagonal of the query block's first
+row and entirely inside the sequence; both are clamped into [lo, hi) so the three loops always
+partition the visited blocks, whatever BLOCK_M / BLOCK_N and N are (no divisibility needed).
+The backward uses the same bounds transposed (the query blocks that can see a key block).
+A window W >= N is clamped to N (same visibility), which keeps all bound arithmetic in int32.
+
+Backward: a preprocess computes Delta = rowsum(dO * O); a dK/dV kernel (grid: key blocks x
+B*Hkv) loops over the `group` query heads sharing its kv head, so GQA needs neither atomics
+nor copies of K/V; a dQ kernel (grid: query blocks x B*Hq) mirrors the forward.
+
+Precision: fp16/bf16 inputs use tensor cores with fp32 accumulation, P and dS rounded to the
+input dtype as in FlashAttention. fp32 inputs use input_precision="ieee" by default (true
+fp32 products, held to the fp32 tolerance; no tensor cores, so slower); set
+CTXBENCH_TRITON_FP32_PRECISION=tf32 (or FP32_PRECISION below) to benchmark fp32 on tf32 tensor
+cores instead. The choice is reported through info().
+
+Interpreter: triton 3.9's interpreter computes tl.dot on bf16 from the raw bit patterns
+(triton-lang/triton#11584, "not supported yet"), so under the interpreter only, bf16 dot
+operands are widened to fp32 first (exact; the DOT_UPCAST constexpr, always False when
+compiled). Everything else is the same code on the CPU and on GPUs.
+
+Knobs (module attributes, read at each call):
+  AUTOTUNE       on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
+  FP32_PRECISION "ieee" (default) or "tf32"/"tf32x3" for fp32 inputs.
+  COUNT_VISITS   debug: every kernel counts the blocks it visits per program into
+                 `last_visits` (fixed configs, no autotuning); tests compare with the mask.
+"""
+
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ctxbench.registry import Unsupported, register
+
+# ctxbench chooses the interpreter itself on a machine without CUDA. This must happen
+# before triton is imported: triton reads it when kernels are decorated.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports and registers `triton`, as unsupported
+    triton = None
+    tl = SimpleNamespace(constexpr=None)  # for the annotations below; no kernel runs
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+NOT_INSTALLED = "triton is not installed: pip install triton"
+INTERPRETER_MAX_LEN = 512
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+AUTOTUNE = os.environ.get("CTXBENCH_TRITON_AUTOTUNE", "1") != "0"
+FP32_PRECISION = os.environ.get("CTXBENCH_TRITON_FP32_PRECISION", "ieee")
+COUNT_VISITS = False
+last_visits: dict = {}
+
+
+def interpreted() -> bool:
+    """Whether triton kernels run in the interpreter (TRITON_INTERPRET set) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ---------------------------------------------------------------------------------------
+# Tile loads. Rows are bounds-checked only where a tile may cross N (masked loops); the
+# head-dim axis only when D is padded up to BLOCK_D (EVEN_D false).
+# ---------------------------------------------------------------------------------------
+
+
+@_jit
+def _load_rows(ptrs, rows, offs_d, N, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """A [R, BLOCK_D] tile: rows along axis 0, head dim along axis 1."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < N, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@_jit
+def _load_cols(ptrs, cols, offs_d, N, CHECK_COLS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """A transposed [BLOCK_D, C] tile: head dim along axis 0, rows of the tensor along axis 1."""
+    if CHECK_COLS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=cols[None, :] < N, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(cols[None, :] < N) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    return x
+
+
+@_jit
+def _store_rows(ptrs, x, rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, x, mask=rows[:, None] < N)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+
+
+@_jit
+def _mm(a, b, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """tl.dot(a, b) with fp32 accumulation. DOT_UPCAST is set only under the interpreter for
+    bf16, whose tl.dot multiplies raw bit patterns (triton-lang/triton#11584): the operands
+    are then widened to fp32 first, which is exact, so the result is what bf16 tensor cores
+    compute. Compiled kernels always take the plain tl.dot branch."""
+    if DOT_UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@_jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + tl.dot(a, b); see _mm."""
+    if DOT_UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=PRECISION)
+    return c
+
+
+@_jit
+def _visible(rows, cols, N, WINDOW, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[len(rows), len(cols)] visibility (ctxbench.masks convention), keys >= N invisible."""
+    ok = cols[None, :] < N
+    if IS_CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None])
+    if HAS_WINDOW:
+        ok = ok & (cols[None, :] > rows[:, None] - WINDOW)
+    return ok
+
+
+@_jit
+def _visible_t(cols, rows, N, WINDOW, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The transpose of _visible: [len(keys), len(rows)], query rows >= N invisible."""
+    ok = rows[None, :] < N
+    if IS_CAUSAL:
+        ok = ok & (rows[None, :] >= cols[:, None])
+    if HAS_WINDOW:
+        ok = ok & (rows[None, :] < cols[:, None] + WINDOW)
+    return ok
+
+
+@_jit
+def _key_bounds(start_m, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key-block bounds (multiples of BLOCK_N) for the query block starting at start_m.
+
+    Returns lo <= full_lo <= full_hi <= hi: [lo, hi) covers every key block holding a key
+    some row of the block can see; [full_lo, full_hi) are the blocks needing no mask.
+    """
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        # every real row i < min(start_m + BLOCK_M, N) sees keys > i - WINDOW: full from here up
+        last = tl.minimum(start_m + BLOCK_M, N)
+        full_lo = (tl.maximum(last - WINDOW, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    else:
+        lo = start_m * 0
+        full_lo = lo
+    full_hi = N // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(N, start_m + BLOCK_M)
+        # row start_m (the block's first) sees keys <= start_m
+        full_hi = tl.minimum(full_hi, (start_m + 1) // BLOCK_N * BLOCK_N)
+    else:
+        hi = start_m * 0 + N
+    hi = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@_jit
+def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query-block bounds (multiples of BLOCK_M) for the key block starting at start_n.
+
+    Query i sees key j when j <= i (causal) and i < j + WINDOW (window): the rows that see
+    keys [start_n, start_n + BLOCK_N) are [start_n, start_n + BLOCK_N - 1 + WINDOW).
+    """
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+        # a query block is below the diagonal once its first row sees the block's last real key
+        last_key = tl.minimum(start_n + BLOCK_N, N) - 1
+        full_lo = (last_key + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        lo = start_n * 0
+        full_lo = lo
+    full_hi = N // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(N, start_n + BLOCK_N - 1 + WINDOW)
+        # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW
+        full_hi = tl.minimum(full_hi, (start_n + WINDOW) // BLOCK_M * BLOCK_M)
+    else:
+        hi = start_n * 0 + N
+    hi = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@_jit
+def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, offs_n, offs_d,
+               stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, qk_scale,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+    # K^T tiles are [BLOCK_D, BLOCK_N], V tiles [BLOCK_N, BLOCK_D]; the start row in int64.
+    row0 = start.to(tl.int64)
+    kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + row0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
+        if MASKED:
+            ok = _visible(offs_m, cols, N, WINDOW, IS_CAUSAL, HAS_WINDOW)
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        acc = _mma(p.to(v.dtype), v, acc, PRECISION, DOT_UPCAST)
+        m_i = m_ij
+        kt_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
+    return acc, l_i, m_i, visits
+
+
+@_jit
+def _fwd_kernel(Q, K, V, O, LSE, Visits,
+                stride_qb, stride_qh, stride_qn, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_on, stride_od,
+                H, N, WINDOW, qk_scale,
+                N_BUCKET, W_BUCKET,  # autotuning keys only
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = (off_h // GROUP).to(tl.int64)  # GQA: the kv head, indexed, never copied
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row0 = start_m.to(tl.int64)
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qn
+              + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+
+    # m_i starts finite: a row whose keys in a masked block are all hidden keeps p = 0 and
+    # alpha = 1 instead of computing (-inf) - (-inf).
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    visits = pid_m * 0
+    q = _load_rows(q_ptrs, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
+
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:  # blocks cut by the window's low edge
+        acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo, full_lo,
+                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW,
+                                           HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+    acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_lo, full_hi,
+                                       offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, N, WINDOW, qk_scale, False, IS_CAUSAL, HAS_WINDOW,
+                                       HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+    # the diagonal and the sequence end (key N)
+    acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_hi, hi,
+                                       offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW,
+                                       HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+
+    # Epilogue. Rows >= N (padding of the last block) may have l_i = 0; they are not stored.
+    l_i = tl.where(offs_m < N, l_i, 1.0)
+    lse = m_i + tl.math.log2(l_i)
+    acc = acc / l_i[:, None]
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + row0 * stride_on
+              + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :] * stride_od)
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_D)
+    if COUNT:
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+@_jit
+def _bwd_preprocess(O, DO, Delta,
+                    stride_ob, stride_oh, stride_on, stride_od,
+                    stride_dob, stride_doh, stride_don, stride_dod,
+                    H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    rel = tl.arange(0, BLOCK_M)[:, None]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + row0 * stride_on
+                + rel * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_don
+                 + rel * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base, start, end,
+                    offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
+                    N, WINDOW, qk_scale,
+                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+    # Works on transposed scores: S^T = K Q^T is [BLOCK_N, BLOCK_M].
+    offs_m = tl.arange(0, BLOCK_M)
+    row0 = start.to(tl.int64)
+    qt_ptrs = q_base + row0 * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
+    do_ptrs = do_base + row0 * stride_don + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        if MASKED:
+            # rows >= N get lse = +inf, so their p is exactly 0
+            lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
+        else:
+            lse = tl.load(lse_base + rows)
+        qkt = _mm(k, qt, PRECISION, DOT_UPCAST)
+        st = qkt * qk_scale - lse[None, :]
+        if MASKED:  # hidden pairs get exp2(-inf) = 0
+            st = tl.where(_visible_t(offs_n, rows, N, WINDOW, IS_CAUSAL, HAS_WINDOW), st, float("-inf"))
+        pt = tl.math.exp2(st)
+        do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        dv = _mma(pt.to(do.dtype), do, dv, PRECISION, DOT_UPCAST)
+        if MASKED:
+            delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+        else:
+            delta = tl.load(delta_base + rows)
+        dpt = _mm(v, tl.trans(do), PRECISION, DOT_UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, DOT_UPCAST)
+        qt_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
+    return dk, dv, visits
+
+
+@_jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_don, stride_dod,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                     HKV, N, WINDOW, qk_scale, sm_scale,
+                     N_BUCKET, W_BUCKET,  # autotuning keys only
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # over B * Hkv
+    off_b = (pid_bh // HKV).to(tl.int64)
+    off_hk = (pid_bh % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row0 = start_n.to(tl.int64)
+    rel = tl.arange(0, BLOCK_N)[:, None]
+
+    # K and V of this key block stay on chip for every query block of every head in the group.
+    k = _load_rows(K + off_b * stride_kb + off_hk * stride_kh + row0 * stride_kn + rel * stride_kn
+                   + offs_d[None, :] * stride_kd, offs_n, offs_d, N, True, HEAD_DIM, EVEN_D)
+    v = _load_rows(V + off_b * stride_vb + off_hk * stride_vh + row0 * stride_vn + rel * stride_vn
+                   + offs_d[None, :] * stride_vd, offs_n, offs_d, N, True, HEAD_DIM, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    visits = pid_n * 0
+
+    lo, full_lo, full_hi, hi = _query_bounds(start_n, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    H = HKV * GROUP
+    for g in range(GROUP):  # GQA: sum the contributions of every query head of this kv head
+        off_h = off_hk * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        lse_base = LSE + (off_b * H + off_h) * N
+        delta_base = Delta + (off_b * H + off_h) * N
+        if IS_CAUSAL:  # query blocks crossing the diagonal
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                             lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, N, WINDOW, qk_scale,
+                                             True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                             PRECISION, DOT_UPCAST, COUNT)
+        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                         full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
+                                         stride_don, stride_dod, N, WINDOW, qk_scale,
+                                         False, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                         PRECISION, DOT_UPCAST, COUNT)
+        # query blocks crossing the window's far edge, and the sequence end
+        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                         full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
+                                         stride_don, stride_dod, N, WINDOW, qk_scale,
+                                         True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                         PRECISION, DOT_UPCAST, COUNT)
+
+    dk = dk * sm_scale
+    _store_rows(DK + off_b * stride_dkb + off_hk * stride_dkh + row0 * stride_dkn + rel * stride_dkn
+                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, offs_d, N,
+                HEAD_DIM, EVEN_D)
+    _store_rows(DV + off_b * stride_dvb + off_hk * stride_dvh + row0 * stride_dvn + rel * stride_dvn
+                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, offs_d, N,
+                HEAD_DIM, EVEN_D)
+    if COUNT:
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_n, visits)
+
+
+@_jit
+def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d,
+                  stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, qk_scale,
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+    row0 = start.to(tl.int64)
+    kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vt_ptrs = v_base + row0 * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
+        s = qk * qk_scale - lse[:, None]
+        if MASKED:
+            s = tl.where(_visible(offs_m, cols, N, WINDOW, IS_CAUSAL, HAS_WINDOW), s, float("-inf"))
+        p = tl.math.exp2(s)
+        dp = _mm(do, vt, PRECISION, DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, DOT_UPCAST)
+        kt_ptrs += BLOCK_N * stride_kn
+        vt_ptrs += BLOCK_N * stride_vn
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
+    return dq, visits
+
+
+@_jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_don, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                   H, N, WINDOW, qk_scale, sm_scale,
+                   N_BUCKET, W_BUCKET,  # autotuning keys only
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row0 = start_m.to(tl.int64)
+    rel = tl.arange(0, BLOCK_M)[:, None]
+
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qn + rel * stride_qn
+                   + offs_d[None, :] * stride_qd, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_don + rel * stride_don
+                    + offs_d[None, :] * stride_dod, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    visits = pid_m * 0
+
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_WINDOW:
+        dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo, full_lo,
+                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                                   BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+    dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_lo, full_hi,
+                               offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                               N, WINDOW, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+    dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_hi, hi,
+                               offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                               N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+    dq = dq * sm_scale
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N,
+                HEAD_DIM, EVEN_D)
+    if COUNT:
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+
+
+# ---------------------------------------------------------------------------------------
+# Configurations and autotuning
+# ---------------------------------------------------------------------------------------
+
+# Keys of every autotuner: the sequence length and window rounded up to a power of two, the
+# head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
+TUNE_KEY = ["N_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "PRECISION"]
+PRE_BLOCK_M = 64
+SMEM_LIMIT = 232448  # bytes per block on H100/H200 (227 KiB); prune configs needing far more
+
+
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _space(kind):
+    """The autotuning space of one kernel: (BLOCK_M, BLOCK_N, warps, stages) tuples."""
+    if kind == "fwd":  # the tutorial's space: the query tile is BLOCK_M, keys stream by BLOCK_N
+        return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+    if kind == "dkdv":  # the key tile (BLOCK_N) stays, query blocks (BLOCK_M) stream
+        return [(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
+    if kind == "dq":  # like the forward
+        return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4) for w in (4, 8)]
+    raise ValueError(kind)
+
+
+# fp32 with input_precision="ieee" has no tensor cores: tl.dot becomes FMAs held in registers,
+# where big tiles spill and each config takes tens of seconds to compile. It is tuned over
+# these few small tiles only (a subset of _space, first = default).
+FP32_IEEE_SPACE = {
+    "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
+    "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+}
+# Used when autotuning is off (or while counting visits on a GPU), and under the interpreter.
+DEFAULT_CONFIGS = {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)}
+INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+
+
+def _stationary_and_streamed(kind, bm, bn):
+    return (bn, bm) if kind == "dkdv" else (bm, bn)
+
+
+def _smem_estimate(kind, bm, bn, stages, block_d, size):
+    """Shared memory of a 16-bit config: two streamed tiles (K, V or Q, dO) per pipeline stage
+    plus the resident tiles (Q in the forward; K, V or Q, dO in the backward kernels), and
+    up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. With triton 3.9 on sm_90 this
+    is exact for the forward and dQ kernels and at most 2 KiB high for dK/dV (checked with
+    tests/test_triton.py's compile helper), so no config kept by pruning fails to launch."""
+    stay, stream = _stationary_and_streamed(kind, bm, bn)
+    resident = 1 if kind == "fwd" else 2
+    rows = 2048 if kind == "dkdv" else 0
+    return (2 * stages * stream + resident * stay) * block_d * size + rows
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        n = int(args["N"])
+        block_d = int(args["BLOCK_D"])
+        size = args["Q"].element_size()
+        fma = size == 4 and args.get("PRECISION", "ieee") == "ieee"
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if fma:
+                if (bm, bn, c.num_warps, c.num_stages) in FP32_IEEE_SPACE[kind]:
+                    kept.append(c)
+                continue
+            stay, stream = _stationary_and_streamed(kind, bm, bn)
+            # 8 warps only pay off on big tiles (the tutorial's rule, relaxed to 64x128)
+            if c.num_warps == 8 and bm * bn < 64 * 128:
+                continue
+            # no tile much longer than the sequence
+            cap = max(32, triton.next_power_of_2(n))
+            if stay > max(64, cap) or stream > cap:
+                continue
+            if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size) > SMEM_LIMIT:
+                continue
+            kept.append(c)
+        if not kept:  # keep the smallest rather than nothing
+            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept
+    return prune
+
+
+if triton is not None:
+    _TUNED = {
+        kind: triton.autotune(
+            configs=[_config(*t) for t in _space(kind)], key=TUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune(kind)},
+        )(fn)
+        for kind, fn in (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel))
+    }
+    _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
+_LAST: dict = {}
+_DUMMY: dict = {}
+
+
+def _fma(q, meta):
+    """Whether tl.dot runs as FMAs (fp32 inputs with IEEE precision)."""
+    return q.dtype == torch.float32 and meta["PRECISION"] == "ieee"
+
+
+def _fixed_config(kind, fma):
+    """The config to launch `kind` with, or None to autotune."""
+    if interpreted():
+        return INTERPRETER_CONFIGS[kind]
+    if COUNT_VISITS or not AUTOTUNE:
+        return FP32_IEEE_SPACE[kind][0] if fma else DEFAULT_CONFIGS[kind]
+    return None
+
+
+def _describe(bm, bn, warps, stages):
+    return f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}"
+
+
+def _launch(kind, grid_rows, grid_cols, args, meta):
+    """Launch kernel `kind`; returns (BLOCK_M, BLOCK_N, description of the config used)."""
+    fixed = _fixed_config(kind, _fma(args[0], meta))
+    if fixed is None:
+        tuned = _TUNED[kind]
+        axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+        tuned[lambda m: (triton.cdiv(grid_rows, m[axis]), grid_cols)](*args, **meta)
+        c = tuned.best_config
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return bm, bn, _describe(bm, bn, c.num_warps, c.num_stages)
+    bm, bn, warps, stages = fixed
+    rows = bn if kind == "dkdv" else bm
+    _PLAIN[kind][(triton.cdiv(grid_rows, rows), grid_cols)](
+        *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return bm, bn, _describe(bm, bn, warps, stages)
+
+
+def _dummy(device):
+    key = str(device)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMY[key]
+
+
+def _precision(dtype):
+    """input_precision for tl.dot, and how info() names it."""
+    if dtype == torch.float32:
+        return FP32_PRECISION, FP32_PRECISION
+    # 16-bit inputs run on tensor cores whatever input_precision says (it only concerns fp32)
+    return "tf32", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def _pow2(x):
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _common(q, k, v, causal, window, scale):
+    B, Hq, N, D = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, N, D] for q {tuple(q.shape)}")
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"heads {Hq} not divisible by kv heads {Hkv}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise Unsupported("triton needs q, k, v of one dtype among float32/float16/bfloat16 "
+                          f"(got {q.dtype}, {k.dtype}, {v.dtype})")
+    if D > MAX_HEAD_DIM:
+        raise Unsupported(f"triton supports head_dim <= {MAX_HEAD_DIM} (got {D})")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (got {window})")
+    has_window = window is not None
+    # window >= N sees what causal sees; clamping keeps every bound computation within int32
+    w = min(int(window), N) if has_window else N
+    block_d = max(16, _pow2(D))
+    precision, precision_name = _precision(q.dtype)
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+                IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, PRECISION=precision,
+                DOT_UPCAST=interpreted() and q.dtype == torch.bfloat16, COUNT=bool(COUNT_VISITS))
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    keys = (_pow2(N), _pow2(w) if has_window else 0)
+    return meta, w, sm_scale, keys, precision_name
+
+
+def _visit_buffer(rows, cols, device):
+    return torch.zeros(rows * cols, dtype=torch.int32, device=device)
+
+
+def attention_forward(q, k, v, causal, window, scale):
+    """Run the forward kernel: returns (out in q's dtype, base-2 log-sum-exp [B, Hq, N] fp32)."""
+    B, Hq, N, D = q.shape
+    meta, w, sm_scale, (n_bucket, w_bucket), precision_name = _common(q, k, v, causal, window, scale)
+    o = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
+    if N == 0 or B * Hq == 0:
+        return o, lse
+    visits = None
+    if COUNT_VISITS:
+        bm = _fixed_config("fwd", _fma(q, meta))[0]
+        visits = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
+    args = (q, k, v, o, lse, visits if visits is not None else _dummy(q.device),
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Hq, N, w, sm_scale * LOG2E, n_bucket, w_bucket)
+    bm, bn, desc = _launch("fwd", N, B * Hq, args, meta)
+    if visits is not None:
+        last_visits["fwd"] = (visits.view(B * Hq, -1), bm, bn)
+    _LAST.clear()  # a backward, if one follows, adds its configs
+    _LAST.update(interpreted=interpreted(), config=desc, precision=precision_name)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, causal, window, scale):
+    """Gradients (dq, dk, dv) from the saved output and log-sum-exp; dk, dv are [B, Hkv, N, D]."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    meta, w, sm_scale, (n_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if N == 0 or B * Hq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    pre_bm = 16 if interpreted() else PRE_BLOCK_M
+    _bwd_preprocess[(triton.cdiv(N, pre_bm), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, N,
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
+    qk_scale = sm_scale * LOG2E
+    dummy = _dummy(q.device)
+
+    vis_kv = vis_q = None
+    if COUNT_VISITS:
+        bn = _fixed_config("dkdv", _fma(q, meta))[1]
+        bm = _fixed_config("dq", _fma(q, meta))[0]
+        vis_kv = _visit_buffer(B * Hkv, triton.cdiv(N, bn), q.device)
+        vis_q = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
+    args = (q, k, v, do, lse, delta, dk, dv, vis_kv if vis_kv is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            Hkv, N, w, qk_scale, sm_scale, n_bucket, w_bucket)
+    kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta)
+    args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            Hq, N, w, qk_scale, sm_scale, n_bucket, w_bucket)
+    q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
+    if COUNT_VISITS:
+        last_visits["dkdv"] = (vis_kv.view(B * Hkv, -1), kv_bm, kv_bn)
+        last_visits["dq"] = (vis_q.view(B * Hq, -1), q_bm, q_bn)
+    _LAST.update(interpreted=interpreted(), bwd_config=f"dkdv: {kv_desc}; dq: {q_desc}")
+    return dq, dk, dv
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, scale):
+        o, lse = attention_forward(q, k, v, causal, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (causal, window, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------
+
+
+def _check(cell) -> str | None:
+    if triton is None:
+        return NOT_INSTALLED
+    if cell.head_dim > MAX_HEAD_DIM:
+        return f"triton supports head_dim <= {MAX_HEAD_DIM} (got {cell.head_dim})"
+    if cell.device == "cpu":
+        if not interpreted():
+            return ("triton runs on the CPU only through its interpreter, and this process compiles "
+                    "for CUDA (TRITON_INTERPRET is not set)")
+        if not cell.allow_interpreter and cell.n > INTERPRETER_MAX_LEN:
+            return (f"Triton interpreter on CPU is for correctness only; N > {INTERPRETER_MAX_LEN} "
+                    "needs --allow-interpreter")
+    elif cell.device == "cuda":
+        if interpreted():
+            return "TRITON_INTERPRET=1 is set: triton would run interpreted; unset it to run on CUDA"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if cell.dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
+            return "bfloat16 needs compute capability 8.0 or newer"
+    return None
+
+
+def _info() -> dict:
+    """Details of the last call: interpreted or compiled, the kernel config(s), the precision."""
+    return dict(_LAST)
+
+
+@register("triton", devices=["cpu", "cuda"], dtypes=["float32", "float16", "bfloat16"],
+          masks=["none", "causal", "window"], modes=["fwd", "bwd", "fwd+bwd"], gqa=True, exact=True,
+          description="fused flash attention in Triton (fwd+bwd, GQA, causal/window block skipping, autotuned)",
+          check=_check, info=_info)
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                     window: int | None, scale: float | None = None) -> torch.Tensor:
+    """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable."""
+    if triton is None:
+        raise Unsupported(NOT_INSTALLED)
+    if q.device.type == "cpu" and not interpreted():
+        raise Unsupported("triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            return _TritonAttention.apply(q, k, v, causal, window, scale)
+    return _TritonAttention.apply(q, k, v, causal, window, scale)
