@@ -1,0 +1,176 @@
+"""Plots of a run, one line per implementation, each saved as PNG and SVG in the run folder.
+
+    latency.png   median latency (ms) vs context length N (tokens), log-log
+    tflops.png    TFLOP/s vs N
+    memory.png    peak memory (MiB) vs N, log-log; each implementation's largest N that fit marked
+    ppl.png       perplexity vs N, only when the run has a `ppl` column with values
+
+Figures are built with matplotlib's object API (no pyplot), so plotting never needs a display
+and never touches global state of a program that imports ctxbench.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pandas as pd
+
+from ctxbench.fits import fit_all, length_text
+from ctxbench.plan import KEY_FIELDS
+
+NUMERIC_COLUMNS = ("n", "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats", "flops",
+                   "tflops", "peak_fraction", "peak_mem_bytes", "err_rel_l2", "err_max_abs", "err_tolerance",
+                   "grad_err_rel_l2", "ppl", "bits_per_byte", "window")
+FORMATS = ("png", "svg")
+
+
+def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """CSV rows (strings) as a DataFrame with the measured columns numeric (NaN when empty)."""
+    df = pd.DataFrame(rows)
+    for col in NUMERIC_COLUMNS:
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def split_tasks(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kernel rows, perplexity rows), each with a `series` column (the line it is drawn on).
+
+    A perplexity cell runs a whole model, so its latency and memory are not the kernel's and
+    it gets its own plot and pivot rather than a point on the kernel's lines.
+    """
+    is_ppl = (df["task"] == "perplexity") if "task" in df.columns else pd.Series(False, index=df.index)
+    if "ppl" in df.columns:
+        is_ppl |= df["ppl"].notna()
+    kernel, ppl = df[~is_ppl].copy(), df[is_ppl].copy()
+    for part in (kernel, ppl):
+        part["series"] = series_labels(part) if not part.empty else pd.Series(dtype=str)
+    return kernel, ppl
+
+
+def series_labels(df: pd.DataFrame) -> pd.Series:
+    """One label per line: the implementation, plus any configuration that varies within the run."""
+    varying = [c for c in KEY_FIELDS if c not in ("impl", "n") and c in df.columns
+               and df[c].astype(str).nunique() > 1]
+    if not varying:
+        return df["impl"].astype(str)
+    extra = df[varying].astype(str).apply(lambda r: ", ".join(f"{c}={v}" for c, v in r.items()), axis=1)
+    return df["impl"].astype(str) + " (" + extra + ")"
+
+
+def config_text(df: pd.DataFrame) -> str:
+    """'cpu float32 B=1 Hq=8 Hkv=8 D=64 causal fwd' from the first row (the run's configuration)."""
+    r = df.iloc[0]
+    mask = f"window W={int(float(r['window']))}" if r.get("mask") == "window" else r.get("mask", "")
+    return (f"{r.get('device', '')} {r.get('dtype', '')} B={r.get('batch', '')} Hq={r.get('heads', '')} "
+            f"Hkv={r.get('kv_heads', '')} D={r.get('head_dim', '')} {mask} {r.get('mode', '')}").strip()
+
+
+def _new_axes(df: pd.DataFrame, title: str, ylabel: str, log_y: bool) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    lengths = sorted(df["n"].dropna().unique())
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xticks(lengths, [length_text(int(n)) for n in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())  # only the measured lengths are labelled
+    ax.set_xlabel("context length N (tokens)")
+    ax.set_ylabel(ylabel)
+    where = [str(df[c].iloc[0]) for c in ("device_name",) if c in df.columns and str(df[c].iloc[0])]
+    if "torch_threads" in df.columns and str(df["torch_threads"].iloc[0]) not in ("", "nan"):
+        threads = str(df["torch_threads"].iloc[0])
+        where.append(f"{threads} thread{'s' if threads != '1' else ''}")
+    ax.set_title(f"{title}\n{', '.join([config_text(df)] + where)}", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def _lines(ax: Any, data: pd.DataFrame, y: str, palette: dict[str, Any]) -> None:
+    import seaborn as sns
+
+    data = data[data[y].notna()]
+    if data.empty:  # e.g. every cell ran out of memory: say so rather than draw empty axes
+        ax.text(0.5, 0.5, f"no cell with status ok has a {y}", transform=ax.transAxes, ha="center", color="gray")
+        return
+    sns.lineplot(data=data, x="n", y=y, hue="series", hue_order=list(palette), palette=palette, marker="o",
+                 errorbar=None, estimator="median", ax=ax)
+    if ax.get_legend() is not None:
+        ax.get_legend().set_title("implementation")
+
+
+def _save(fig: Any, run_dir: str, name: str) -> list[str]:
+    paths = []
+    for ext in FORMATS:
+        path = os.path.join(run_dir, f"{name}.{ext}")
+        fig.savefig(path, dpi=110 if ext == "png" else None)
+        paths.append(path)
+    return paths
+
+
+def _mark_wrong(ax: Any, df: pd.DataFrame, y: str) -> None:
+    """Cells over the error tolerance were still timed: show them, crossed out, off the lines."""
+    wrong = df[(df["status"] == "wrong") & df[y].notna()]
+    if not wrong.empty:
+        ax.scatter(wrong["n"], wrong[y], marker="x", color="red", s=60, zorder=5, label="wrong (over tolerance)")
+        ax.legend(fontsize=8)
+
+
+def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
+    """Write every plot the rows allow into run_dir (PNG and SVG each); returns the paths written."""
+    kernel, ppl = split_tasks(to_frame(rows))
+    written: list[str] = []
+    if not ppl.empty and ppl["ppl"].notna().any():
+        p = ppl[ppl["ppl"].notna() & ppl["status"].isin(["ok", "wrong"])]
+        model = str(p["model"].iloc[0]) if "model" in p.columns and str(p["model"].iloc[0]) else ""
+        fig, ax = _new_axes(p, "perplexity vs context length" + (f" ({model})" if model else ""), "perplexity",
+                            log_y=False)
+        _lines(ax, p, "ppl", _palette(p))
+        written += _save(fig, run_dir, "ppl")
+    if kernel.empty:
+        return written
+    ok = kernel[kernel["status"] == "ok"]
+    palette = _palette(kernel)
+
+    fig, ax = _new_axes(kernel, "latency (median) vs context length", "latency (ms)", log_y=True)
+    _lines(ax, ok, "latency_ms", palette)
+    _mark_wrong(ax, kernel, "latency_ms")
+    written += _save(fig, run_dir, "latency")
+
+    fig, ax = _new_axes(kernel, "throughput vs context length", "TFLOP/s (at the median latency)", log_y=False)
+    _lines(ax, ok, "tflops", palette)
+    _mark_wrong(ax, kernel, "tflops")
+    written += _save(fig, run_dir, "tflops")
+
+    fig, ax = _new_axes(kernel, "peak memory vs context length (star: largest N that fit)", "peak memory (MiB)",
+                        log_y=True)
+    mem = ok.assign(mem_mib=ok["peak_mem_bytes"] / 2**20)
+    mem = mem[mem["mem_mib"] > 0]  # a log axis has no 0; CPU readings below a page are 0
+    _lines(ax, mem, "mem_mib", palette)
+    _mark_largest_fit(ax, kernel, mem, palette)
+    written += _save(fig, run_dir, "memory")
+    return written
+
+
+def _palette(df: pd.DataFrame) -> dict[str, Any]:
+    import seaborn as sns
+
+    series = list(dict.fromkeys(df["series"]))
+    return dict(zip(series, sns.color_palette("tab10", n_colors=max(len(series), 1))))
+
+
+def _mark_largest_fit(ax: Any, kernel: pd.DataFrame, mem: pd.DataFrame, palette: dict[str, Any]) -> None:
+    for series, g in kernel.groupby("series", sort=False):
+        fit = fit_all(g.to_dict("records"))[0]
+        point = mem[(mem["series"] == series) & (mem["n"] == fit.largest_fit)]
+        if fit.largest_fit is None or point.empty:
+            continue
+        y = float(point["mem_mib"].iloc[-1])
+        ax.scatter([fit.largest_fit], [y], marker="*", s=220, color=palette[series], edgecolor="black", zorder=6)
+        if fit.stopped_at is not None:
+            ax.annotate(f"{fit.stop_status} at {length_text(fit.stopped_at)}", (fit.largest_fit, y),
+                        textcoords="offset points", xytext=(6, -12), fontsize=8, color=palette[series])

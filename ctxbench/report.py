@@ -1,0 +1,190 @@
+"""The report of a run: the plots (ctxbench.plots) and one self-contained report.html.
+
+    report(run_dir)  ->  run_dir/{latency,tflops,memory[,ppl]}.{png,svg} and run_dir/report.html
+
+report.html embeds the PNGs (base64), the pivot tables (implementation x length), the scaling
+fits (ctxbench.fits) and the environment from meta.json, so it can be mailed or attached to a
+CI job as one file. The same pivot is available as markdown (`pivot_markdown`) for READMEs
+and pull requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from typing import Any, Callable
+
+import pandas as pd
+
+from ctxbench.fits import FIT_HEADER, FIT_POINTS, fit_all, fit_row
+from ctxbench.plots import config_text, plot_run, split_tasks, to_frame
+from ctxbench.results import read_results
+from ctxbench.summary import human_bytes, human_ms
+
+REPORT_NAME = "report.html"
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# Each pivot: title, the column it shows, how one value is written. A cell without the value
+# shows its status instead, so an oom or a skip is visible where the number would be.
+KERNEL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("latency (median)", "latency_ms", human_ms),
+    ("TFLOP/s at the median latency", "tflops", lambda x: f"{x:.3g}"),
+    ("peak memory above the inputs", "peak_mem_bytes", human_bytes),
+    ("relative L2 error vs float64", "err_rel_l2", lambda x: f"{x:.1e}"),
+    ("status", "status", str),
+)
+PPL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("perplexity", "ppl", lambda x: f"{x:.4g}"),
+    ("bits per byte", "bits_per_byte", lambda x: f"{x:.4g}"),
+)
+
+
+def pivot_frame(df: pd.DataFrame, column: str, fmt: Callable[[float], str]) -> pd.DataFrame:
+    """Implementation (rows) x length in tokens (columns) of `column` written by fmt; status where
+    the cell has no value, and the status appended where it has one but is not ok."""
+    lengths = sorted(int(n) for n in df["n"].dropna().unique())
+    table = pd.DataFrame(index=list(dict.fromkeys(df["series"])), columns=[f"{n:,}" for n in lengths], data="")
+    for _, r in df.iterrows():
+        value = r.get(column)
+        if column == "status":
+            table.loc[r["series"], f"{int(r['n']):,}"] = r["status"]
+            continue
+        text = fmt(float(value)) if _finite(value) else r["status"]
+        if _finite(value) and r["status"] != "ok":
+            text += f" ({r['status']})"
+        table.loc[r["series"], f"{int(r['n']):,}"] = text
+    table.index.name = "impl \\ N"
+    return table
+
+
+def pivots(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Every pivot the run has data for: the kernel's, then perplexity's."""
+    out = []
+    for part, specs in zip(split_tasks(df), (KERNEL_PIVOTS, PPL_PIVOTS)):
+        for title, column, fmt in specs:
+            if not part.empty and column in part.columns and part[column].notna().any():
+                out.append((title, pivot_frame(part, column, fmt)))
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1, left_last: bool = False) -> str:
+    """A GitHub markdown table: the first `left` columns (and the last with left_last) left-aligned,
+    the rest right-aligned (numbers)."""
+    def clean(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    align = ["---" if i < left or (left_last and i == len(header) - 1) else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(clean(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pivot_markdown(rows: list[dict[str, Any]]) -> str:
+    """The terminal pivot (latency / peak memory, or status) as a markdown table."""
+    df, _ = split_tasks(to_frame(rows))
+    lat = pivot_frame(df, "latency_ms", human_ms)
+    mem = pivot_frame(df, "peak_mem_bytes", human_bytes)
+    body = []
+    for impl in lat.index:
+        cells = []
+        for n in lat.columns:
+            a, b = lat.loc[impl, n], mem.loc[impl, n]
+            cells.append(a if a == b else f"{a} / {b}")
+        body.append([impl, *cells])
+    return markdown_table(["impl \\ N", *lat.columns], body)
+
+
+def fits_markdown(rows: list[dict[str, Any]]) -> str:
+    """The scaling fits as a markdown table."""
+    return markdown_table(list(FIT_HEADER), [fit_row(f) for f in fit_all(rows)])
+
+
+def _read_meta(run_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(run_dir, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _kv_table(items: dict[str, Any]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items())
+    return f'<table class="kv">{cells}</table>'
+
+
+def _img(path: str, alt: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, table.kv td, table.kv th { text-align: left; }
+figure { display: inline-block; margin: 0 1em 1em 0; } img { max-width: 100%; }
+code { background: #f4f4f4; padding: 1px 4px; }
+"""
+
+
+def render_html(rows: list[dict[str, Any]], meta: dict[str, Any], pngs: list[str], title: str) -> str:
+    """The whole report as one HTML string (no external references)."""
+    df = to_frame(rows)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p>{html.escape(config_text(df))}; {len(df)} cells: "
+             + html.escape(", ".join(f"{v} {k}" for k, v in df["status"].value_counts().sort_index().items()))
+             + "</p>"]
+    if meta.get("argv"):
+        parts.append(f"<p>command: <code>{html.escape(' '.join(map(str, meta['argv'])))}</code></p>")
+    parts.append("<h2>Plots</h2>")
+    parts += [_img(p, os.path.basename(p)) for p in pngs]
+    parts.append("<h2>Pivot tables</h2>")
+    for name, table in pivots(df):
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.append(table.reset_index().to_html(escape=True, border=0, index=False))
+    parts.append(f"<h2>Scaling fits</h2><p>cost ~ N<sup>p</sup>: p is the least-squares slope of log cost "
+                 f"against log N over each implementation's {FIT_POINTS} longest lengths with status ok "
+                 "(about 2 for a quadratic cost, about 1 for a linear one).</p>")
+    fits = pd.DataFrame([fit_row(f) for f in fit_all(rows)], columns=list(FIT_HEADER))
+    parts.append(fits.to_html(escape=True, border=0, index=False))
+    parts.append("<h2>Environment</h2>")
+    env = meta.get("environment") or {k: rows[0].get(k, "") for k in ("device_name", "torch_version", "git_commit")}
+    parts.append(_kv_table(env))
+    if meta.get("spec"):
+        parts.append("<h3>Sweep specification</h3>")
+        parts.append(f"<pre>{html.escape(json.dumps(meta['spec'], indent=2))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def report(run_dir: str) -> list[str]:
+    """Write the plots (PNG and SVG) and report.html into run_dir; returns every path written.
+
+    Raises FileNotFoundError when run_dir has no results.csv and CorruptResults when it is not a
+    ctxbench table.
+    """
+    csv_path = os.path.join(run_dir, "results.csv")
+    if not os.path.exists(csv_path):
+        raise FileNotFoundError(f"{run_dir} has no results.csv, so it is not a ctxbench run folder")
+    _, rows = read_results(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows yet; run or resume the sweep first")
+    written = plot_run(rows, run_dir)
+    meta = _read_meta(run_dir)
+    title = f"ctxbench run {meta.get('run_id') or os.path.basename(os.path.normpath(run_dir))}"
+    page = render_html(rows, meta, [p for p in written if p.endswith(".png")], title)
+    out = os.path.join(run_dir, REPORT_NAME)
+    with open(out + ".tmp", "w") as f:
+        f.write(page)
+    os.replace(out + ".tmp", out)
+    return written + [out]

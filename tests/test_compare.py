@@ -1,0 +1,270 @@
+"""`ctxbench compare`: planted regressions are flagged (exit 1), unchanged data passes (exit 0),
+normalization cancels a machine's speed, bad input is one line and exit 2.
+
+The CSVs are synthetic, written with ctxbench's own ResultsWriter and COLUMNS, so every number
+the comparison sees is known.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ctxbench.compare import BadInput, Thresholds, compare_paths, slowdown_test
+from ctxbench.results import COLUMNS, ResultsWriter
+from sweep_helpers import run_cli
+
+IMPLS = ("naive", "chunked", "sdpa")
+LENGTHS = (256, 512, 1024)
+# Relative jitter of the per-repeat samples around the median: +-3%, like a quiet machine.
+JITTER = (-0.03, -0.02, -0.01, -0.005, 0.0, 0.0, 0.005, 0.01, 0.02, 0.03)
+
+
+def make_rows(extra: dict[str, str] | None = None) -> list[dict[str, object]]:
+    """One ok row per (impl, N): latency ~ N^2 (ms), memory ~ N (bytes), 10 samples each."""
+    rows = []
+    for i, impl in enumerate(IMPLS):
+        for n in LENGTHS:
+            lat = (1 + i) * (n / 256) ** 2  # ms
+            rows.append({
+                "run_id": "synthetic", "impl": impl, "n": n, "batch": 1, "heads": 4, "kv_heads": 4, "head_dim": 64,
+                "dtype": "float32", "mask": "causal", "window": "", "mode": "fwd", "device": "cpu",
+                "allow_interpreter": False, "status": "ok", "message": "",
+                "latency_samples_ms": [lat * (1 + j) for j in JITTER],
+                "tflops": 1.0 / lat, "peak_mem_bytes": (1 + i) * n * 2**14,  # 4-48 MiB
+                "err_rel_l2": 2.5e-7, "err_tolerance": 1e-4, "device_name": "test cpu", "torch_version": "2.x",
+                **(extra or {}),
+            })
+    return rows
+
+
+def finish(row: dict[str, object]) -> dict[str, object]:
+    """Fill the latency quantiles from the samples, as ctxbench.measure does."""
+    s = sorted(row["latency_samples_ms"])  # type: ignore[arg-type]
+    if s:
+        row.update(latency_ms=(s[4] + s[5]) / 2, latency_p20_ms=s[2], latency_p80_ms=s[7], latency_min_ms=s[0],
+                   repeats=len(s))
+    row["latency_samples_ms"] = ";".join(f"{x:.6g}" for x in s)
+    return row
+
+
+def write_csv(path: str, rows: list[dict[str, object]], header: tuple[str, ...] = COLUMNS) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writer = ResultsWriter(path, header)
+    for r in rows:
+        writer.append(finish(dict(r)))
+    return path
+
+
+def cell(rows: list[dict[str, object]], impl: str, n: int) -> dict[str, object]:
+    return next(r for r in rows if r["impl"] == impl and r["n"] == n)
+
+
+def scale_latency(row: dict[str, object], factor: float) -> None:
+    row["latency_samples_ms"] = [x * factor for x in row["latency_samples_ms"]]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def base(tmp_path) -> str:
+    return write_csv(str(tmp_path / "base" / "results.csv"), make_rows())
+
+
+def compare(capsys, *args: str) -> tuple[int, str, str]:
+    return run_cli(["compare", *args], capsys)
+
+
+def test_identical_copies_pass(base, tmp_path, capsys):
+    copy = write_csv(str(tmp_path / "copy" / "results.csv"), make_rows())
+    code, out, err = compare(capsys, base, copy)
+    assert code == 0, out + err
+    assert "**No regression** in 9 cells" in out
+    assert out.count("| ok |") == 9
+    # A run folder works as well as its CSV.
+    code, out, _ = compare(capsys, os.path.dirname(base), os.path.dirname(copy), "--normalize-by", "sdpa")
+    assert code == 0 and "**No regression**" in out
+
+
+def test_planted_20_percent_slowdown_is_flagged(base, tmp_path, capsys):
+    rows = make_rows()
+    scale_latency(cell(rows, "chunked", 512), 1.20)
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    assert "**1 regression** in 9 cells: chunked N=512: slower +20.0%" in out
+    assert "Mann-Whitney U" in out  # the test used is named
+    comp = compare_paths(base, cur)
+    (reg,) = comp.regressions
+    assert reg.latency.ratio == pytest.approx(1.20, rel=1e-4)
+    assert reg.latency.p_value is not None and reg.latency.p_value < 1e-3
+    # 20% is under a 25% threshold.
+    assert compare(capsys, base, cur, "--max-slowdown", "25%")[0] == 0
+
+
+def test_slowdown_within_the_spread_is_not_called(base, tmp_path, capsys):
+    """Median 20% slower, but the repeats of both runs overlap: not distinguishable from noise."""
+    rows = make_rows()
+    noisy = cell(rows, "naive", 1024)
+    lat = 16.0
+    noisy["latency_samples_ms"] = [lat * f for f in (0.5, 0.7, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0)]
+    base2 = write_csv(str(tmp_path / "b2" / "results.csv"), rows)
+    slower = [dict(r) for r in rows]
+    s = cell(slower, "naive", 1024)
+    s["latency_samples_ms"] = [lat * f for f in (0.45, 0.6, 1.1, 1.3, 1.7, 1.9, 2.1, 2.4, 2.6, 3.2)]
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), slower)
+    comp = compare_paths(base2, cur)
+    ch = next(c for c in comp.changes if c.key["impl"] == "naive" and c.key["n"] == "1024")
+    assert ch.latency.ratio == pytest.approx(1.8 / 1.5, rel=1e-3)  # +20% by the medians
+    assert ch.latency.p_value is not None and ch.latency.p_value > 0.05
+    assert not ch.regressions and "within the run-to-run spread" in ch.notes[0]
+    assert comp.exit_code == 0
+
+
+def test_percentiles_are_the_spread_without_samples(tmp_path, capsys):
+    """A CSV from before per-repeat samples were recorded: p20/p80 separation, named as such."""
+    header = tuple(c for c in COLUMNS if c != "latency_samples_ms")
+    base = write_csv(str(tmp_path / "b" / "results.csv"), make_rows(), header)
+    rows = make_rows()
+    scale_latency(cell(rows, "sdpa", 256), 1.5)
+    cur = write_csv(str(tmp_path / "c" / "results.csv"), rows, header)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1 and "sdpa N=256: slower +50.0%" in out
+    assert "p20/p80 separation" in out and "Mann-Whitney" not in out
+
+
+def test_planted_memory_growth_is_flagged(base, tmp_path, capsys):
+    rows = make_rows()
+    cell(rows, "naive", 1024)["peak_mem_bytes"] = int(1024 * 2**14 * 1.30)  # 16 MiB -> 20.8 MiB
+    cell(rows, "naive", 256)["peak_mem_bytes"] = int(256 * 2**14 * 1.10)    # +10%, but only 0.4 MiB
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    assert "**1 regression** in 9 cells: naive N=1024: memory +30.0% (4.8 MiB)" in out
+    assert "memory +10.0% (410 KiB), under the 1 MiB floor" in out
+    # With no floor the small growth counts too; with a 35% threshold neither does.
+    assert len(compare_paths(base, cur, Thresholds(min_memory_growth_bytes=0)).regressions) == 2
+    assert compare(capsys, base, cur, "--max-memory-growth", "35")[0] == 0
+
+
+def test_planted_perplexity_rise_is_flagged(tmp_path, capsys):
+    header = COLUMNS + tuple(c for c in ("task", "ppl", "bits_per_byte") if c not in COLUMNS)
+    kernel = make_rows({"task": "kernel"})
+    ppl_rows = [dict(r, task="perplexity", ppl=12.0, bits_per_byte=0.9) for r in make_rows()]
+    base = write_csv(str(tmp_path / "b" / "results.csv"), kernel + ppl_rows, header)
+    rows = [dict(r) for r in kernel + ppl_rows]
+    risen = next(r for r in rows if r["task"] == "perplexity" and r["impl"] == "sdpa" and r["n"] == 512)
+    risen["ppl"] = 12.0 * 1.01
+    small = next(r for r in rows if r["task"] == "perplexity" and r["impl"] == "naive" and r["n"] == 512)
+    small["ppl"] = 12.0 * 1.002  # +0.2%, under the 0.5% default
+    cur = write_csv(str(tmp_path / "c" / "results.csv"), rows, header)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    # Joined on task as well: 18 cells, the kernel and the perplexity row of each (impl, N).
+    assert "task" in out.split("joined on:")[1].split(";")[0]
+    assert "**1 regression** in 18 cells: sdpa N=512: perplexity +1.00%" in out
+    assert compare(capsys, base, cur, "--max-ppl-increase", "1.5%")[0] == 0
+
+
+def test_ok_to_oom_is_flagged(base, tmp_path, capsys):
+    rows = make_rows()
+    oom = cell(rows, "naive", 1024)
+    oom.update(status="oom", message="out of memory", latency_samples_ms=[], tflops="", peak_mem_bytes="",
+               err_rel_l2="", err_tolerance="")
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur, "--normalize-by", "sdpa")
+    assert code == 1, out
+    assert "**1 regression** in 9 cells: naive N=1024: status ok -> oom" in out
+    assert "| ok → oom |" in out
+
+
+def test_error_over_tolerance_is_flagged(base, tmp_path, capsys):
+    rows = make_rows()
+    cell(rows, "chunked", 256).update(status="wrong", err_rel_l2=3e-3)
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1
+    assert "chunked N=256: status ok -> wrong, error 3.0e-03 over tolerance 1e-04" in out
+
+
+def test_normalization_cancels_a_uniform_2x_machine_slowdown(base, tmp_path, capsys):
+    rows = make_rows()
+    for r in rows:
+        scale_latency(r, 2.0)
+    cur = write_csv(str(tmp_path / "slow-machine" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1 and "**9 regressions**" in out  # as measured, everything is 2x slower
+    code, out, _ = compare(capsys, base, cur, "--normalize-by", "sdpa")
+    assert code == 0, out
+    comp = compare_paths(base, cur, normalize_by="sdpa")
+    assert all(ch.latency.raw_ratio == pytest.approx(2.0, rel=1e-4) for ch in comp.changes)
+    assert all(ch.latency.ratio == pytest.approx(1.0, rel=1e-4) for ch in comp.changes)
+    # ... and a real 20% slowdown on the slow machine is still found.
+    scale_latency(cell(rows, "naive", 512), 1.2)
+    cur2 = write_csv(str(tmp_path / "slow-and-slower" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur2, "--normalize-by", "sdpa")
+    assert code == 1 and "**1 regression** in 9 cells: naive N=512: slower +20.0%" in out
+
+
+def test_mann_whitney_reaches_alpha_with_three_repeats_each():
+    p, significant = slowdown_test([1.0, 1.1, 1.2], [1.3, 1.4, 1.5], 0.05)
+    assert p == pytest.approx(0.05) and significant
+    p, significant = slowdown_test([1.0, 1.3, 1.2], [1.1, 1.4, 1.5], 0.05)
+    assert p > 0.05 and not significant
+
+
+def _bad(capsys, args: list[str], *fragments: str) -> None:
+    code, out, err = compare(capsys, *args)
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ctxbench: error:"), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert "Traceback" not in out + err
+
+
+def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
+    _bad(capsys, [str(tmp_path / "nope.csv"), base], "BASELINE", "nope.csv", "no such file or folder")
+    _bad(capsys, [base, str(tmp_path / "nope")], "CURRENT", "no such file or folder")
+    other = tmp_path / "other.csv"
+    other.write_text("name,value\na,1\n")
+    _bad(capsys, [base, str(other)], "CURRENT", "not a ctxbench results CSV", "missing columns")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    _bad(capsys, [str(binary), base], "BASELINE", "not a ctxbench results CSV")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    _bad(capsys, [base, str(empty_dir)], "CURRENT", "not a ctxbench run folder")
+    header_only = tmp_path / "header-only" / "results.csv"
+    write_csv(str(header_only), [])
+    _bad(capsys, [base, str(header_only)], "header but no rows")
+
+
+def test_no_rows_in_common_names_the_columns(base, tmp_path, capsys):
+    gpu = write_csv(str(tmp_path / "gpu" / "results.csv"),
+                    [dict(r, device="cuda", heads=32, dtype="bfloat16") for r in make_rows()])
+    _bad(capsys, [base, gpu], "no rows in common", "heads 4 vs 32", "dtype float32 vs bfloat16", "device cpu vs cuda")
+
+
+def test_bad_flags(base, capsys):
+    _bad(capsys, [base, base, "--normalize-by", "flash9"], "--normalize-by flash9", "has no ok row of flash9")
+    _bad(capsys, [base, base, "--max-slowdown", "ten"], "'ten' is not a percentage")
+    with pytest.raises(BadInput, match="no such file"):
+        compare_paths(base + ".missing", base)
+
+
+def test_min_statistic_ignores_interference_in_the_slow_repeats(base, tmp_path, capsys):
+    """8 of 10 repeats hit by a co-tenant (1.6x), the fastest two not: the median says +60%,
+    the minimum says the kernel itself did not change."""
+    rows = make_rows()
+    hit = cell(rows, "chunked", 1024)
+    fastest = sorted(hit["latency_samples_ms"])  # type: ignore[arg-type]
+    hit["latency_samples_ms"] = fastest[:2] + [x * 1.6 for x in fastest[2:]]
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur, "--normalize-by", "sdpa")
+    assert code == 1 and "chunked N=1024: slower +60.0%" in out
+    code, out, _ = compare(capsys, base, cur, "--normalize-by", "sdpa", "--statistic", "min")
+    assert code == 0, out
+    assert "| latency (min) |" in out
+    ch = next(c for c in compare_paths(base, cur, Thresholds(statistic="min"), "sdpa").changes
+              if c.key["impl"] == "chunked" and c.key["n"] == "1024")
+    assert ch.latency.ratio == pytest.approx(1.0, abs=1e-6)
