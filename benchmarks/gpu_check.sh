@@ -30,7 +30,7 @@ if ! $PY -c "import ctxbench.kernels, ctxbench.cli" 2>/dev/null; then
 fi
 
 if [ "$DRY" = "--dry-run" ]; then
-  DEV=(--device cpu --allow-interpreter --rep-ms 2 --timeout 300)
+  DEV=(--device cpu --allow-interpreter --rep-ms 2 --timeout 300 --ppl-max-len 0)
   CHECK_LENS=17,40
   PERF_LENS=16,32
   PERF_SHAPE=(--batch 1 --heads 4 --kv-heads 2 --head-dim 32)
@@ -46,7 +46,7 @@ else
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_check: torch sees no CUDA device; use --dry-run on a CPU" >&2; exit 2; }
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null || true
-  DEV=(--device cuda --timeout 180)
+  DEV=(--device cuda --timeout 180 --ppl-max-len 0)
   CHECK_LENS=1000,2048
   PERF_LENS=1024,2048,4096,8192,16384,32768
   PERF_SHAPE=(--batch 1 --heads 32 --kv-heads 8 --head-dim 128)

@@ -19,12 +19,12 @@ DEVICE_PEAK_TFLOPS = {
 
 
 def attention_flops(batch: int, heads: int, n: int, head_dim: int, causal: bool,
-                    window: int | None, mode: str) -> float:
+                    window: int | None, mode: str, sinks: int = 0) -> float:
     """FLOPs of one call: 4 * B * Hq * D * (visible query-key pairs), times the mode factor.
 
     GQA does not change the count: every query head does its own two matmuls.
     """
-    return 4.0 * batch * heads * head_dim * visible_pairs(n, causal, window) * MODE_FACTOR[mode]
+    return 4.0 * batch * heads * head_dim * visible_pairs(n, causal, window, sinks) * MODE_FACTOR[mode]
 
 
 def device_peak_tflops(device_name: str, dtype: str) -> float | None:

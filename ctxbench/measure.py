@@ -32,7 +32,8 @@ REFERENCE_BUDGET_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class Settings:
-    """How to measure (not what): timing budget, rows checked, input seed."""
+    """How to measure (not what): timing budget, rows checked, input seed; for perplexity
+    cells (ctxbench.perplexity) the model, the corpus, the tokens scored and the stride."""
 
     warmup_ms: float = 100.0
     rep_ms: float = 1000.0
@@ -40,6 +41,10 @@ class Settings:
     max_repeats: int = 100
     check_rows: int = 256
     seed: int = 0
+    model: str = ""        # checkpoint folder or .gguf file; "" = the embedded default model
+    text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
+    ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
+    ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
 
 
 def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
@@ -58,7 +63,9 @@ def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tenso
 
 
 def _call(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return impl.fn(q, k, v, causal=cell.causal, window=cell.attn_window, scale=None)
+    # sinks only as a keyword when there are any: plain functions without the parameter keep working
+    extra = {"sinks": cell.attn_sinks} if cell.attn_sinks > 0 else {}
+    return impl.fn(q, k, v, causal=cell.causal, window=cell.attn_window, scale=None, **extra)
 
 
 def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -141,18 +148,21 @@ def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
 
 # ---------------------------------------------------------------- timing
 
-def _quantiles(samples_ms: list[float]) -> dict[str, float]:
+def _quantiles(samples_ms: list[float]) -> dict[str, Any]:
     t = torch.tensor(samples_ms, dtype=torch.float64)
     q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return {"latency_ms": q[0].item(), "latency_p20_ms": q[1].item(), "latency_p80_ms": q[2].item(),
-            "latency_min_ms": t.min().item(), "repeats": len(samples_ms)}
+            "latency_min_ms": t.min().item(), "repeats": len(samples_ms),
+            # Every repeat, so `ctxbench compare` can test a slowdown against the run-to-run spread;
+            # 6 significant digits are far below timing noise and keep the row short.
+            "latency_samples_ms": ";".join(f"{x:.6g}" for x in samples_ms)}
 
 
 def _repeats(estimate_ms: float, s: Settings) -> int:
     return int(min(s.max_repeats, max(s.min_repeats, math.ceil(s.rep_ms / max(estimate_ms, 1e-3)))))
 
 
-def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, float]:
+def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
     """Warm up for s.warmup_ms (at least one call), then time repeats with perf_counter (ms)."""
     warm: list[float] = []
     start = time.perf_counter()
@@ -168,7 +178,7 @@ def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, float]:
     return _quantiles(samples)
 
 
-def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, float]:
+def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
     """CUDA events around each call, with L2 flushed before each (as triton.testing.do_bench)."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
     step()  # first call: compilation and autotuning happen here, never in timed runs
@@ -206,7 +216,7 @@ def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: to
     row_block = max(1, min(len(rows), REFERENCE_BUDGET_BYTES // (8 * cell.batch * cell.heads * cell.n)))
     with torch.no_grad():
         ref = reference_attention(q.detach(), k.detach(), v.detach(), causal=cell.causal,
-                                  window=cell.attn_window, rows=rows, row_block=row_block)
+                                  window=cell.attn_window, rows=rows, row_block=row_block, sinks=cell.attn_sinks)
         rel, mx = errors(out.detach()[:, :, rows.to(out.device), :], ref)
     return {"err_rel_l2": rel, "err_max_abs": mx, "err_rows": len(rows), "err_tolerance": TOLERANCE[cell.dtype],
             "out_dtype_ok": out.dtype == q.dtype}
@@ -219,7 +229,7 @@ def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: tor
     _call(impl, cell, q, k, v).backward(dout)
     got = [t.grad.double().flatten() for t in (q, k, v)]
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = reference_attention(q64, k64, v64, causal=cell.causal, window=cell.attn_window)
+    ref = reference_attention(q64, k64, v64, causal=cell.causal, window=cell.attn_window, sinks=cell.attn_sinks)
     ref.backward(dout.double())
     want = [t.grad.flatten() for t in (q64, k64, v64)]
     rel, _ = errors(torch.cat(got), torch.cat(want))
@@ -266,7 +276,8 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     step = make_step(impl, cell, q, k, v, dout)
     timing = time_cuda(step, s) if cell.device == "cuda" else time_cpu(step, s)
     row.update(timing)
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode)
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
+                            cell.attn_sinks)
     row["flops"] = flops
     row["tflops"] = flops / (timing["latency_ms"] * 1e-3) / 1e12
     if cell.device == "cuda":

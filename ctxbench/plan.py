@@ -2,11 +2,14 @@
 
 A Cell is everything one measurement needs to know; its fields are the configuration
 columns of the CSV, and its key identifies a finished cell when a sweep is resumed.
+A cell is a kernel measurement (task "kernel": one attention call on random inputs) or a
+perplexity measurement (task "perplexity": a language model whose attention layers run
+through the implementation, ctxbench.perplexity).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -30,6 +33,10 @@ class Config:
     device: str = "cpu"
     # Run interpreted (Triton on the CPU) implementations beyond their small default limit.
     allow_interpreter: bool = False
+    # Attention sinks: with a window, the first `sinks` keys stay visible to every query.
+    sinks: int = 0
+    # How perplexity cells cut the corpus: "truncated" or "strided" (ctxbench.perplexity).
+    ppl_scheme: str = "truncated"
 
     @property
     def causal(self) -> bool:
@@ -39,6 +46,10 @@ class Config:
     def attn_window(self) -> int | None:
         return self.window if self.mask == "window" else None
 
+    @property
+    def attn_sinks(self) -> int:
+        return self.sinks if self.mask == "window" else 0
+
 
 @dataclass(frozen=True)
 class Cell(Config):
@@ -46,10 +57,12 @@ class Cell(Config):
 
     impl: str = ""
     n: int = 0
+    task: str = "kernel"  # "kernel" or "perplexity"
+    rope: str = "default"  # RoPE variant of the model (perplexity cells; "default" for kernels)
 
     @classmethod
-    def of(cls, config: Config, impl: str, n: int) -> "Cell":
-        return cls(**asdict(config), impl=impl, n=n)
+    def of(cls, config: Config, impl: str, n: int, **fields_: object) -> "Cell":
+        return cls(**{**asdict(config), **fields_}, impl=impl, n=n)
 
     @property
     def key(self) -> tuple:
@@ -58,6 +71,8 @@ class Cell(Config):
 
     @property
     def label(self) -> str:
+        if self.task == "perplexity":
+            return f"ppl {self.impl} N={self.n}" + ("" if self.rope == "default" else f" {self.rope}")
         return f"{self.impl} N={self.n}"
 
 
@@ -83,10 +98,39 @@ def powers_of_two(min_len: int, max_len: int) -> list[int]:
     return lengths
 
 
-def build_cells(config: Config, impls: list[str], lengths: list[int]) -> list[Cell]:
-    """Cells in sweep order: length-major, so every implementation's short lengths come first.
+@dataclass(frozen=True)
+class PerplexityPlan:
+    """Which perplexity cells a sweep has, and the model's shape for their CSV columns."""
+
+    max_len: int                 # lengths above this get no perplexity cells
+    impls: list[str]             # implementations that get perplexity cells
+    ropes: list[str]             # RoPE variants, e.g. ["default", "yarn:4"]
+    heads: int                   # the model's query heads, kv heads and head dim
+    kv_heads: int
+    head_dim: int
+    dtype: str                   # the model's dtype (fp32 on CPU, the sweep's dtype on CUDA)
+
+    def cells(self, config: Config, n: int) -> list[Cell]:
+        """The perplexity cells at length n: each implementation x RoPE variant, one forward
+        pass per window of n tokens (batch 1, forward only)."""
+        if n > self.max_len:
+            return []
+        base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       dtype=self.dtype, mode="fwd")
+        return [Cell.of(base, impl, n, task="perplexity", rope=rope) for impl in self.impls for rope in self.ropes]
+
+
+def build_cells(config: Config, impls: list[str], lengths: list[int],
+                ppl: PerplexityPlan | None = None) -> list[Cell]:
+    """Cells in sweep order: length-major, so every implementation's short lengths come first;
+    at each length the kernel cells, then the perplexity cells (when `ppl` plans any).
 
     Length-major ordering means an interrupted sweep still has a comparable picture of all
     implementations, and an implementation's out-of-memory at N is known before its 2N.
     """
-    return [Cell.of(config, impl, n) for n in lengths for impl in impls]
+    cells = []
+    for n in lengths:
+        cells += [Cell.of(config, impl, n) for impl in impls]
+        if ppl is not None:
+            cells += ppl.cells(config, n)
+    return cells

@@ -24,10 +24,12 @@ def reference_attention(
     scale: float | None = None,
     rows: torch.Tensor | None = None,
     row_block: int = 256,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Attention in float64 for query rows `rows` (all rows when None).
 
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]. Returns float64 [B, Hq, len(rows), D].
+    `sinks` keys stay visible beside a window (ctxbench.masks.visible).
     Rows are processed `row_block` at a time, so peak extra memory is
     B * Hq * row_block * N * 8 bytes.
     """
@@ -49,7 +51,7 @@ def reference_attention(
         r = rows[start:start + row_block]
         qr = q[:, :, r, :].double()
         s = torch.matmul(qr, k64.transpose(-1, -2)) * scale
-        ok = visible(r, cols, causal, window)
+        ok = visible(r, cols, causal, window, sinks)
         if ok is not None:
             s = s.masked_fill(~ok, float("-inf"))
         p = torch.softmax(s, dim=-1)

@@ -2,12 +2,15 @@
 
 Every implementation follows one contract::
 
-    out = attn(q, k, v, *, causal: bool, window: int | None, scale: float | None)
+    out = attn(q, k, v, *, causal: bool, window: int | None, scale: float | None[, sinks: int])
 
 * q is [B, Hq, N, D]; k and v are [B, Hkv, N, D] with Hq % Hkv == 0. Query head h
   reads kv head h // (Hq // Hkv) (grouped-query attention).
 * window=W: query i sees keys j with i - W < j <= i (W keys, itself included). A window
   implies causal. This is transformers' ``sliding_window`` convention.
+* sinks=S (attention sinks, StreamingLLM; only with a window, only to implementations that
+  declare ``sinks=True``, and passed as a keyword only when S > 0): query i also sees keys
+  j < S, i.e. j <= i and (i - W < j or j < S).
 * scale defaults to 1/sqrt(D); softmax statistics are kept in fp32 whatever the dtype.
 * out is [B, Hq, N, D] in q's dtype.
 
@@ -62,6 +65,8 @@ class Impl:
     modes: frozenset[str] = frozenset(MODES)
     gqa: bool = True
     exact: bool = True
+    # Whether the function takes `sinks=S` (attention sinks beside a window).
+    sinks: bool = False
     description: str = ""
     source: str = ""
     # Optional run-time checks: check(cell) -> None when the cell can run, else the reason.
@@ -82,12 +87,16 @@ class Impl:
             return f"{self.name} does not support mode={cell.mode} (declares {', '.join(sorted(self.modes))})"
         if cell.heads != cell.kv_heads and not self.gqa:
             return f"{self.name} does not support grouped-query attention (heads {cell.heads} != kv-heads {cell.kv_heads})"
+        sinks = getattr(cell, "attn_sinks", 0)
+        if sinks > 0 and not self.sinks:
+            return f"{self.name} does not support attention sinks (sinks={sinks})"
         if self.check is not None:
             return self.check(cell)
         return None
 
 
 _REGISTRY: dict[str, Impl] = {}
+_SPECS: dict[str, Impl] = {}
 _BUILTINS_LOADED = False
 _PLUGINS_LOADED = False
 
@@ -101,6 +110,7 @@ def register(
     modes: Iterable[str] = MODES,
     gqa: bool = True,
     exact: bool = True,
+    sinks: bool = False,
     description: str = "",
     check: Callable[[Any], str | None] | None = None,
     info: Callable[[], dict] | None = None,
@@ -119,7 +129,7 @@ def register(
     def deco(fn: AttentionFn) -> AttentionFn:
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
-            masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact,
+            masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
             description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )
@@ -128,6 +138,17 @@ def register(
         return fn
 
     return deco
+
+
+def accepts_sinks(fn: Callable) -> bool:
+    """Whether a plain function takes a `sinks` keyword (or **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "sinks" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _first_doc_line(fn: Callable) -> str:
@@ -162,7 +183,7 @@ def load_plugins() -> list[str]:
             failed.append(f"{ep.name} ({type(exc).__name__}: {exc})")
             continue
         if callable(obj) and not hasattr(obj, "__ctxbench_impl__"):
-            register(ep.name)(obj)
+            register(ep.name, sinks=accepts_sinks(obj))(obj)
     return failed
 
 
@@ -186,7 +207,8 @@ def load_spec(spec: str) -> Impl:
     """Resolve ``package.module:function`` or ``path/to/file.py:function`` to an Impl.
 
     A function decorated with @register keeps its declaration; a plain function gets the
-    default capabilities (every device, dtype, mask and mode) under the name `spec`.
+    default capabilities (every device, dtype, mask and mode; sinks when it takes a `sinks`
+    keyword) under the name `spec`.
     The current directory is importable, as it is for ``python -m``.
     """
     if spec.count(":") != 1:
@@ -222,8 +244,10 @@ def load_spec(spec: str) -> Impl:
     declared = getattr(fn, "__ctxbench_impl__", None)
     if declared is not None:
         return declared
-    impl = Impl(name=spec, fn=fn, description=_first_doc_line(fn), source=spec)
-    _REGISTRY[spec] = impl
+    impl = Impl(name=spec, fn=fn, sinks=accepts_sinks(fn), description=_first_doc_line(fn), source=spec)
+    # Kept apart from the registry: a function named on one command line is not an
+    # implementation every later `all_impls()` caller (default sweeps, model tests) should run.
+    _SPECS[spec] = impl
     return impl
 
 

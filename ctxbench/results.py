@@ -16,14 +16,23 @@ from ctxbench.plan import KEY_FIELDS
 
 STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
 
-CONFIG_COLUMNS = ("impl", "n", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window", "mode",
-                  "device", "allow_interpreter")
+CONFIG_COLUMNS = ("impl", "n", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
+                  "sinks", "mode", "device", "allow_interpreter", "ppl_scheme")
+# Key columns added after the first release, with the value every row of an older run has.
+KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated"}
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
+    "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
     "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
     "peak_mem_bytes", "mem_method",                    # bytes above the inputs; how it was read
     "err_rel_l2", "err_max_abs", "err_rows", "err_tolerance", "grad_err_rel_l2",
     "impl_info",                                       # JSON the implementation reports (config chosen, ...)
+    # perplexity cells (task=perplexity, ctxbench.perplexity): perplexity and bits per byte over
+    # the scored tokens, how many tokens and bytes were scored, in how many windows, the scored
+    # tail per window (strided), mean NLL (nats) per position bin (JSON), the model, the corpus
+    # hash, and tokens through the model per second of forward passes
+    "ppl", "bits_per_byte", "ppl_tokens", "ppl_bytes", "ppl_windows", "ppl_stride", "loss_curve",
+    "model", "corpus_sha256", "tokens_per_s",
 )
 COLUMNS: tuple[str, ...] = (
     ("run_id",) + CONFIG_COLUMNS + ("status", "message") + MEASURE_COLUMNS
@@ -94,10 +103,11 @@ def read_results(path: str, *, repair_tail: bool = False) -> tuple[list[str], li
         header = next(reader)
     except (StopIteration, csv.Error) as exc:
         raise CorruptResults(f"{path} line 1: not a ctxbench header ({exc})") from None
-    missing = [c for c in ("impl", "n", "status") + KEY_FIELDS if c not in header]
+    missing = [c for c in ("impl", "n", "status") + KEY_FIELDS if c not in header and c not in KEY_DEFAULTS]
     if missing:
         raise CorruptResults(f"{path} line 1: not a ctxbench results header (missing columns: "
                              f"{', '.join(dict.fromkeys(missing))})")
+    absent = {c: v for c, v in KEY_DEFAULTS.items() if c not in header}  # a run from an older ctxbench
     rows = []
     try:
         for values in reader:
@@ -105,6 +115,7 @@ def read_results(path: str, *, repair_tail: bool = False) -> tuple[list[str], li
             if len(values) != len(header):
                 raise CorruptResults(f"{path} line {line}: {len(values)} fields where the header has {len(header)}")
             row = dict(zip(header, values))
+            row.update(absent)
             if row["status"] not in STATUSES:
                 raise CorruptResults(f"{path} line {line}: unknown status {row['status']!r}")
             if not row["n"].isdigit():

@@ -62,3 +62,33 @@ def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
     for impl in impls:
         table.add_row(impl, *(cell_text(by_key[(impl, n)]) if (impl, n) in by_key else "" for n in lengths))
     return table
+
+
+def perplexity_table(rows: list[dict[str, Any]]) -> Table:
+    """Perplexity cells: one line per implementation and RoPE variant, one column per length;
+    each cell shows perplexity and bits per byte, or the status."""
+    lengths = sorted({int(r["n"]) for r in rows})
+    lines = list(dict.fromkeys((r["impl"], r.get("rope", "default")) for r in rows))
+    by_key = {(r["impl"], r.get("rope", "default"), int(r["n"])): r for r in rows}
+    first = rows[0] if rows else {}
+    model = (first.get("model") or "").split(" (")[0] or "model"
+    table = Table(title=f"perplexity / bits per byte ({model}, {first.get('ppl_scheme', '')} windows)",
+                  show_lines=True, title_justify="left")
+    table.add_column("impl, rope \\ N", style="bold")
+    for n in lengths:
+        table.add_column(f"{n:,}", justify="right")
+
+    def text(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return ""
+        ppl, bpb = _num(r, "ppl"), _num(r, "bits_per_byte")
+        status = r.get("status", "")
+        if ppl is None:
+            return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
+        shown = f"{ppl:.4g}\n{bpb:.4g} bpb" if bpb is not None else f"{ppl:.4g}"
+        return shown if status == "ok" else f"{shown}\n[{STATUS_STYLE.get(status, '')}]{status}[/]"
+
+    for impl, rope in lines:
+        label = impl if rope == "default" else f"{impl}, {rope}"
+        table.add_row(label, *(text(by_key.get((impl, rope, n))) for n in lengths))
+    return table

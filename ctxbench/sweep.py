@@ -18,15 +18,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from ctxbench import registry
 from ctxbench.env import environment
 from ctxbench.executor import WorkerPool
 from ctxbench.flops import attention_flops
 from ctxbench.measure import Settings
-from ctxbench.plan import Cell, Config, build_cells
+from ctxbench.plan import Cell, Config, PerplexityPlan, build_cells
 from ctxbench.results import ResultsWriter, read_results, row_key
-from ctxbench.summary import pivot_table
+from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
+from ctxbench.summary import perplexity_table, pivot_table
 
 # Statuses after which longer lengths of the same implementation are not attempted.
 STOP_STATUSES = ("oom", "timeout")
@@ -46,26 +48,41 @@ class SweepSpec:
     memory_limit_bytes: int | None
     settings: Settings = field(default_factory=Settings)
     reuse_workers: bool = True
+    ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
 
     def to_json(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "impls": self.impls, "lengths": self.lengths,
                 "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
-                "settings": asdict(self.settings), "reuse_workers": self.reuse_workers}
+                "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
+                "ppl": asdict(self.ppl) if self.ppl is not None else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
         return cls(config=Config(**d["config"]), impls=list(d["impls"]), lengths=[int(n) for n in d["lengths"]],
                    timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
-                   settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True))
+                   settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
+                   ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None)
+
+    def cells(self) -> list[Cell]:
+        return build_cells(self.config, self.impls, self.lengths, self.ppl)
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "impl"
 
 
+# Rough language-model throughput (tokens/s through the default model) for perplexity ETAs.
+_ROUGH_LM_TOKENS_PER_S = {"cpu": 300.0, "cuda": 30000.0}
+
+
 def _weight(cell: Cell, settings: Settings) -> float:
     """Expected seconds for a cell, for the progress bar's ETA (a cell at 32K costs far more than at 1K)."""
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode)
+    if cell.task == "perplexity":
+        scored = cell.n if cell.ppl_scheme == "truncated" else min(settings.ppl_stride, cell.n)
+        windows = max(1, -(-settings.ppl_tokens // scored))
+        return _WORKER_START_S + windows * cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
+                            cell.attn_sinks)
     return _WORKER_START_S + settings.rep_ms / 1e3 + 5 * flops / _ROUGH_RATE.get(cell.device, 5e10)
 
 
@@ -108,15 +125,16 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
 
     env = environment(spec.config.device)
     write_meta(run_dir, spec, run_id, env, argv)
-    impls = {name: registry.resolve(name) for name in spec.impls}
-    stopped: dict[str, tuple[str, int]] = {}
+    impls = {name: registry.resolve(name) for name in dict.fromkeys(spec.impls + (spec.ppl.impls if spec.ppl else []))}
+    # Keyed by (impl, task): a model that runs out of memory says nothing about the kernel alone.
+    stopped: dict[tuple[str, str], tuple[str, int]] = {}
     for r in rows:
         if r["status"] in STOP_STATUSES:
-            n = int(r["n"])
-            if r["impl"] not in stopped or n < stopped[r["impl"]][1]:
-                stopped[r["impl"]] = (r["status"], n)
+            n, key = int(r["n"]), (r["impl"], r.get("task") or "kernel")
+            if key not in stopped or n < stopped[key][1]:
+                stopped[key] = (r["status"], n)
 
-    todo = [c for c in build_cells(spec.config, spec.impls, spec.lengths) if c.key not in done]
+    todo = [c for c in spec.cells() if c.key not in done]
     weights = {c: (_weight(c, spec.settings) if impls[c.impl].unsupported_reason(c) is None else 0.0)
                for c in todo}
     if len(todo) < len(done) + len(todo):
@@ -137,8 +155,8 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env}
             writer.append(row)
             rows.append({k: ("" if v is None else str(v)) for k, v in row.items()})
-            if row["status"] in STOP_STATUSES and cell.impl not in stopped:
-                stopped[cell.impl] = (row["status"], cell.n)
+            if row["status"] in STOP_STATUSES and (cell.impl, cell.task) not in stopped:
+                stopped[(cell.impl, cell.task)] = (row["status"], cell.n)
             if row["status"] == "skipped":
                 # A skipped cell takes no time: take its weight out instead of completing it.
                 progress.update(task, total=max(progress.tasks[0].total - weights[cell], 1e-9))
@@ -149,15 +167,17 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     return rows
 
 
-def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict[str, tuple[str, int]],
+def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict[tuple[str, str], tuple[str, int]],
                  run_dir: str, pool: WorkerPool) -> dict[str, Any]:
     reason = impl.unsupported_reason(cell)
     if reason is not None:
         return {"status": "unsupported", "message": reason}
-    if cell.impl in stopped and stopped[cell.impl][1] < cell.n:
-        status, n = stopped[cell.impl]
+    key = (cell.impl, cell.task)
+    if key in stopped and stopped[key][1] < cell.n:
+        status, n = stopped[key]
         what = "ran out of memory" if status == "oom" else "timed out"
-        return {"status": "skipped", "message": f"not attempted: {cell.impl} {what} at N={n}"}
+        task = " (perplexity)" if cell.task == "perplexity" else ""
+        return {"status": "skipped", "message": f"not attempted: {cell.impl}{task} {what} at N={n}"}
     log_path = os.path.join(run_dir, "logs", _safe(cell.impl) + ".log")
     result = pool.run_cell(cell, spec.settings, timeout_s=spec.timeout_s, log_path=log_path)
     if result.get("status") in ("error", "oom", "timeout"):
@@ -166,11 +186,27 @@ def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict
 
 
 def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Console) -> None:
-    """The pivot table and where the files are."""
-    if rows:
-        console.print(pivot_table(rows, title="latency (median) / peak memory, or status"))
+    """The pivot table, the scaling fits, perplexity and where the files are."""
+    kernel_rows = [r for r in rows if r.get("task", "kernel") in ("kernel", "")]
+    ppl_rows = [r for r in rows if r.get("task") == "perplexity"]
+    if kernel_rows:
+        console.print(pivot_table(kernel_rows, title="latency (median) / peak memory, or status"))
+        console.print(fits_table(fit_all(kernel_rows)))
+    if ppl_rows:
+        console.print(perplexity_table(ppl_rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cells")
     console.print(f"results: {os.path.join(run_dir, 'results.csv')}")
+
+
+def fits_table(fits: list[Fit]) -> Table:
+    """Exponent p of latency ~ N^p and memory ~ N^p per implementation, and the longest length that ran."""
+    table = Table(title=f"scaling: cost ~ N^p over the {FIT_POINTS} longest ok lengths (2 quadratic, 1 linear)",
+                  title_justify="left")
+    for col in FIT_HEADER:
+        table.add_column(col, justify="left" if col == "impl" else "right")
+    for f in fits:
+        table.add_row(*fit_row(f))
+    return table

@@ -57,7 +57,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     settings = Settings(**job["settings"])
     impl = registry.resolve(cell.impl)
     try:
-        row = measure_cell(impl, cell, settings)
+        if cell.task == "perplexity":
+            # The model stays loaded in this process (ctxbench.lm caches it) for the next cell.
+            from ctxbench.perplexity import measure_perplexity
+
+            row = measure_perplexity(impl, cell, settings)
+        else:
+            row = measure_cell(impl, cell, settings)
     except registry.Unsupported as exc:
         return {"status": "unsupported", "message": str(exc).splitlines()[0] if str(exc) else "unsupported"}
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row

@@ -14,9 +14,9 @@ from ctxbench.masks import visible
 from ctxbench.registry import register
 
 
-@register("naive", description="full N x N score matrix in fp32; O(N^2) memory baseline")
+@register("naive", sinks=True, description="full N x N score matrix in fp32; O(N^2) memory baseline")
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-          window: int | None, scale: float | None = None) -> torch.Tensor:
+          window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Attention with the whole [B, Hq, N, N] score matrix materialised."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -28,7 +28,7 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     s = torch.matmul(qg, k.float().transpose(-1, -2))
     s.mul_(scale)
     pos = torch.arange(N, device=q.device)
-    ok = visible(pos, pos, causal or window is not None, window)
+    ok = visible(pos, pos, causal or window is not None, window, sinks)
     if ok is not None:
         s.view(B, Hkv, group, N, N).masked_fill_(~ok, float("-inf"))
     p = torch.softmax(s, dim=-1)

@@ -17,30 +17,31 @@ from ctxbench.registry import Unsupported, register
 
 
 def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          window: int | None, scale: float | None) -> torch.Tensor:
+          window: int | None, scale: float | None, sinks: int = 0) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    # SDPA has no window argument: the band goes in as a boolean mask (N x N bytes, shared
-    # by every batch and head), which also rules out the flash and cudnn backends.
+    # SDPA has no window argument: the band (and the sink columns) go in as a boolean mask
+    # (N x N bytes, shared by every batch and head), which also rules out the flash and
+    # cudnn backends.
     pos = torch.arange(q.shape[2], device=q.device)
-    mask = visible(pos, pos, True, window)
+    mask = visible(pos, pos, True, window, sinks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-@register("sdpa", description="torch SDPA, backend chosen by PyTorch")
+@register("sdpa", sinks=True, description="torch SDPA, backend chosen by PyTorch")
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-         window: int | None, scale: float | None = None) -> torch.Tensor:
+         window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
-    return _call(q, k, v, causal, window, scale)
+    return _call(q, k, v, causal, window, scale, sinks)
 
 
 def _pinned(backend: SDPBackend):
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-             window: int | None, scale: float | None = None) -> torch.Tensor:
+             window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
         try:
             with sdpa_kernel([backend]):
-                return _call(q, k, v, causal, window, scale)
+                return _call(q, k, v, causal, window, scale, sinks)
         except RuntimeError as exc:
             # PyTorch says "No available kernel" (with the reasons as warnings) when the
             # pinned backend rejects the inputs.
@@ -59,5 +60,5 @@ _BACKENDS = {
 }
 
 for _name, (_backend, _dtypes, _masks) in _BACKENDS.items():
-    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks,
+    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks, sinks="window" in _masks,
              description=f"torch SDPA pinned to the {_backend.name} backend")(_pinned(_backend))

@@ -16,13 +16,18 @@ band's edges are masked and nothing outside the band is ever multiplied:
 Each edge is block_q keys wide and about half hidden, so the wasted work is about block_q / W
 of the useful work; block_q follows W (never above it, for W >= MIN_BLOCK_Q) to keep that
 small, and shrinks further when many heads share a tile, as in chunked.
+
+Attention sinks (StreamingLLM): with sinks=S the first S keys stay visible to every query
+beside its window. Each query block then also reads the sink keys left of its band,
+[0, min(S, qs - W)), as unmasked tiles (every query of the block is past them), so the
+work is O(N * (W + S)).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, needs_mask
+from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, needs_mask, sink_tiles
 from ctxbench.registry import register
 
 # fp32 elements of one score tile for all (batch, head) pairs: 4 MiB, the L2 caches of the
@@ -44,9 +49,9 @@ def block_sizes(n: int, window: int, rows_per_block_row: int) -> tuple[int, int]
     return min(block_q, n), BLOCK_K
 
 
-def plan(n: int, window: int, block_q: int, block_k: int) -> list[QueryBlock]:
+def plan(n: int, window: int, block_q: int, block_k: int, sinks: int = 0) -> list[QueryBlock]:
     """For each query block, the band of keys it can see, cut at the mask edges and into
-    tiles of at most block_k keys."""
+    tiles of at most block_k keys; with sinks, first the sink keys left of the band."""
     blocks = []
     for qs in range(0, n, block_q):
         qe = min(qs + block_q, n)
@@ -57,17 +62,18 @@ def plan(n: int, window: int, block_q: int, block_k: int) -> list[QueryBlock]:
         left = max(0, qs - window)
         full_lo = min(max(left, qe - window), qs)  # keys in [full_lo, qs) are seen by every query
         cuts = [left] + list(range(full_lo, qs, block_k)) + [qs, qe]
-        tiles = tuple(Tile(a, b, needs_mask(qs, qe, a, b, True, window))
-                      for a, b in zip(cuts, cuts[1:])
-                      if b > a and b > qs - window + 1)  # drop a tile the window hides entirely
-        blocks.append(QueryBlock(qs, qe, tiles))
+        band = [Tile(a, b, needs_mask(qs, qe, a, b, True, window, sinks))
+                for a, b in zip(cuts, cuts[1:])
+                # drop a tile the window hides entirely (unless it holds sink keys)
+                if b > a and (b > qs - window + 1 or a < sinks)]
+        blocks.append(QueryBlock(qs, qe, tuple(sink_tiles(left, sinks, block_k) + band)))
     return blocks
 
 
-@register("sliding_window", masks=["window"],
-          description="computes only the W-wide band of keys per query block; O(N*W) time and memory")
+@register("sliding_window", masks=["window"], sinks=True,
+          description="computes only the W-wide band of keys per query block (plus sinks); O(N*W) time and memory")
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   window: int | None, scale: float | None = None) -> torch.Tensor:
+                   window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required."""
     if window is None:
         raise ValueError("sliding_window needs a window (it declares masks=['window'] only)")
@@ -75,5 +81,5 @@ def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         raise ValueError(f"window must be >= 1, got {window}")
     B, Hq, N, _ = q.shape
     block_q, block_k = block_sizes(N, window, B * Hq)
-    return attention(q, k, v, plan(N, window, block_q, block_k),
-                     causal=True, window=window, scale=scale)
+    return attention(q, k, v, plan(N, window, block_q, block_k, sinks),
+                     causal=True, window=window, scale=scale, sinks=sinks)

@@ -11,7 +11,7 @@ def test_each_failure_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     impls = ["raises", "aborts", "hogs_memory", "sleeps", "wrong"]
     args = ["sweep", "--device", "cpu", "--lengths", "32,64,128", "--heads", "4", "--kv-heads", "2",
             "--head-dim", "32", "--impls", "sdpa", "--timeout", "10", "--memory-limit", "2",
-            "--rep-ms", "20", "--out", str(tmp_path)]
+            "--rep-ms", "20", "--ppl-max-len", "0", "--out", str(tmp_path)]
     for name in impls:
         args += ["--impl", f"{MISBEHAVING}:{name}"]
     code, out, err = run_cli(args, capsys)

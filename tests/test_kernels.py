@@ -7,6 +7,7 @@ message so that a failing case can be replayed by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -152,9 +153,9 @@ def coverage(plan: list[_blockwise.QueryBlock], n: int) -> torch.Tensor:
     return cov
 
 
-def check_plan(plan: list[_blockwise.QueryBlock], n: int, causal: bool, window: int | None) -> None:
+def check_plan(plan: list[_blockwise.QueryBlock], n: int, causal: bool, window: int | None, sinks: int = 0) -> None:
     pos = torch.arange(n)
-    ok = visible(pos, pos, causal or window is not None, window)
+    ok = visible(pos, pos, causal or window is not None, window, sinks)
     ok = torch.ones(n, n, dtype=torch.bool) if ok is None else ok
     cov = coverage(plan, n)
     assert (cov[ok] == 1).all(), "a visible pair is computed zero or several times"
@@ -314,3 +315,77 @@ def test_scale_default_is_inverse_sqrt_d():
     a = chunked_mod.chunked(q, k, v, causal=False, window=None)
     b = chunked_mod.chunked(q, k, v, causal=False, window=None, scale=1 / math.sqrt(36))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --- attention sinks (StreamingLLM): a window plus the first S keys ------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 40, 100])
+@pytest.mark.parametrize("window", [1, 3, 16, 200])
+@pytest.mark.parametrize("sinks", [0, 1, 4, 50])
+def test_visible_pairs_with_sinks_counts_the_mask(n, window, sinks):
+    pos = torch.arange(n)
+    ok = visible(pos, pos, True, window, sinks)
+    assert ok.sum().item() == visible_pairs(n, True, window, sinks)
+    i, j = pos[:, None], pos[None, :]
+    assert torch.equal(ok, (j <= i) & ((j > i - window) | (j < sinks)))
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
+@pytest.mark.parametrize("window,sinks", [(1, 1), (3, 4), (16, 4), (40, 1), (16, 100), (300, 4)])
+@pytest.mark.parametrize("block_q,block_k", [(16, 32), (7, 13), (64, 64)])
+def test_plans_with_sinks_are_exact(n, window, sinks, block_q, block_k):
+    check_plan(chunked_mod.plan(n, True, window, block_q, block_k, sinks), n, True, window, sinks)
+    plan = sliding_mod.plan(n, window, block_q, block_k, sinks)
+    check_plan(plan, n, True, window, sinks)
+    # still a band: the visible pairs plus the edge triangles, never the hidden middle
+    assert _blockwise.visited_pairs(plan) <= visible_pairs(n, True, window, sinks) + n * block_q
+
+
+def sink_impls() -> list:
+    return [impl for impl in cpu_impls() if impl.sinks]
+
+
+def test_sinks_are_declared():
+    names = {impl.name for impl in sink_impls()}
+    assert {"naive", "sdpa", "chunked", "sliding_window"} <= names
+    assert not all_impls()["triton"].sinks  # not implemented in the Triton kernel (yet)
+    cell = cell_for(all_impls()["naive"], b=1, hq=2, hkv=2, n=64, d=16, dtype="float32", causal=True, window=8)
+    with_sinks = dataclasses.replace(cell, sinks=4)
+    for impl in all_impls().values():
+        if impl.unsupported_reason(dataclasses.replace(cell, impl=impl.name)) is None:
+            reason = impl.unsupported_reason(dataclasses.replace(with_sinks, impl=impl.name))
+            assert (reason is None) == impl.sinks, (impl.name, reason)
+            assert impl.sinks or "attention sinks" in reason
+
+
+@pytest.mark.parametrize("impl", sink_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("n,window,sinks,dtype", [(1, 1, 1, "float32"), (150, 16, 4, "float32"),
+                                                  (300, 40, 1, "float32"), (300, 7, 100, "float32"),
+                                                  (129, 16, 4, "bfloat16"), (64, 100, 4, "float32")])
+def test_sinks_match_reference(impl, n, window, sinks, dtype):
+    hq, hkv, d = 4, 2, 32
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 2, hq, hkv, n, d, DTYPES[dtype], q_scale=3.0)
+    out = impl.fn(q, k, v, causal=True, window=window, scale=None, sinks=sinks)
+    ref = reference_attention(q, k, v, causal=True, window=window, sinks=sinks)
+    rel, _ = errors(out, ref)
+    assert rel <= TOLERANCE[dtype], f"{impl.name} seed={seed} N={n} W={window} S={sinks} {dtype}: {rel:.2e}"
+    if n > window and sinks:  # the sinks must change something here
+        assert errors(reference_attention(q, k, v, causal=True, window=window), ref)[0] > 10 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ["chunked", "sliding_window"])
+def test_sink_gradients_match_float64_autograd(name):
+    impl = all_impls()[name]
+    n, window, sinks = 130, 16, 4
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 1, 4, 2, n, 24, torch.float32, q_scale=2.0)
+    dout = torch.randn(1, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    impl.fn(*leaves, causal=True, window=window, scale=None, sinks=sinks).backward(dout)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*ref_leaves, causal=True, window=window, sinks=sinks).backward(dout.double())
+    for label, got, want in zip("qkv", leaves, ref_leaves):
+        rel, _ = errors(got.grad, want.grad)
+        assert rel <= TOLERANCE["float32"], f"{name} seed={seed}: d{label} rel L2 {rel:.2e}"
