@@ -19,7 +19,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$ROOT"
+# Run from OUT, not from the checkout: there `python -m ctxbench` would import the source tree's
+# ctxbench/ (without kernels/) instead of the installed package.
+cd "$OUT"
 
 if ! $PY -c "import ctxbench.kernels, ctxbench.cli" 2>/dev/null; then
   echo "installing ctxbench from $ROOT (offline, no dependencies)"

@@ -20,13 +20,20 @@ from ctxbench.measure import Settings
 from ctxbench.plan import Cell
 
 
+# The worker starts with the current directory removed from sys.path: run from a checkout of
+# ctxbench with a non-editable install, `python -m` would otherwise import the source tree's
+# ctxbench/ (which has no kernels/ inside) instead of the installed package.
+_BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+         "from ctxbench.worker import main; main()")
+
+
 def worker_env() -> dict[str, str]:
-    """The worker's environment: the parent's, plus the current directory on PYTHONPATH
-    (so --impl module:function resolves as it did here) and a fixed glibc mmap threshold
-    (large blocks are returned to the OS on free, which peak-RSS measurement relies on)."""
+    """The worker's environment: the parent's, plus the current directory in
+    CTXBENCH_IMPORT_PATH (so --impl module:function resolves as it did here, appended after
+    the installed packages) and a fixed glibc mmap threshold (large blocks are returned to
+    the OS on free, which peak-RSS measurement relies on)."""
     env = dict(os.environ)
-    paths = [os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("CTXBENCH_IMPORT_PATH", os.getcwd())
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     return env
@@ -53,7 +60,7 @@ class Worker:
     def __init__(self, memory_limit_bytes: int | None, log_path: str) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        args = [sys.executable, "-m", "ctxbench.worker"]
+        args = [sys.executable, "-c", _BOOT]
         if memory_limit_bytes:
             args += ["--memory-limit", str(int(memory_limit_bytes))]
         # A new session: on timeout the whole process group (threads, helpers) is killed.

@@ -227,8 +227,11 @@ def load_spec(spec: str) -> Impl:
             sys.modules[module_key] = module
             s.loader.exec_module(module)
         else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
+            # The user's directory goes after the installed packages, never before them: a
+            # checkout's ctxbench/ must not shadow the installed ctxbench.
+            where = os.environ.get("CTXBENCH_IMPORT_PATH") or os.getcwd()
+            if where not in sys.path and "" not in sys.path:
+                sys.path.append(where)
             module = importlib.import_module(mod_name)
     except RegistryError:
         raise
