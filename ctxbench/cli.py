@@ -93,17 +93,22 @@ def check_writable(folder: str) -> None:
         _fail(f"cannot write to output folder {folder} ({exc.strerror or exc}); pass --out with a writable folder")
 
 
-def resolve_impls(names: list[str], specs: list[str], config: Config) -> list[str]:
-    """The implementations to sweep: named ones, --impl specs, or every one that supports `config`."""
+def validate_impls(names: list[str], specs: list[str]) -> list[str]:
+    """Names and --impl specs, each checked to resolve (UsageError naming the problem), in order."""
     try:
-        known = registry.all_impls()
         for spec in specs:
             registry.load_spec(spec)
         for name in names:
             registry.get(name)
     except registry.RegistryError as exc:
         _fail(str(exc))
-    chosen = list(dict.fromkeys(names + specs))
+    return list(dict.fromkeys(names + specs))
+
+
+def resolve_impls(names: list[str], specs: list[str], config: Config) -> list[str]:
+    """The implementations to sweep: named ones, --impl specs, or every one that supports `config`."""
+    known = registry.all_impls()
+    chosen = validate_impls(names, specs)
     if not chosen:
         # Declared capabilities only: a run-time check (e.g. the Triton interpreter's length
         # limit) still yields rows saying why, which is worth seeing.
@@ -532,14 +537,7 @@ def passkey_cmd(min_len: int, max_len: int | None, lengths: str | None, depths: 
     check_sinks(sinks, mask)
     ropes = parse_ropes(rope)
     names = [n.strip() for n in impl_names.split(",") if n.strip()]
-    try:
-        for spec in impl_specs:
-            registry.load_spec(spec)
-        for name in names:
-            registry.get(name)
-    except registry.RegistryError as exc:
-        _fail(str(exc))
-    impls = list(dict.fromkeys(names + list(impl_specs)))
+    impls = validate_impls(names, list(impl_specs))
     if not impls:
         _fail("no implementation given; e.g. --impls sdpa,chunked")
     try:
