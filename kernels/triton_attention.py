@@ -23,6 +23,12 @@ partition the visited blocks, whatever BLOCK_M / BLOCK_N and N are (no divisibil
 The backward uses the same bounds transposed (the query blocks that can see a key block).
 A window W >= N is clamped to N (same visibility), which keeps all bound arithmetic in int32.
 
+Attention sinks (StreamingLLM: with a window, keys j < S stay visible to every query i >= j).
+The band loops stay as they are, with S in their masks; the sink keys left of a query block's
+band (below lo, so already causal for all its rows) add at most two loops: [0, S // BLOCK_N
+blocks) unmasked and the block cut by S masked. Transposed, a key block holding sinks adds the
+query blocks past its band's end, up to N. Work stays O(N * (W + S)).
+
 Backward: a preprocess computes Delta = rowsum(dO * O); a dK/dV kernel (grid: key blocks x
 B*Hkv) loops over the `group` query heads sharing its kv head, so GQA needs neither atomics
 nor copies of K/V; a dQ kernel (grid: query blocks x B*Hq) mirrors the forward.
@@ -158,24 +164,33 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @_jit
-def _visible(rows, cols, N, WINDOW, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """[len(rows), len(cols)] visibility (ctxbench.masks convention), keys >= N invisible."""
+def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             HAS_SINKS: tl.constexpr):
+    """[len(rows), len(cols)] visibility (ctxbench.masks convention), keys >= N invisible:
+    key j is visible to row i iff j <= i and (i - WINDOW < j or j < SINKS)."""
     ok = cols[None, :] < N
     if IS_CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None])
     if HAS_WINDOW:
-        ok = ok & (cols[None, :] > rows[:, None] - WINDOW)
+        band = cols[None, :] > rows[:, None] - WINDOW
+        if HAS_SINKS:
+            band = band | (cols[None, :] < SINKS)
+        ok = ok & band
     return ok
 
 
 @_jit
-def _visible_t(cols, rows, N, WINDOW, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SINKS: tl.constexpr):
     """The transpose of _visible: [len(keys), len(rows)], query rows >= N invisible."""
     ok = rows[None, :] < N
     if IS_CAUSAL:
         ok = ok & (rows[None, :] >= cols[:, None])
     if HAS_WINDOW:
-        ok = ok & (rows[None, :] < cols[:, None] + WINDOW)
+        band = rows[None, :] < cols[:, None] + WINDOW
+        if HAS_SINKS:
+            band = band | (cols[:, None] < SINKS)
+        ok = ok & band
     return ok
 
 
@@ -237,6 +252,27 @@ def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     return lo, full_lo, full_hi, hi
 
 
+@_jit
+def _sink_key_bounds(lo, SINKS, BLOCK_N: tl.constexpr):
+    """Sink key blocks left of the band [lo, hi) of a query block: [0, full) hold sinks only,
+    [full, end) are cut by SINKS. Every row of the block sees a sink key j < lo (j < lo <= its
+    first row), so only the cut needs a mask. Empty when the band reaches key 0."""
+    end = tl.minimum((SINKS + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+    full = tl.minimum(SINKS // BLOCK_N * BLOCK_N, lo)
+    return full, end
+
+
+@_jit
+def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks past the band's end hi that see sink keys of the key block at start_n:
+    all of them up to N when the block holds a sink. [hi, full) need no mask (the key block
+    is sinks only, rows inside the sequence), [full, end) do. Empty for other key blocks."""
+    end = tl.where(start_n < SINKS, (N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
+    full = tl.where(start_n + BLOCK_N <= SINKS, N // BLOCK_M * BLOCK_M, hi)
+    full = tl.maximum(tl.minimum(full, end), hi)
+    return full, end
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -244,8 +280,9 @@ def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @_jit
 def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, offs_n, offs_d,
-               stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, qk_scale,
+               stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SINKS: tl.constexpr,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     # K^T tiles are [BLOCK_D, BLOCK_N], V tiles [BLOCK_N, BLOCK_D]; the start row in int64.
@@ -258,7 +295,7 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, off
         kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
         qk = _mm(q, kt, PRECISION, DOT_UPCAST)
         if MASKED:
-            ok = _visible(offs_m, cols, N, WINDOW, IS_CAUSAL, HAS_WINDOW)
+            ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
             qk = tl.where(ok, qk * qk_scale, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_ij[:, None]
@@ -288,10 +325,11 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_on, stride_od,
-                H, N, WINDOW, qk_scale,
+                H, N, WINDOW, SINKS, qk_scale,
                 N_BUCKET, W_BUCKET,  # autotuning keys only
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SINKS: tl.constexpr,
                 PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -320,20 +358,35 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
     q = _load_rows(q_ptrs, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
 
     lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_SINKS:  # attention sinks left of the band: whole blocks, then the one cut by SINKS
+        sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
+        acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo * 0, sink_full,
+                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
+                                           HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
+                                           DOT_UPCAST, COUNT)
+        acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, sink_full, sink_end,
+                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
+                                           HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
+                                           DOT_UPCAST, COUNT)
     if HAS_WINDOW:  # blocks cut by the window's low edge
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo, full_lo,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                           stride_vd, N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW,
-                                           HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                           stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
+                                           HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
+                                           DOT_UPCAST, COUNT)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_lo, full_hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, N, WINDOW, qk_scale, False, IS_CAUSAL, HAS_WINDOW,
-                                       HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                       stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
+                                       HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
+                                       DOT_UPCAST, COUNT)
     # the diagonal and the sequence end (key N)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_hi, hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW,
-                                       HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                       stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
+                                       HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
+                                       DOT_UPCAST, COUNT)
 
     # Epilogue. Rows >= N (padding of the last block) may have l_i = 0; they are not stored.
     l_i = tl.where(offs_m < N, l_i, 1.0)
@@ -378,8 +431,9 @@ def _bwd_preprocess(O, DO, Delta,
 @_jit
 def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
-                    N, WINDOW, qk_scale,
+                    N, WINDOW, SINKS, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SINKS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     # Works on transposed scores: S^T = K Q^T is [BLOCK_N, BLOCK_M].
@@ -399,7 +453,8 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
         qkt = _mm(k, qt, PRECISION, DOT_UPCAST)
         st = qkt * qk_scale - lse[None, :]
         if MASKED:  # hidden pairs get exp2(-inf) = 0
-            st = tl.where(_visible_t(offs_n, rows, N, WINDOW, IS_CAUSAL, HAS_WINDOW), st, float("-inf"))
+            ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+            st = tl.where(ok, st, float("-inf"))
         pt = tl.math.exp2(st)
         do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
         dv = _mma(pt.to(do.dtype), do, dv, PRECISION, DOT_UPCAST)
@@ -428,10 +483,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                      stride_dob, stride_doh, stride_don, stride_dod,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                     HKV, N, WINDOW, qk_scale, sm_scale,
+                     HKV, N, WINDOW, SINKS, qk_scale, sm_scale,
                      N_BUCKET, W_BUCKET,  # autotuning keys only
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SINKS: tl.constexpr,
                      PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -454,6 +510,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
     visits = pid_n * 0
 
     lo, full_lo, full_hi, hi = _query_bounds(start_n, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_SINKS:
+        sink_full, sink_end = _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M, BLOCK_N)
     H = HKV * GROUP
     for g in range(GROUP):  # GQA: sum the contributions of every query head of this kv head
         off_h = off_hk * GROUP + g
@@ -464,20 +522,31 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
         if IS_CAUSAL:  # query blocks crossing the diagonal
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                              lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, WINDOW, qk_scale,
-                                             True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                              PRECISION, DOT_UPCAST, COUNT)
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                          full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, WINDOW, qk_scale,
-                                         False, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                         stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                         False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, DOT_UPCAST, COUNT)
         # query blocks crossing the window's far edge, and the sequence end
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                          full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, WINDOW, qk_scale,
-                                         True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D, BLOCK_M,
+                                         stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                         True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, DOT_UPCAST, COUNT)
+        if HAS_SINKS:  # a key block holding sinks is seen by every later query row
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                             hi, sink_full, offs_n, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
+                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                             sink_full, sink_end, offs_n, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
+                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
 
     dk = dk * sm_scale
     _store_rows(DK + off_b * stride_dkb + off_hk * stride_dkh + row0 * stride_dkn + rel * stride_dkn
@@ -492,8 +561,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
 
 @_jit
 def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d,
-                  stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, qk_scale,
+                  stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SINKS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     row0 = start.to(tl.int64)
@@ -507,7 +577,7 @@ def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, off
         qk = _mm(q, kt, PRECISION, DOT_UPCAST)
         s = qk * qk_scale - lse[:, None]
         if MASKED:
-            s = tl.where(_visible(offs_m, cols, N, WINDOW, IS_CAUSAL, HAS_WINDOW), s, float("-inf"))
+            s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
         p = tl.math.exp2(s)
         dp = _mm(do, vt, PRECISION, DOT_UPCAST)
         ds = p * (dp - delta[:, None])
@@ -529,10 +599,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                   H, N, WINDOW, qk_scale, sm_scale,
+                   H, N, WINDOW, SINKS, qk_scale, sm_scale,
                    N_BUCKET, W_BUCKET,  # autotuning keys only
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SINKS: tl.constexpr,
                    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -560,18 +631,28 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
     visits = pid_m * 0
 
     lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if HAS_SINKS:  # as in the forward
+        sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
+        dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo * 0, sink_full,
+                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+        dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, sink_full, sink_end,
+                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     if HAS_WINDOW:
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo, full_lo,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                                   N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                    BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_lo, full_hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                               N, WINDOW, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                               N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_hi, hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                               N, WINDOW, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, EVEN_D,
+                               N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq = dq * sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
@@ -587,7 +668,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
 
 # Keys of every autotuner: the sequence length and window rounded up to a power of two, the
 # head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
-TUNE_KEY = ["N_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "PRECISION"]
+TUNE_KEY = ["N_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "PRECISION"]
 PRE_BLOCK_M = 64
 SMEM_LIMIT = 232448  # bytes per block on H100/H200 (227 KiB); prune configs needing far more
 
@@ -735,7 +816,7 @@ def _pow2(x):
     return triton.next_power_of_2(max(int(x), 1))
 
 
-def _common(q, k, v, causal, window, scale):
+def _common(q, k, v, causal, window, scale, sinks):
     B, Hq, N, D = q.shape
     if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, N, D] for q {tuple(q.shape)}")
@@ -749,27 +830,32 @@ def _common(q, k, v, causal, window, scale):
         raise Unsupported(f"triton supports head_dim <= {MAX_HEAD_DIM} (got {D})")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (got {window})")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0 (got {sinks})")
     has_window = window is not None
     # window >= N sees what causal sees; clamping keeps every bound computation within int32
     w = min(int(window), N) if has_window else N
+    # sinks only add keys left of a window; more than N of them are N
+    s = min(int(sinks), N) if has_window and w < N else 0
     block_d = max(16, _pow2(D))
     precision, precision_name = _precision(q.dtype)
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
-                IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, PRECISION=precision,
+                IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
+                PRECISION=precision,
                 DOT_UPCAST=interpreted() and q.dtype == torch.bfloat16, COUNT=bool(COUNT_VISITS))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keys = (_pow2(N), _pow2(w) if has_window else 0)
-    return meta, w, sm_scale, keys, precision_name
+    return meta, w, s, sm_scale, keys, precision_name
 
 
 def _visit_buffer(rows, cols, device):
     return torch.zeros(rows * cols, dtype=torch.int32, device=device)
 
 
-def attention_forward(q, k, v, causal, window, scale):
+def attention_forward(q, k, v, causal, window, scale, sinks=0):
     """Run the forward kernel: returns (out in q's dtype, base-2 log-sum-exp [B, Hq, N] fp32)."""
     B, Hq, N, D = q.shape
-    meta, w, sm_scale, (n_bucket, w_bucket), precision_name = _common(q, k, v, causal, window, scale)
+    meta, w, s, sm_scale, (n_bucket, w_bucket), precision_name = _common(q, k, v, causal, window, scale, sinks)
     o = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     if N == 0 or B * Hq == 0:
@@ -780,7 +866,7 @@ def attention_forward(q, k, v, causal, window, scale):
         visits = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
     args = (q, k, v, o, lse, visits if visits is not None else _dummy(q.device),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Hq, N, w, sm_scale * LOG2E, n_bucket, w_bucket)
+            Hq, N, w, s, sm_scale * LOG2E, n_bucket, w_bucket)
     bm, bn, desc = _launch("fwd", N, B * Hq, args, meta)
     if visits is not None:
         last_visits["fwd"] = (visits.view(B * Hq, -1), bm, bn)
@@ -789,11 +875,11 @@ def attention_forward(q, k, v, causal, window, scale):
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, window, scale):
+def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
     """Gradients (dq, dk, dv) from the saved output and log-sum-exp; dk, dv are [B, Hkv, N, D]."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    meta, w, sm_scale, (n_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale)
+    meta, w, s, sm_scale, (n_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale, sinks)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -815,11 +901,11 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale):
         vis_q = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
     args = (q, k, v, do, lse, delta, dk, dv, vis_kv if vis_kv is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hkv, N, w, qk_scale, sm_scale, n_bucket, w_bucket)
+            Hkv, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
     kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta)
     args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            Hq, N, w, qk_scale, sm_scale, n_bucket, w_bucket)
+            Hq, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
     q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
     if COUNT_VISITS:
         last_visits["dkdv"] = (vis_kv.view(B * Hkv, -1), kv_bm, kv_bn)
@@ -830,17 +916,17 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale):
-        o, lse = attention_forward(q, k, v, causal, window, scale)
+    def forward(ctx, q, k, v, causal, window, scale, sinks):
+        o, lse = attention_forward(q, k, v, causal, window, scale, sinks)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (causal, window, scale)
+        ctx.args = (causal, window, scale, sinks)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -876,17 +962,19 @@ def _info() -> dict:
 
 
 @register("triton", devices=["cpu", "cuda"], dtypes=["float32", "float16", "bfloat16"],
-          masks=["none", "causal", "window"], modes=["fwd", "bwd", "fwd+bwd"], gqa=True, exact=True,
-          description="fused flash attention in Triton (fwd+bwd, GQA, causal/window block skipping, autotuned)",
+          masks=["none", "causal", "window"], modes=["fwd", "bwd", "fwd+bwd"], gqa=True, exact=True, sinks=True,
+          description="fused flash attention in Triton (fwd+bwd, GQA, causal/window/sinks block skipping, autotuned)",
           check=_check, info=_info)
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                     window: int | None, scale: float | None = None) -> torch.Tensor:
-    """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable."""
+                     window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
+    """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable.
+
+    sinks: with a window, the first `sinks` keys stay visible to every later query."""
     if triton is None:
         raise Unsupported(NOT_INSTALLED)
     if q.device.type == "cpu" and not interpreted():
         raise Unsupported("triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
-            return _TritonAttention.apply(q, k, v, causal, window, scale)
-    return _TritonAttention.apply(q, k, v, causal, window, scale)
+            return _TritonAttention.apply(q, k, v, causal, window, scale, sinks)
+    return _TritonAttention.apply(q, k, v, causal, window, scale, sinks)

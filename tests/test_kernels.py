@@ -348,8 +348,7 @@ def sink_impls() -> list:
 
 def test_sinks_are_declared():
     names = {impl.name for impl in sink_impls()}
-    assert {"naive", "sdpa", "chunked", "sliding_window"} <= names
-    assert not all_impls()["triton"].sinks  # not implemented in the Triton kernel (yet)
+    assert {"naive", "sdpa", "chunked", "sliding_window", "triton"} <= names
     cell = cell_for(all_impls()["naive"], b=1, hq=2, hkv=2, n=64, d=16, dtype="float32", causal=True, window=8)
     with_sinks = dataclasses.replace(cell, sinks=4)
     for impl in all_impls().values():

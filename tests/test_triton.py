@@ -43,7 +43,7 @@ AXES = {
     "n": [1, 17, 64, 130],
     "d": [16, 64, 80],
     "heads": [(4, 4), (4, 1)],
-    "mask": ["none", "causal", "w1", "w5", "wN"],
+    "mask": ["none", "causal", "w1", "w5", "wN", "w5s3", "w1s20"],
     "dtype": ["float32", "bfloat16"],
 }
 
@@ -69,23 +69,24 @@ def _pairwise(axes: dict) -> list[dict]:
 CASES = _pairwise(AXES)
 
 
-def _window(mask: str, n: int) -> tuple[bool, int | None]:
-    """(causal, window) for a mask label; wN is a window at least as long as the sequence."""
-    return {"none": (False, None), "causal": (True, None), "w1": (True, 1), "w5": (True, 5),
-            "wN": (True, n + 7)}[mask]
+def _window(mask: str, n: int) -> tuple[bool, int | None, int]:
+    """(causal, window, sinks) for a mask label; wN is a window at least as long as the
+    sequence, wWsS a window W with S attention sinks."""
+    return {"none": (False, None, 0), "causal": (True, None, 0), "w1": (True, 1, 0), "w5": (True, 5, 0),
+            "wN": (True, n + 7, 0), "w5s3": (True, 5, 3), "w1s20": (True, 1, 20)}[mask]
 
 
-def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None):
+def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None, sinks=0):
     """Run triton forward + backward and compare out, dq, dk, dv with float64 autograd."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=scale)
+    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks)
     assert out.dtype == q.dtype and out.shape == q.shape
     if dout is None:
         dout = torch.randn_like(out)
     out.backward(dout)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(q64, k64, v64, causal=causal, window=window, scale=scale)
+    ref = reference_attention(q64, k64, v64, causal=causal, window=window, scale=scale, sinks=sinks)
     ref.backward(dout.double())
     tol = TOLERANCE[str(q.dtype).removeprefix("torch.")] if tol is None else tol
     got = {"out": (out, ref), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
@@ -107,12 +108,12 @@ def test_pairwise_cases_cover_every_pair():
 def test_forward_and_gradients_match_reference(case):
     torch.manual_seed(hash(tuple(map(str, case.values()))) % 2**31)
     n, d, (hq, hkv), dtype = case["n"], case["d"], case["heads"], DTYPES[case["dtype"]]
-    causal, window = _window(case["mask"], n)
+    causal, window, sinks = _window(case["mask"], n)
     batch = 2 if n <= 17 else 1
     q = torch.randn(batch, hq, n, d, dtype=dtype)
     k = torch.randn(batch, hkv, n, d, dtype=dtype)
     v = torch.randn(batch, hkv, n, d, dtype=dtype)
-    _check_against_reference(q, k, v, causal, window)
+    _check_against_reference(q, k, v, causal, window, sinks=sinks)
 
 
 def test_float16_and_explicit_scale():
@@ -162,7 +163,7 @@ def test_sliced_head_dim_and_expanded_grad():
 # ---------------------------------------------------------------------------------------
 
 
-def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool):
+def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 0):
     """Per (query block, key block): (visited, masked) as the mask convention implies.
 
     visited: some (row, key) pair inside the sequence is visible.
@@ -170,11 +171,15 @@ def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool):
     (keys in the forward and dQ kernels, queries in dK/dV) must also lie inside the sequence,
     since a tile crossing N needs bounds masks; positions past N on the resident side are
     ignored (their rows are never stored).
+    With sinks, the kernels visit the window's band as without sinks and mask its tiles as
+    for the window alone (a sink key can make a band edge tile fully visible: that tile is
+    masked anyway, at most a few per program); the tiles visited only for their sinks are
+    masked exactly when they are not fully visible.
     """
     nq, nk = -(-n // bq), -(-n // bk)
     size_q, size_k = nq * bq, nk * bk
     rows, cols = torch.arange(size_q), torch.arange(size_k)
-    vis = visible(rows, cols, causal, window)
+    vis = visible(rows, cols, causal, window, sinks)
     vis = torch.ones(size_q, size_k, dtype=torch.bool) if vis is None else vis
     inside = (rows[:, None] < n) & (cols[None, :] < n)
     if streamed_queries:
@@ -183,7 +188,11 @@ def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool):
         full_ok = (vis | (rows[:, None] >= n)) & (cols[None, :] < n)
     visited = (vis & inside).view(nq, bq, nk, bk).any(dim=3).any(dim=1)
     full = full_ok.view(nq, bq, nk, bk).all(dim=3).all(dim=1)
-    return visited, visited & ~full
+    if not sinks:
+        return visited, visited & ~full
+    band, band_masked = _tile_stats(n, bq, bk, causal, window, streamed_queries)
+    assert not (band & ~visited).any()
+    return visited, band_masked | (visited & ~band & ~full)
 
 
 VISIT_CONFIGS = [
@@ -192,7 +201,8 @@ VISIT_CONFIGS = [
     ((32, 16), (16, 32), (32, 16)),
     ((16, 32), (32, 16), (16, 32)),
 ]
-VISIT_MASKS = [(False, None), (True, None), (True, 1), (True, 5), (True, 20), (True, 100)]
+VISIT_MASKS = [(False, None, 0), (True, None, 0), (True, 1, 0), (True, 5, 0), (True, 20, 0), (True, 100, 0),
+               (True, 5, 3), (True, 1, 20), (True, 20, 17), (True, 8, 40)]
 
 
 @pytest.mark.parametrize("blocks", VISIT_CONFIGS,
@@ -206,34 +216,34 @@ def test_block_visits_match_mask(monkeypatch, blocks, n):
     torch.manual_seed(5)
     B, H, Hkv, D = 1, 2, 1, 16
     group = H // Hkv
-    for causal, window in VISIT_MASKS:
+    for causal, window, sinks in VISIT_MASKS:
         q = torch.randn(B, H, n, D, requires_grad=True)
         k = torch.randn(B, Hkv, n, D, requires_grad=True)
         v = torch.randn(B, Hkv, n, D, requires_grad=True)
-        out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None)
+        out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
         out.backward(torch.randn_like(out))
-        label = f"causal={causal} window={window} n={n} blocks={blocks}"
+        label = f"causal={causal} window={window} sinks={sinks} n={n} blocks={blocks}"
 
         counts, bm, bn = ta.last_visits["fwd"]
         assert (bm, bn) == (fm, fn)
-        visited, masked = _tile_stats(n, bm, bn, causal, window, False)
+        visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
         assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "fwd visits " + label
         assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "fwd masked " + label
 
         counts, bm, bn = ta.last_visits["dq"]
-        visited, masked = _tile_stats(n, bm, bn, causal, window, False)
+        visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
         assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "dq visits " + label
         assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "dq masked " + label
 
         counts, bm, bn = ta.last_visits["dkdv"]
-        visited, masked = _tile_stats(n, bm, bn, causal, window, True)
+        visited, masked = _tile_stats(n, bm, bn, causal, window, True, sinks)
         # one dK/dV program per key block loops over the `group` query heads of its kv head
         assert torch.equal(counts & 0xFFFF, group * visited.sum(0).int().expand(B * Hkv, -1)), "dkdv visits " + label
         assert torch.equal(counts >> 16, group * masked.sum(0).int().expand(B * Hkv, -1)), "dkdv masked " + label
 
         # the same run, checked for correctness with these block shapes
         q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-        ref = reference_attention(q64, k64, v64, causal=causal, window=window)
+        ref = reference_attention(q64, k64, v64, causal=causal, window=window, sinks=sinks)
         assert errors(out, ref)[0] < TOLERANCE["float32"], label
 
 
@@ -243,6 +253,10 @@ def test_window_skips_blocks():
     assert visited.sum(1).max().item() == 2
     causal_visited, _ = _tile_stats(256, 16, 16, True, None, False)
     assert causal_visited.sum().item() == 16 * 17 // 2
+    # 4 sinks add one key block (the first) per query block, no more
+    sink_visited, _ = _tile_stats(256, 16, 16, True, 8, False, 4)
+    assert sink_visited.sum(1).max().item() == 3
+    assert sink_visited[:, 0].all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +278,7 @@ def test_registration_declares_capabilities():
     assert impl.dtypes == {"float32", "float16", "bfloat16"}
     assert impl.masks == {"none", "causal", "window"}
     assert impl.modes == {"fwd", "bwd", "fwd+bwd"}
-    assert impl.gqa and impl.exact
+    assert impl.gqa and impl.exact and impl.sinks
 
 
 def test_check_reasons():
@@ -411,11 +425,12 @@ def _sm90_compile(dtype: str, head_dim: int, mask: str, which: str) -> list[dict
     ta._bwd_preprocess = _Capture()
     try:
         dt = DTYPES[dtype]
-        causal, window = mask != "none", (300 if mask == "window" else None)
+        causal, window = mask != "none", (300 if mask in ("window", "sinks") else None)
+        sinks = 4 if mask == "sinks" else 0
         q = torch.randn(2, 4, 1024, head_dim, dtype=dt)
         k, v = (torch.randn(2, 2, 1024, head_dim, dtype=dt) for _ in range(2))
-        o, lse = ta.attention_forward(q, k, v, causal, window, None)
-        ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None)
+        o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks)
+        ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks)
     finally:
         ta._launch, ta._bwd_preprocess = saved
 
@@ -470,10 +485,10 @@ def _run_sm90(*argv: str) -> list[dict]:
 def test_compiles_for_sm90(dtype):
     """The default configs compile for Hopper for every mask and head-dim family: tensor
     cores (wgmma) for 16-bit inputs, FMAs for IEEE fp32, within the shared memory limit.
-    (fp32 kernels take 5-40 s each to compile on a small CPU: fewer head dims there.)"""
+    (fp32 kernels take 5-40 s each to compile on a small CPU: fewer head dims and masks there.)"""
     rows = []
     for head_dim in ((16, 80) if dtype == "float32" else (16, 64, 80, 128)):
-        for mask in ("none", "causal", "window"):
+        for mask in ("none", "causal", "window") + (() if dtype == "float32" else ("sinks",)):
             rows += _run_sm90(dtype, str(head_dim), mask, "default")
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
