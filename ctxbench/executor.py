@@ -179,3 +179,39 @@ def _classify_crash(returncode: int, log_path: str) -> dict[str, str]:
         return {"status": "error", "message": f"worker died with {sig}" + (f": {last}" if last else "")}
     return {"status": "error", "message": f"worker exited with status {returncode} and no result"
             + (f": {last}" if last else "")}
+
+
+class LocalExecutor:
+    """The default executor: one cell at a time, in this machine's worker processes.
+
+    The sweep talks to every executor through submit() / wait() / in_flight / capacity, so
+    the same scheduling loop drives a Ray cluster (ctxbench.ray_executor) with many cells
+    in flight and this one, where submit() measures the cell before it returns.
+    """
+
+    name = "local"
+    capacity = 1
+
+    def __init__(self, memory_limit_bytes: int | None, reuse: bool = True) -> None:
+        self.pool = WorkerPool(memory_limit_bytes, reuse=reuse)
+        self._done: list[tuple[Cell, dict[str, Any]]] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._done)
+
+    def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
+        self._done.append((cell, self.pool.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)))
+
+    def wait(self) -> tuple[Cell, dict[str, Any]]:
+        """The next finished cell and its result (measured fields, status, message, wall_s)."""
+        return self._done.pop(0)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

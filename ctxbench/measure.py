@@ -237,6 +237,18 @@ def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: tor
     return rel
 
 
+def throughput(cell: Cell, latency_ms: float, devices: int = 1) -> dict[str, Any]:
+    """flops (mask-aware FLOPs of one call), tflops at latency_ms, and on CUDA peak_fraction
+    (of `devices` GPUs' dense peak)."""
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
+                            cell.attn_sinks)
+    row: dict[str, Any] = {"flops": flops, "tflops": flops / (latency_ms * 1e-3) / 1e12}
+    if cell.device == "cuda":
+        peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
+        row["peak_fraction"] = row["tflops"] / (peak * devices) if peak else None
+    return row
+
+
 def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
     needs_grad = cell.mode != "fwd"
@@ -276,13 +288,7 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     step = make_step(impl, cell, q, k, v, dout)
     timing = time_cuda(step, s) if cell.device == "cuda" else time_cpu(step, s)
     row.update(timing)
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
-                            cell.attn_sinks)
-    row["flops"] = flops
-    row["tflops"] = flops / (timing["latency_ms"] * 1e-3) / 1e12
-    if cell.device == "cuda":
-        peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
-        row["peak_fraction"] = row["tflops"] / peak if peak else None
+    row.update(throughput(cell, timing["latency_ms"]))
     row["status"] = "wrong" if problems else "ok"
     row["message"] = "; ".join(problems)
     return row

@@ -4,6 +4,7 @@
     tflops.png    TFLOP/s vs N
     memory.png    peak memory (MiB) vs N, log-log; each implementation's largest N that fit marked
     ppl.png       perplexity vs N, only when the run has a `ppl` column with values
+    loss_curve.png mean loss per position bin at each series' longest N (perplexity runs)
 
 Figures are built with matplotlib's object API (no pyplot), so plotting never needs a display
 and never touches global state of a program that imports ctxbench.
@@ -131,6 +132,7 @@ def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
                             log_y=False)
         _lines(ax, p, "ppl", _palette(p))
         written += _save(fig, run_dir, "ppl")
+        written += _loss_curves(p, run_dir, model)
     if kernel.empty:
         return written
     ok = kernel[kernel["status"] == "ok"]
@@ -154,6 +156,41 @@ def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     _mark_largest_fit(ax, kernel, mem, palette)
     written += _save(fig, run_dir, "memory")
     return written
+
+
+def _loss_curves(p: pd.DataFrame, run_dir: str, model: str) -> list[str]:
+    """loss_curve.png|svg: mean NLL (nats) per position bin of the window, at each series'
+    longest measured length: where in a long window the loss goes up (past a trained
+    context, outside a window)."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    if "loss_curve" not in p.columns:
+        return []
+    curves = []
+    for series, g in p.groupby("series", sort=False):
+        g = g[g["loss_curve"].astype(str).str.startswith("[")]
+        if g.empty:
+            continue
+        row = g.loc[g["n"].idxmax()]
+        bins = json.loads(row["loss_curve"])
+        width = int(row["n"]) / len(bins)
+        pts = [((i + 0.5) * width, y) for i, y in enumerate(bins) if y is not None]
+        if pts:
+            curves.append((f"{series}, N={length_text(int(row['n']))}", pts))
+    if not curves:
+        return []
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for (label, pts), color in zip(curves, _palette(pd.DataFrame({"series": [c[0] for c in curves]})).values()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=label, color=color)
+    ax.set_xlabel("position in the window (tokens)")
+    ax.set_ylabel("mean loss per token (nats)")
+    ax.set_title("loss by position, at each series' longest context" + (f"\n{model}" if model else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, run_dir, "loss_curve")
 
 
 def _palette(df: pd.DataFrame) -> dict[str, Any]:

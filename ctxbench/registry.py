@@ -67,6 +67,9 @@ class Impl:
     exact: bool = True
     # Whether the function takes `sinks=S` (attention sinks beside a window).
     sinks: bool = False
+    # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
+    # its shard of the sequence (ctxbench.distributed measures such cells; launch with torchrun).
+    distributed: bool = False
     description: str = ""
     source: str = ""
     # Optional run-time checks: check(cell) -> None when the cell can run, else the reason.
@@ -111,6 +114,7 @@ def register(
     gqa: bool = True,
     exact: bool = True,
     sinks: bool = False,
+    distributed: bool = False,
     description: str = "",
     check: Callable[[Any], str | None] | None = None,
     info: Callable[[], dict] | None = None,
@@ -130,7 +134,7 @@ def register(
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
             masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
-            description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
+            distributed=distributed, description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )
         _REGISTRY[name] = impl

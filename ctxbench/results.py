@@ -33,6 +33,10 @@ MEASURE_COLUMNS = (
     # hash, and tokens through the model per second of forward passes
     "ppl", "bits_per_byte", "ppl_tokens", "ppl_bytes", "ppl_windows", "ppl_stride", "loss_curve",
     "model", "corpus_sha256", "tokens_per_s",
+    # distributed implementations (ctxbench.distributed): ranks, each rank's peak memory (JSON
+    # list, bytes; peak_mem_bytes is the largest), and the share of a call's time spent waiting
+    # for communication (mean over ranks and timed calls)
+    "world_size", "peak_mem_rank_bytes", "comm_fraction",
 )
 COLUMNS: tuple[str, ...] = (
     ("run_id",) + CONFIG_COLUMNS + ("status", "message") + MEASURE_COLUMNS

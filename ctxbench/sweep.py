@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ctxbench import registry
 from ctxbench.env import environment
-from ctxbench.executor import WorkerPool
+from ctxbench.executor import LocalExecutor
 from ctxbench.flops import attention_flops
 from ctxbench.measure import Settings
 from ctxbench.plan import Cell, Config, PerplexityPlan, build_cells
@@ -49,19 +49,24 @@ class SweepSpec:
     settings: Settings = field(default_factory=Settings)
     reuse_workers: bool = True
     ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
+    # memory_limit_bytes is this machine's default (85% of available), not the user's
+    # --memory-limit: a Ray node computes its own instead
+    memory_limit_auto: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "impls": self.impls, "lengths": self.lengths,
                 "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
                 "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
-                "ppl": asdict(self.ppl) if self.ppl is not None else None}
+                "ppl": asdict(self.ppl) if self.ppl is not None else None,
+                "memory_limit_auto": self.memory_limit_auto}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
         return cls(config=Config(**d["config"]), impls=list(d["impls"]), lengths=[int(n) for n in d["lengths"]],
                    timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
                    settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
-                   ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None)
+                   ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
+                   memory_limit_auto=d.get("memory_limit_auto", False))
 
     def cells(self) -> list[Cell]:
         return build_cells(self.config, self.impls, self.lengths, self.ppl)
@@ -110,21 +115,32 @@ def read_meta(run_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str]) -> list[dict[str, Any]]:
+def make_executor(spec: SweepSpec, executor: str = "local", address: str | None = None) -> Any:
+    """The executor that measures cells: "local" (worker processes here) or "ray" (tasks on a
+    Ray cluster; raises ray_executor.RayMissing when ray is not installed)."""
+    if executor == "ray":
+        from ctxbench.ray_executor import RayExecutor
+
+        limit = None if spec.memory_limit_auto else spec.memory_limit_bytes
+        return RayExecutor(address, limit, spec.config.device)
+    return LocalExecutor(spec.memory_limit_bytes, reuse=spec.reuse_workers)
+
+
+def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str],
+              executor: Any = None) -> list[dict[str, Any]]:
     """Run (or continue) the sweep in run_dir; returns every row of the run, old and new.
 
     Rows are appended to run_dir/results.csv as each cell finishes; worker logs go to
-    run_dir/logs/<impl>.log.
+    run_dir/logs/<impl>.log. executor: from make_executor (default: the local one, which
+    measures one cell at a time here); it is closed at the end.
     """
     run_id = os.path.basename(os.path.normpath(run_dir))
     csv_path = os.path.join(run_dir, "results.csv")
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     header, rows = (read_results(csv_path, repair_tail=True) if os.path.exists(csv_path) else (None, []))
-    writer = ResultsWriter(csv_path, header)
     done = {row_key(r) for r in rows}
 
     env = environment(spec.config.device)
-    write_meta(run_dir, spec, run_id, env, argv)
     impls = {name: registry.resolve(name) for name in dict.fromkeys(spec.impls + (spec.ppl.impls if spec.ppl else []))}
     # Keyed by (impl, task): a model that runs out of memory says nothing about the kernel alone.
     stopped: dict[tuple[str, str], tuple[str, int]] = {}
@@ -144,15 +160,19 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     # 32K costs far more than one at 1K; the cell count is shown beside it.
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[cells]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with WorkerPool(spec.memory_limit_bytes, reuse=spec.reuse_workers) as pool, \
-            Progress(*columns, console=console, transient=False) as progress:
+    writer = ResultsWriter(csv_path, header)
+    write_meta(run_dir, spec, run_id, env, argv)
+    with (executor or make_executor(spec)) as ex, Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=sum(weights.values()) or 1.0, cells=f"0/{len(todo)} cells")
-        for i, cell in enumerate(todo):
-            progress.update(task, description=f"{cell.label:<24}")
-            result = _run_or_skip(cell, impls[cell.impl], spec, stopped, run_dir, pool)
+        finished = 0
+
+        def record(cell: Cell, result: dict[str, Any]) -> None:
+            nonlocal finished
+            # a Ray task reports the environment of the node that measured the cell
+            cell_env = result.pop("env", None) or env
             row = {"run_id": run_id, **asdict(cell), **result, "impl_exact": impls[cell.impl].exact,
                    "rep_ms": spec.settings.rep_ms, "seed": spec.settings.seed,
-                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **env}
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **cell_env}
             writer.append(row)
             rows.append({k: ("" if v is None else str(v)) for k, v in row.items()})
             if row["status"] in STOP_STATUSES and (cell.impl, cell.task) not in stopped:
@@ -162,13 +182,46 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
                 progress.update(task, total=max(progress.tasks[0].total - weights[cell], 1e-9))
             else:
                 progress.advance(task, weights[cell])
-            progress.update(task, cells=f"{i + 1}/{len(todo)} cells")
+            finished += 1
+            progress.update(task, cells=f"{finished}/{len(todo)} cells")
+
+        # Cells of one (implementation, task) chain run in length order, one at a time, so an
+        # out-of-memory at N skips 2N; with the local executor (one cell in flight) this is
+        # exactly the plan's length-major order.
+        pending = list(todo)
+        busy: set[tuple[str, str]] = set()
+        while pending or ex.in_flight:
+            i = 0
+            while i < len(pending) and ex.in_flight < ex.capacity:
+                cell = pending[i]
+                if (cell.impl, cell.task) in busy:
+                    i += 1
+                    continue
+                pending.pop(i)
+                early = _unsupported_or_skipped(cell, impls[cell.impl], stopped)
+                if early is not None:
+                    record(cell, early)
+                    continue
+                progress.update(task, description=f"{cell.label:<24}")
+                ex.submit(cell, spec.settings, timeout_s=spec.timeout_s, log_path=_log_path(run_dir, cell))
+                busy.add((cell.impl, cell.task))
+            if ex.in_flight:
+                cell, result = ex.wait()
+                busy.discard((cell.impl, cell.task))
+                if result.get("status") in ("error", "oom", "timeout"):
+                    result["log"] = os.path.relpath(_log_path(run_dir, cell), run_dir)
+                record(cell, result)
         progress.update(task, description="done")
     return rows
 
 
-def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict[tuple[str, str], tuple[str, int]],
-                 run_dir: str, pool: WorkerPool) -> dict[str, Any]:
+def _log_path(run_dir: str, cell: Cell) -> str:
+    return os.path.join(run_dir, "logs", _safe(cell.impl) + ".log")
+
+
+def _unsupported_or_skipped(cell: Cell, impl: registry.Impl,
+                            stopped: dict[tuple[str, str], tuple[str, int]]) -> dict[str, Any] | None:
+    """The row of a cell that is not measured (not declared, or past an oom/timeout), else None."""
     reason = impl.unsupported_reason(cell)
     if reason is not None:
         return {"status": "unsupported", "message": reason}
@@ -178,11 +231,7 @@ def _run_or_skip(cell: Cell, impl: registry.Impl, spec: SweepSpec, stopped: dict
         what = "ran out of memory" if status == "oom" else "timed out"
         task = " (perplexity)" if cell.task == "perplexity" else ""
         return {"status": "skipped", "message": f"not attempted: {cell.impl}{task} {what} at N={n}"}
-    log_path = os.path.join(run_dir, "logs", _safe(cell.impl) + ".log")
-    result = pool.run_cell(cell, spec.settings, timeout_s=spec.timeout_s, log_path=log_path)
-    if result.get("status") in ("error", "oom", "timeout"):
-        result["log"] = os.path.relpath(log_path, run_dir)
-    return result
+    return None
 
 
 def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Console) -> None:

@@ -62,6 +62,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             from ctxbench.perplexity import measure_perplexity
 
             row = measure_perplexity(impl, cell, settings)
+        elif impl.distributed:
+            # one rank of a torchrun sweep (or the whole sequence when there is no torchrun)
+            from ctxbench.distributed import measure_distributed_cell
+
+            row = measure_distributed_cell(impl, cell, settings)
         else:
             row = measure_cell(impl, cell, settings)
     except registry.Unsupported as exc:
