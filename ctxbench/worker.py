@@ -131,9 +131,29 @@ def _free_device_memory() -> None:
             torch.cuda.empty_cache()
 
 
+def die_with_parent() -> None:
+    """On Linux, be killed when the sweep that started this worker dies (killed, crashed).
+
+    A worker runs in a session of its own (so a timeout can kill its whole process group), so
+    nothing else would stop one that is busy, e.g. waiting for the other ranks of a
+    distributed cell whose drivers are gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     limit = int(args[1]) if len(args) > 1 and args[0] == "--memory-limit" else None
+    die_with_parent()
     try:
         serve(limit)
     except KeyboardInterrupt:

@@ -147,6 +147,9 @@ def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, causal: b
         o.div_(torch.where(l > 0, l, torch.ones_like(l)))
         out[:, :, :, c0:c1] = o.view(B, Hkv, G, nc, D)
         lse[:, :, :, c0:c1] = (m + l.log2()).view(B, Hkv, G, nc)  # log2(0) = -inf for blind rows
+        # Free this chunk's scores now: otherwise the next chunk's bmm allocates its tile while
+        # this one is still referenced, and the peak holds two score tiles instead of one.
+        del s, o
     return out, lse
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
 
 from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
 
@@ -44,3 +50,49 @@ def test_each_failure_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     # Tracebacks are kept in a log, not on the user's screen.
     assert "Traceback" not in out + err
     assert cells[(spec["raises"], 64)]["log"].endswith(".log")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped is not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_die_with_the_sweep(tmp_path):
+    """A worker runs in its own session; when the sweep driving it is killed, it goes too."""
+    script = tmp_path / "driver.py"
+    # The worker is busy (an implementation that sleeps for an hour), so it never reads the
+    # closed stdin that would end an idle worker.
+    script.write_text(textwrap.dedent(f"""
+        import sys, threading, time
+        from ctxbench.executor import Worker
+        from ctxbench.measure import Settings
+        from ctxbench.plan import Cell, Config
+        w = Worker(None, sys.argv[1])
+        cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), {MISBEHAVING + ":sleeps"!r}, 64)
+        threading.Thread(target=w.run, args=(cell, Settings(rep_ms=5), 600), daemon=True).start()
+        print(w.proc.pid, flush=True)
+        time.sleep(600)
+    """))
+    log = tmp_path / "w.log"
+    driver = subprocess.Popen([sys.executable, str(script), str(log)], stdout=subprocess.PIPE,
+                              text=True, cwd=str(tmp_path))
+    try:
+        pid = int(driver.stdout.readline())
+        deadline = time.monotonic() + 60
+        while "=== " not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # the cell is inside the sleeping implementation now
+        assert _alive(pid)
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 20
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), "the worker outlived its driver"
+    finally:
+        driver.kill()
