@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one H100/H200, at most ~8 minutes):
 #   1. every implementation against the float64 reference on CUDA at a few shapes
-#      (fp32, bf16, causal, window, GQA, D=80, N=1000 which is not a multiple of 128; fwd+bwd);
+#      (fp32, bf16, causal, window, window + 4 attention sinks, GQA, D=80, N=1000 which is not a
+#      multiple of 128; fwd+bwd);
 #   2. the performance sweep: bf16, B=1, Hq=32, Hkv=8, D=128, causal and window=4096,
 #      N = 1024..32768, modes fwd and fwd+bwd, triton and every SDPA backend (and flash_attn);
 #   3. CSVs under OUTDIR/<run>/results.csv, plots OUTDIR/*.png, and a short table printed last.
@@ -39,7 +40,8 @@ if [ "$DRY" = "--dry-run" ]; then
   WINDOW=8
   CHECK_SHAPES=("--dtype fp32 --mask causal --heads 2 --kv-heads 2 --head-dim 16"
                 "--dtype bf16 --mask window --window 5 --heads 4 --kv-heads 2 --head-dim 32"
-                "--dtype bf16 --mask none --heads 4 --kv-heads 1 --head-dim 20")
+                "--dtype bf16 --mask none --heads 4 --kv-heads 1 --head-dim 20"
+                "--dtype fp32 --mask window --window 5 --sinks 3 --heads 4 --kv-heads 2 --head-dim 16")
   PERF_IMPLS=triton,sdpa,flash_attn
   WINDOW_IMPLS=triton,sdpa
 elif [ -n "$DRY" ]; then
@@ -55,7 +57,8 @@ else
   WINDOW=4096
   CHECK_SHAPES=("--dtype fp32 --mask causal --heads 8 --kv-heads 8 --head-dim 64"
                 "--dtype bf16 --mask window --window 256 --heads 32 --kv-heads 8 --head-dim 128"
-                "--dtype bf16 --mask none --heads 8 --kv-heads 2 --head-dim 80")
+                "--dtype bf16 --mask none --heads 8 --kv-heads 2 --head-dim 80"
+                "--dtype bf16 --mask window --window 256 --sinks 4 --heads 8 --kv-heads 2 --head-dim 64")
   PERF_IMPLS=triton,sdpa_flash,sdpa_cudnn,sdpa_efficient,sdpa_math,flash_attn
   WINDOW_IMPLS=triton,sdpa_efficient,sdpa_math,flash_attn
 fi

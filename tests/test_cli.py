@@ -127,11 +127,12 @@ def test_unsupported_cells_are_recorded_not_attempted(tmp_path, capsys):
 def test_interrupted_sweep_resumes_without_repeating_or_losing_cells(tmp_path):
     out = tmp_path / "runs"
     lengths = "8,16,24,32,40,48"
-    # 0.5 s of timed repeats per cell: the 9 cells after the third take seconds, so the Ctrl-C
-    # below lands mid-sweep even when this test process is descheduled for a while
-    cmd = [sys.executable, "-m", "ctxbench", "sweep", *SMALL, "--rep-ms", "500", "--lengths", lengths,
+    cmd = [sys.executable, "-m", "ctxbench", "sweep", *SMALL, "--rep-ms", "100", "--lengths", lengths,
            "--impls", "sdpa,naive", "--out", str(out), "--run-id", "r"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C must reach the sweep even when pytest itself runs in the background of a script,
+    # where the shell starts it with SIGINT ignored and every child would inherit that.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     csv_path = out / "r" / "results.csv"
     deadline = time.time() + 120
     while time.time() < deadline:
