@@ -292,7 +292,7 @@ def _sweep_setup(min_len: int, max_len: int, lengths: str | None, batch: int, he
         if bad:
             _fail(f"under torchrun (WORLD_SIZE={world}) only distributed implementations run (e.g. ring); "
                   f"{', '.join(bad)} would run once per rank: sweep {'it' if len(bad) == 1 else 'them'} without torchrun")
-        if memory_limit is None:  # the ranks on this node share its memory
+        if memory_limit is None and resume is None:  # the ranks on this node share its memory
             spec.memory_limit_bytes //= local_world
     return spec, run_dir
 
