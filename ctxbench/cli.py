@@ -22,6 +22,7 @@ from ctxbench.measure import Settings
 from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, powers_of_two
 from ctxbench.results import CorruptResults, read_results
 from ctxbench.distributed import torchrun_world
+from ctxbench.executor import default_memory_limit
 from ctxbench.sweep import SweepSpec, make_executor, print_summary, read_meta, run_sweep
 
 EXIT_USAGE = 2
@@ -129,13 +130,6 @@ def _declares(impl: registry.Impl, cell: Cell) -> bool:
     return (cell.device in impl.devices and cell.dtype in impl.dtypes and cell.mask in impl.masks
             and cell.mode in impl.modes and (impl.gqa or cell.heads == cell.kv_heads)
             and (cell.attn_sinks == 0 or impl.sinks))
-
-
-def default_memory_limit() -> int:
-    """85% of the memory available now: leaves room for the sweep itself and the OS."""
-    import psutil
-
-    return int(psutil.virtual_memory().available * 0.85)
 
 
 def new_run_dir(out: str, config: Config, run_id: str | None) -> str:

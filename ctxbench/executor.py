@@ -27,6 +27,13 @@ _BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')];
          "from ctxbench.worker import main; main()")
 
 
+def default_memory_limit() -> int:
+    """85% of the memory available now (bytes): leaves room for the sweep itself and the OS."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.85)
+
+
 def worker_env() -> dict[str, str]:
     """The worker's environment: the parent's, plus the current directory in
     CTXBENCH_IMPORT_PATH (so --impl module:function resolves as it did here, appended after

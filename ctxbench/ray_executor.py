@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -48,14 +49,12 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     (the worker's log for this cell) and `node` (hostname).
     """
     from ctxbench.env import environment
-    from ctxbench.executor import Worker
+    from ctxbench.executor import Worker, default_memory_limit
 
     # --impl modules resolve against the driver's working directory, as in a local sweep
     os.environ.setdefault("CTXBENCH_IMPORT_PATH", import_path)
     if memory_limit_bytes is None:
-        import psutil
-
-        memory_limit_bytes = int(psutil.virtual_memory().available * 0.85)
+        memory_limit_bytes = default_memory_limit()
     cell = Cell(**cell_json)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
@@ -97,16 +96,12 @@ class RayExecutor:
         return len(self._refs)
 
     def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
-        import time
-
         ref = self._task.remote(asdict(cell), asdict(settings), timeout_s, self.memory_limit_bytes,
                                 self._import_path)
         self._refs[ref] = (cell, log_path, time.perf_counter())
 
     def wait(self) -> tuple[Cell, dict[str, Any]]:
         """The next cell to finish anywhere on the cluster, and its result."""
-        import time
-
         ray = self.ray
         ready, _ = ray.wait(list(self._refs), num_returns=1)
         ref = ready[0]
