@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.registry import all_impls
 
 B, H, D = 1, 8, 64
@@ -131,19 +132,11 @@ def child_memory(name: str, n: int, window: int | None) -> None:
         small = [torch.randn(B, H, 256, D, generator=g) for _ in range(3)]
         fn(*small, causal=True, window=window, scale=None)  # load code paths before measuring
         q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_bytes("VmRSS")
+        if not reset_rss_peak():
+            raise SystemExit("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
+        before = status_kib("VmRSS")
         fn(q, k, v, causal=True, window=window, scale=None)
-        print(json.dumps({"peak_growth": _status_bytes("VmHWM") - before}))
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+        print(json.dumps({"peak_growth": (status_kib("VmHWM") - before) * 1024}))
 
 
 def measure_memory(name: str, n: int, window: int | None = None) -> int:

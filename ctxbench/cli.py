@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ctxbench import __version__, registry
-from ctxbench.measure import Settings
+from ctxbench.formatting import first_line, one_line
+from ctxbench.plan import Settings
 from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, powers_of_two
 from ctxbench.results import CorruptResults, read_results
 from ctxbench.distributed import torchrun_world
@@ -320,7 +321,7 @@ def start_executor(spec: SweepSpec, executor: str, address: str | None) -> Any:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ...
             where = f"at {address}" if address else "(RAY_ADDRESS or a new local cluster)"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(str(exc))[:200] or type(exc).__name__
             _fail(f"--executor ray: cannot reach a Ray cluster {where}: {first}; start one with `ray start --head` "
                   "and pass its address")
     return make_executor(spec)
@@ -334,8 +335,7 @@ def write_report(run_dir: str, console: Console) -> None:
         written = report(run_dir)
         console.print(f"report: {written[-1]} (plots: {', '.join(os.path.basename(p) for p in written[:-1])})")
     except Exception as exc:  # noqa: BLE001 - any plotting failure; the rows are on disk already
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        console.print(f"[yellow]no report ({type(exc).__name__}: {reason}); the results are complete, "
+        console.print(f"[yellow]no report ({one_line(exc)}); the results are complete, "
                       f"retry with: ctxbench report {run_dir}[/]")
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import csv
 import glob
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctxbench.formatting import number
 from ctxbench.plan import KEY_FIELDS
 from ctxbench.report import markdown_table
 from ctxbench.results import CorruptResults, read_results
@@ -153,13 +153,7 @@ def _few(values: list[str]) -> str:
 # ---------------------------------------------------------------- numbers
 
 def _num(row: dict[str, str] | None, col: str) -> float | None:
-    if row is None:
-        return None
-    try:
-        v = float(row.get(col, ""))
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+    return None if row is None else number(row.get(col))
 
 
 def samples(row: dict[str, str]) -> list[float]:

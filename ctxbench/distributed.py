@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from ctxbench.measure import Settings
+from ctxbench.plan import Settings
 from ctxbench.plan import Cell
 
 # Environment of a worker that is one rank of a distributed cell (set by the driver).
@@ -140,7 +140,7 @@ def follow(memory_limit_bytes: int | None, log_dir: str) -> None:
     import torch.distributed as dist
 
     from ctxbench.executor import WorkerPool
-    from ctxbench.sweep import _safe
+    from ctxbench.formatting import safe_name
 
     init_driver_group()
     os.makedirs(log_dir, exist_ok=True)
@@ -155,7 +155,7 @@ def follow(memory_limit_bytes: int | None, log_dir: str) -> None:
             _, cell_json, settings_json, timeout_s, index = msg[0]
             cell = Cell(**cell_json)
             _worker_env(index)
-            log_path = os.path.join(log_dir, f"{_safe(cell.impl)}.rank{rank}.log")  # beside rank 0's
+            log_path = os.path.join(log_dir, f"{safe_name(cell.impl)}.rank{rank}.log")  # beside rank 0's
             result = pool.run_cell(cell, Settings(**settings_json), timeout_s=timeout_s, log_path=log_path)
             dist.gather_object(result, None, dst=0)
 

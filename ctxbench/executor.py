@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from ctxbench.measure import Settings
+from ctxbench.plan import Settings
 from ctxbench.plan import Cell
 
 

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ctxbench.formatting import number
+
 # Points per fit: the longest this many ok lengths (all of them when fewer were measured).
 FIT_POINTS = 4
 # Statuses of a cell that ran to the end, so its length fit in memory and time ("wrong" was still timed).
@@ -59,14 +61,6 @@ def slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx
 
 
-def _num(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _exponent(points: dict[int, float], n_points: int) -> tuple[float | None, tuple[int, ...]]:
     used = sorted(n for n, v in points.items() if v > 0)[-n_points:]
     if len(used) < 2:
@@ -90,9 +84,9 @@ def fit_impl(rows: list[dict[str, Any]], impl: str, n_points: int = FIT_POINTS) 
             stops[n] = status
         if status != "ok":
             continue
-        if (v := _num(r.get("latency_ms"))) is not None:
+        if (v := number(r.get("latency_ms"))) is not None:
             lat[n] = v
-        if (v := _num(r.get("peak_mem_bytes"))) is not None:
+        if (v := number(r.get("peak_mem_bytes"))) is not None:
             mem[n] = v
     lat_exp, lat_used = _exponent(lat, n_points)
     mem_exp, mem_used = _exponent(mem, n_points)

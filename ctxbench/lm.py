@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ctxbench.formatting import one_line
+
 # Before transformers / huggingface_hub are imported: they read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -121,8 +123,7 @@ def load_config(ref: ModelRef) -> Any:
     try:
         return AutoConfig.from_pretrained(ref.folder, **ref.kwargs)
     except Exception as exc:
-        raise ModelError(f"cannot read the model config of {ref.label} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(f"cannot read the model config of {ref.label} ({one_line(exc)})") from None
 
 
 def model_shape(config: Any) -> tuple[int, int, int]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ctxbench.flops import attention_flops, device_peak_tflops
-from ctxbench.plan import Cell
+from ctxbench.plan import Cell, Settings
+from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.reference import TOLERANCE, errors, reference_attention, sample_rows
 from ctxbench.registry import Impl
 
@@ -28,23 +28,6 @@ GRAD_CHECK_MAX_LEN = 2048
 GRAD_TOLERANCE_FACTOR = 2.0
 # Bytes the float64 reference may use for one block of checked rows.
 REFERENCE_BUDGET_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How to measure (not what): timing budget, rows checked, input seed; for perplexity
-    cells (ctxbench.perplexity) the model, the corpus, the tokens scored and the stride."""
-
-    warmup_ms: float = 100.0
-    rep_ms: float = 1000.0
-    min_repeats: int = 3
-    max_repeats: int = 100
-    check_rows: int = 256
-    seed: int = 0
-    model: str = ""        # checkpoint folder or .gguf file; "" = the embedded default model
-    text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
-    ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
-    ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
 
 
 def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
@@ -95,27 +78,6 @@ def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch
 
 # ---------------------------------------------------------------- memory
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
     """(peak bytes above what was allocated before, method name, step's return value).
 
@@ -132,10 +94,10 @@ def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
         result = step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, "cuda_max_allocated", result
-    base_kib = _proc_status_kib("VmRSS")
-    if base_kib is not None and _reset_rss_peak():
+    base_kib = status_kib("VmRSS")
+    if base_kib is not None and reset_rss_peak():
         result = step()
-        peak_kib = _proc_status_kib("VmHWM") or base_kib
+        peak_kib = status_kib("VmHWM") or base_kib
         return max(0, peak_kib - base_kib) * 1024, "cpu_rss_peak_growth", result
     import resource  # not Linux: ru_maxrss is a lifetime peak, the best available
 

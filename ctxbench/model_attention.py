@@ -31,11 +31,11 @@ use_cache=False.
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any, Callable
 
 import torch
 
+from ctxbench.formatting import safe_name
 from ctxbench.registry import Impl
 
 PREFIX = "ctxbench:"
@@ -67,14 +67,14 @@ def make_attention_function(impl: Impl, *, window: int | None = None, sinks: int
         out = impl.fn(query, key, value, causal=causal, window=w, scale=scaling, **extra)
         return out.transpose(1, 2).contiguous(), None
 
-    ctxbench_attention.__qualname__ = ctxbench_attention.__name__ = f"ctxbench_attention_{_safe(impl.name)}"
+    ctxbench_attention.__qualname__ = ctxbench_attention.__name__ = f"ctxbench_attention_{_attention_safe(impl.name)}"
     return ctxbench_attention
 
 
-def _safe(name: str) -> str:
+def _attention_safe(name: str) -> str:
     # transformers treats a name with "flash" in it as a FlashAttention variant and one shaped
     # like "org/repo" as a Hub kernel: keep neither pattern.
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).replace("flash", "fl_ash").strip("_") or "impl"
+    return safe_name(name).replace("flash", "fl_ash")
 
 
 def attention_name(impl: Impl, *, window: int | None = None, sinks: int = 0) -> str:
@@ -85,7 +85,7 @@ def attention_name(impl: Impl, *, window: int | None = None, sinks: int = 0) -> 
     key = (impl.name, window, sinks)
     name = _NAMES.get(key)
     if name is None:
-        safe = _safe(impl.name)
+        safe = _attention_safe(impl.name)
         if safe != impl.name:  # two specs that sanitise alike must not share a name
             safe += "-" + hashlib.sha1(impl.name.encode()).hexdigest()[:8]
         name = PREFIX + safe + (f":w{window}" if window is not None else "") + (f":s{sinks}" if sinks else "")

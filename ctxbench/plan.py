@@ -134,3 +134,20 @@ def build_cells(config: Config, impls: list[str], lengths: list[int],
         if ppl is not None:
             cells += ppl.cells(config, n)
     return cells
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to measure (not what): timing budget, rows checked, input seed; for perplexity
+    cells (ctxbench.perplexity) the model, the corpus, the tokens scored and the stride."""
+
+    warmup_ms: float = 100.0
+    rep_ms: float = 1000.0
+    min_repeats: int = 3
+    max_repeats: int = 100
+    check_rows: int = 256
+    seed: int = 0
+    model: str = ""        # checkpoint folder or .gguf file; "" = the embedded default model
+    text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
+    ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
+    ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from ctxbench.formatting import number
+
 STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
                 "unsupported": "dim", "skipped": "dim"}
 
@@ -28,22 +30,12 @@ def human_ms(ms: float) -> str:
     return f"{ms * 1000:.3g} us"
 
 
-def _num(row: dict[str, Any], key: str) -> float | None:
-    value = row.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def cell_text(row: dict[str, Any]) -> str:
     """What one pivot cell shows: latency and memory when measured, else the status."""
     status = row.get("status", "")
     style = STATUS_STYLE.get(status, "")
-    lat = _num(row, "latency_ms")
-    mem = _num(row, "peak_mem_bytes")
+    lat = number(row.get("latency_ms"))
+    mem = number(row.get("peak_mem_bytes"))
     if lat is None:
         return f"[{style}]{status}[/]"
     text = human_ms(lat) + (f"\n{human_bytes(mem)}" if mem is not None else "")
@@ -81,7 +73,7 @@ def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     def text(r: dict[str, Any] | None) -> str:
         if r is None:
             return ""
-        ppl, bpb = _num(r, "ppl"), _num(r, "bits_per_byte")
+        ppl, bpb = number(r.get("ppl")), number(r.get("bits_per_byte"))
         status = r.get("status", "")
         if ppl is None:
             return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"

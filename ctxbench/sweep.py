@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,8 @@ from ctxbench import registry
 from ctxbench.env import environment
 from ctxbench.executor import LocalExecutor
 from ctxbench.flops import attention_flops
-from ctxbench.measure import Settings
+from ctxbench.formatting import safe_name
+from ctxbench.plan import Settings
 from ctxbench.plan import Cell, Config, PerplexityPlan, build_cells
 from ctxbench.results import ResultsWriter, read_results, row_key
 from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
@@ -70,10 +70,6 @@ class SweepSpec:
 
     def cells(self) -> list[Cell]:
         return build_cells(self.config, self.impls, self.lengths, self.ppl)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "impl"
 
 
 # Rough language-model throughput (tokens/s through the default model) for perplexity ETAs.
@@ -216,7 +212,7 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
 
 
 def _log_path(run_dir: str, cell: Cell) -> str:
-    return os.path.join(run_dir, "logs", _safe(cell.impl) + ".log")
+    return os.path.join(run_dir, "logs", safe_name(cell.impl) + ".log")
 
 
 def _unsupported_or_skipped(cell: Cell, impl: registry.Impl,

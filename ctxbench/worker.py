@@ -17,6 +17,8 @@ import sys
 import traceback
 from typing import Any
 
+from ctxbench.formatting import first_line, one_line
+
 
 def cap_memory(limit_bytes: int) -> None:
     """Cap the address space so a huge allocation fails here (MemoryError or a torch
@@ -42,16 +44,11 @@ def is_oom(exc: BaseException) -> bool:
                                    "std::bad_alloc", "failed to allocate"))
 
 
-def one_line(exc: BaseException) -> str:
-    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {first}"[:500] if first else type(exc).__name__
-
-
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Measure the job's cell; never raises for failures of the implementation itself."""
     from ctxbench import registry
-    from ctxbench.measure import Settings, measure_cell
-    from ctxbench.plan import Cell
+    from ctxbench.measure import measure_cell
+    from ctxbench.plan import Cell, Settings
 
     cell = Cell(**job["cell"])
     settings = Settings(**job["settings"])
@@ -70,7 +67,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         else:
             row = measure_cell(impl, cell, settings)
     except registry.Unsupported as exc:
-        return {"status": "unsupported", "message": str(exc).splitlines()[0] if str(exc) else "unsupported"}
+        return {"status": "unsupported", "message": first_line(str(exc)) or "unsupported"}
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row
         if isinstance(exc, KeyboardInterrupt):
             raise

@@ -70,7 +70,7 @@ def test_workers_die_with_the_sweep(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, threading, time
         from ctxbench.executor import Worker
-        from ctxbench.measure import Settings
+        from ctxbench.plan import Settings
         from ctxbench.plan import Cell, Config
         w = Worker(None, sys.argv[1])
         cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), {MISBEHAVING + ":sleeps"!r}, 64)

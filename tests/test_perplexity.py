@@ -12,7 +12,7 @@ import torch
 
 import lm_helpers as H
 from ctxbench import lm
-from ctxbench.measure import Settings
+from ctxbench.plan import Settings
 from ctxbench.perplexity import Accumulator, Window, measure_perplexity, plan_windows
 from ctxbench.plan import Cell
 from ctxbench.registry import Unsupported, all_impls
