@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxbench.masks import visible_pairs
+from ctxbench.masks import Mask
 from ctxbench.plan import Cell
 from ctxbench.registry import all_impls
 
@@ -44,7 +44,7 @@ def test_forward(benchmark, impl, n: int, window: int | None) -> None:
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
     benchmark.group = f"{'window' if window else 'causal'} N={n}"
     # Two matmuls of 2 * D FLOPs per visible (query, key) pair and head.
-    benchmark.extra_info["gflop"] = 4 * B * H * D * visible_pairs(n, True, window) / 1e9
+    benchmark.extra_info["gflop"] = 4 * B * H * D * Mask.of(True, window).visible_pairs(n) / 1e9
     with torch.inference_mode():
         out = benchmark.pedantic(impl.fn, args=(q, k, v), kwargs=dict(causal=True, window=window, scale=None),
                                  rounds=ROUNDS, iterations=1, warmup_rounds=1)

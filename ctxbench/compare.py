@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctxbench.formatting import number
+from ctxbench.markdown import markdown_table
 from ctxbench.plan import KEY_FIELDS
-from ctxbench.report import markdown_table
 from ctxbench.results import CorruptResults, read_results
 from ctxbench.summary import human_bytes, human_ms
 

@@ -1,4 +1,5 @@
 """The local executor: runs cells in worker subprocesses and classifies how each ended.
+Also the interface every executor has (Executor), which the sweep drives.
 
 Isolation is the point: an implementation that raises, runs out of memory, segfaults,
 calls abort(), is killed by the OS or hangs costs one row, never the sweep.
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ctxbench.plan import Settings
 from ctxbench.plan import Cell
@@ -61,14 +62,45 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-class Worker:
-    """One worker process serving cells of one implementation (see ctxbench.worker.serve)."""
+# How often a CUDA worker's resident set is read against the host-memory cap (seconds).
+RSS_POLL_S = 0.2
 
-    def __init__(self, memory_limit_bytes: int | None, log_path: str) -> None:
+
+def resident_bytes(pid: int) -> int:
+    """Resident set of a process and all its descendants (bytes); 0 once it is gone."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class Worker:
+    """One worker process serving cells of one implementation (see ctxbench.worker.serve).
+
+    Host memory is protected two ways, by device. A CPU worker caps its own address space
+    (RLIMIT_AS), so a huge allocation fails inside it as a MemoryError. A CUDA worker is not
+    capped: creating a CUDA context reserves far more virtual address space than any host has
+    memory, and under such a cap the first CUDA call fails with 'out of memory'. Its resident
+    set (with its children's) is watched from here instead, and the worker is killed, as
+    `oom`, when it passes the same limit.
+    """
+
+    def __init__(self, memory_limit_bytes: int | None, log_path: str, device: str = "cpu") -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         args = [sys.executable, "-c", _BOOT]
-        if memory_limit_bytes:
+        self.rss_limit_bytes = int(memory_limit_bytes) if memory_limit_bytes and device == "cuda" else None
+        if memory_limit_bytes and self.rss_limit_bytes is None:
             args += ["--memory-limit", str(int(memory_limit_bytes))]
         # A new session: on timeout the whole process group (threads, helpers) is killed.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
@@ -86,6 +118,7 @@ class Worker:
             self._log.write(f"=== {cell.label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             self._log.flush()
             deadline = time.monotonic() + timeout_s
+            next_rss = 0.0
             try:
                 self.proc.stdin.write(f"{job_path} {result_path}\n")
                 self.proc.stdin.flush()
@@ -97,9 +130,17 @@ class Worker:
                         return json.load(f)
                 if self.proc.poll() is not None:
                     return _classify_crash(self.proc.returncode, self.log_path)
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     self.kill()
                     return {"status": "timeout", "message": f"no result after {timeout_s:g} s; worker killed"}
+                if self.rss_limit_bytes is not None and now >= next_rss:
+                    next_rss = now + RSS_POLL_S
+                    rss = resident_bytes(self.proc.pid)
+                    if rss > self.rss_limit_bytes:
+                        self.kill()
+                        return {"status": "oom", "message": f"worker's resident set {rss / 2**30:.2f} GiB passed the "
+                                f"host-memory limit {self.rss_limit_bytes / 2**30:.2f} GiB; worker killed"}
                 time.sleep(0.02)
 
     @property
@@ -141,7 +182,7 @@ class WorkerPool:
         start = time.perf_counter()
         worker = self.workers.get(cell.impl)
         if worker is None or not worker.alive:
-            worker = self.workers[cell.impl] = Worker(self.memory_limit_bytes, log_path)
+            worker = self.workers[cell.impl] = Worker(self.memory_limit_bytes, log_path, cell.device)
         try:
             result = worker.run(cell, settings, timeout_s)
         except BaseException:  # Ctrl-C in the parent: don't leave the worker behind
@@ -188,13 +229,40 @@ def _classify_crash(returncode: int, log_path: str) -> dict[str, str]:
             + (f": {last}" if last else "")}
 
 
-class LocalExecutor:
-    """The default executor: one cell at a time, in this machine's worker processes.
+@runtime_checkable
+class Executor(Protocol):
+    """What the sweep needs of an executor (ctxbench.sweep.run_sweep's scheduling loop).
 
-    The sweep talks to every executor through submit() / wait() / in_flight / capacity, so
-    the same scheduling loop drives a Ray cluster (ctxbench.ray_executor) with many cells
-    in flight and this one, where submit() measures the cell before it returns.
+    The sweep submits cells while in_flight < capacity, then waits for one to finish; so the
+    same loop drives a Ray cluster (ctxbench.ray_executor.RayExecutor) with many cells in
+    flight, the ranks of torchrun (ctxbench.torchrun.DistributedExecutor) and this machine's
+    worker processes (LocalExecutor), where submit() measures the cell before it returns.
     """
+
+    name: str  # the executor's name, e.g. "local"
+    capacity: int  # how many cells may be in flight at once
+
+    @property
+    def in_flight(self) -> int:
+        """Cells submitted whose result wait() has not returned yet."""
+
+    def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
+        """Start measuring a cell (timeout_s: seconds before its worker is killed; log_path:
+        the file the worker's output is appended to)."""
+
+    def wait(self) -> tuple[Cell, dict[str, Any]]:
+        """The next finished cell and its result (measured fields, status, message, wall_s)."""
+
+    def close(self) -> None:
+        """Stop every worker (and cell in flight); the executor is not used afterwards."""
+
+    def __enter__(self) -> "Executor": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LocalExecutor:
+    """The default executor (an Executor): one cell at a time, in this machine's worker processes."""
 
     name = "local"
     capacity = 1
@@ -208,7 +276,11 @@ class LocalExecutor:
         return len(self._done)
 
     def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
-        self._done.append((cell, self.pool.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)))
+        self._done.append((cell, self.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)))
+
+    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
+        """Measure one cell now, in this machine's pool (submit() queues what this returns)."""
+        return self.pool.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
 
     def wait(self) -> tuple[Cell, dict[str, Any]]:
         """The next finished cell and its result (measured fields, status, message, wall_s)."""

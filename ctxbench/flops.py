@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctxbench.masks import visible_pairs
+from ctxbench.masks import Mask
 
 # Backward costs 2.5 forwards (five matmuls against two), the convention every repo uses.
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -18,13 +18,14 @@ DEVICE_PEAK_TFLOPS = {
 }
 
 
-def attention_flops(batch: int, heads: int, n: int, head_dim: int, causal: bool,
-                    window: int | None, mode: str, sinks: int = 0) -> float:
+def attention_flops(batch: int, heads: int, n: int, head_dim: int, mask: Mask, mode: str, *,
+                    n_k: int | None = None) -> float:
     """FLOPs of one call: 4 * B * Hq * D * (visible query-key pairs), times the mode factor.
 
-    GQA does not change the count: every query head does its own two matmuls.
+    n query rows against n_k keys (default n). GQA does not change the count: every query
+    head does its own two matmuls.
     """
-    return 4.0 * batch * heads * head_dim * visible_pairs(n, causal, window, sinks) * MODE_FACTOR[mode]
+    return 4.0 * batch * heads * head_dim * mask.visible_pairs(n, n_k) * MODE_FACTOR[mode]
 
 
 def device_peak_tflops(device_name: str, dtype: str) -> float | None:

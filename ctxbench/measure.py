@@ -45,12 +45,6 @@ def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tenso
     return q, k, v, dout
 
 
-def _call(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # sinks only as a keyword when there are any: plain functions without the parameter keep working
-    extra = {"sinks": cell.attn_sinks} if cell.attn_sinks > 0 else {}
-    return impl.fn(q, k, v, causal=cell.causal, window=cell.attn_window, scale=None, **extra)
-
-
 def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               dout: torch.Tensor) -> Callable[[], Any]:
     """The function the timing loop calls for the cell's mode.
@@ -58,17 +52,18 @@ def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch
     bwd times only the backward: one forward is kept and its graph retained, and the
     gradients are dropped before each call so accumulation is not timed.
     """
+    mask = cell.attention_mask
     if cell.mode == "fwd":
         def fwd() -> torch.Tensor:
             with torch.no_grad():
-                return _call(impl, cell, q, k, v)
+                return impl.call(q, k, v, mask)
         return fwd
     if cell.mode == "fwd+bwd":
         def fwd_bwd() -> None:
             q.grad = k.grad = v.grad = None
-            _call(impl, cell, q, k, v).backward(dout)
+            impl.call(q, k, v, mask).backward(dout)
         return fwd_bwd
-    out = _call(impl, cell, q, k, v)
+    out = impl.call(q, k, v, mask)
 
     def bwd() -> None:
         q.grad = k.grad = v.grad = None
@@ -110,7 +105,10 @@ def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
 
 # ---------------------------------------------------------------- timing
 
-def _quantiles(samples_ms: list[float]) -> dict[str, Any]:
+def quantiles(samples_ms: list[float]) -> dict[str, Any]:
+    """The latency columns of timed calls (samples_ms: one call's time each, ms): latency_ms
+    (median), latency_p20_ms, latency_p80_ms, latency_min_ms (all ms), repeats (how many
+    calls) and latency_samples_ms (every sample, ms, ";"-separated)."""
     t = torch.tensor(samples_ms, dtype=torch.float64)
     q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return {"latency_ms": q[0].item(), "latency_p20_ms": q[1].item(), "latency_p80_ms": q[2].item(),
@@ -120,7 +118,9 @@ def _quantiles(samples_ms: list[float]) -> dict[str, Any]:
             "latency_samples_ms": ";".join(f"{x:.6g}" for x in samples_ms)}
 
 
-def _repeats(estimate_ms: float, s: Settings) -> int:
+def repeats(estimate_ms: float, s: Settings) -> int:
+    """How many timed calls: enough to fill s.rep_ms (ms) at estimate_ms (ms) per call, within
+    s.min_repeats and s.max_repeats."""
     return int(min(s.max_repeats, max(s.min_repeats, math.ceil(s.rep_ms / max(estimate_ms, 1e-3)))))
 
 
@@ -133,11 +133,11 @@ def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
         step()
         warm.append((time.perf_counter() - t0) * 1e3)
     samples = []
-    for _ in range(_repeats(min(warm), s)):
+    for _ in range(repeats(min(warm), s)):
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
 def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
         torch.cuda.synchronize()
         n_warm += 1
     estimate_ms = (time.perf_counter() - t0) * 1e3 / n_warm
-    n = _repeats(estimate_ms, s)
+    n = repeats(estimate_ms, s)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
@@ -161,7 +161,7 @@ def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
         step()
         ends[i].record()
     torch.cuda.synchronize()
-    return _quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+    return quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
 
 
 # ---------------------------------------------------------------- the cell
@@ -177,8 +177,8 @@ def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: to
     rows = sample_rows(cell.n, s.check_rows, gen)
     row_block = max(1, min(len(rows), REFERENCE_BUDGET_BYTES // (8 * cell.batch * cell.heads * cell.n)))
     with torch.no_grad():
-        ref = reference_attention(q.detach(), k.detach(), v.detach(), causal=cell.causal,
-                                  window=cell.attn_window, rows=rows, row_block=row_block, sinks=cell.attn_sinks)
+        ref = reference_attention(q.detach(), k.detach(), v.detach(), cell.attention_mask, rows=rows,
+                                  row_block=row_block)
         rel, mx = errors(out.detach()[:, :, rows.to(out.device), :], ref)
     return {"err_rel_l2": rel, "err_max_abs": mx, "err_rows": len(rows), "err_tolerance": TOLERANCE[cell.dtype],
             "out_dtype_ok": out.dtype == q.dtype}
@@ -188,10 +188,10 @@ def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: tor
                 dout: torch.Tensor) -> float:
     """Relative L2 error of (dq, dk, dv) against float64 autograd of the reference."""
     q.grad = k.grad = v.grad = None
-    _call(impl, cell, q, k, v).backward(dout)
+    impl.call(q, k, v, cell.attention_mask).backward(dout)
     got = [t.grad.double().flatten() for t in (q, k, v)]
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = reference_attention(q64, k64, v64, causal=cell.causal, window=cell.attn_window, sinks=cell.attn_sinks)
+    ref = reference_attention(q64, k64, v64, cell.attention_mask)
     ref.backward(dout.double())
     want = [t.grad.flatten() for t in (q64, k64, v64)]
     rel, _ = errors(torch.cat(got), torch.cat(want))
@@ -199,11 +199,37 @@ def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: tor
     return rel
 
 
+def verdict(err_rel_l2: float, tolerance: float, dtype: str, dtype_ok: bool, grad_err: float | None = None,
+            grad_tolerance: float | None = None) -> tuple[str, str]:
+    """(status, message) of a measured cell from its checks: "ok" and "", or "wrong" and the
+    reasons joined by "; ".
+
+    err_rel_l2: the output's relative L2 error against the float64 reference, wrong unless
+    <= tolerance (NaN and inf are wrong); dtype: the input dtype's name, for the message;
+    dtype_ok: whether the output has the input's dtype; grad_err: the gradients' relative L2
+    error (None: not checked), wrong unless <= grad_tolerance (default GRAD_TOLERANCE_FACTOR x
+    tolerance).
+    """
+    problems = []
+    if not err_rel_l2 <= tolerance:
+        problems.append(f"relative L2 error {err_rel_l2:.3g} over the {dtype} tolerance {tolerance:g}")
+    if not dtype_ok:
+        problems.append(f"output dtype differs from the input's {dtype}")
+    if grad_err is not None:
+        if grad_tolerance is None:
+            if not grad_err <= GRAD_TOLERANCE_FACTOR * tolerance:
+                problems.append(f"gradient relative L2 error {grad_err:.3g} over "
+                                f"{GRAD_TOLERANCE_FACTOR:g}x the {dtype} tolerance")
+        elif not grad_err <= grad_tolerance:
+            problems.append(f"gradient relative L2 error {grad_err:.3g} over the gradient tolerance "
+                            f"{grad_tolerance:g}")
+    return ("wrong" if problems else "ok"), "; ".join(problems)
+
+
 def throughput(cell: Cell, latency_ms: float, devices: int = 1) -> dict[str, Any]:
     """flops (mask-aware FLOPs of one call), tflops at latency_ms, and on CUDA peak_fraction
     (of `devices` GPUs' dense peak)."""
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
-                            cell.attn_sinks)
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.attention_mask, cell.mode)
     row: dict[str, Any] = {"flops": flops, "tflops": flops / (latency_ms * 1e-3) / 1e12}
     if cell.device == "cuda":
         peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
@@ -215,15 +241,16 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
     needs_grad = cell.mode != "fwd"
     q, k, v, dout = make_inputs(cell, s.seed, needs_grad)
+    mask = cell.attention_mask
 
     def once() -> torch.Tensor:
         if needs_grad:
             q.grad = k.grad = v.grad = None
-            out = _call(impl, cell, q, k, v)
+            out = impl.call(q, k, v, mask)
             out.backward(dout)
             return out.detach()
         with torch.no_grad():
-            return _call(impl, cell, q, k, v)
+            return impl.call(q, k, v, mask)
 
     if cell.device == "cuda":
         # Compilation and autotuning (which allocate benchmark buffers of their own) happen
@@ -234,23 +261,16 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     row: dict[str, Any] = {"peak_mem_bytes": mem_bytes, "mem_method": mem_method}
     row.update(check_output(impl, cell, q, k, v, out, s))
     del out
-    problems = []
-    if row["err_rel_l2"] > row["err_tolerance"] or not math.isfinite(row["err_rel_l2"]):
-        problems.append(f"relative L2 error {row['err_rel_l2']:.3g} over the {cell.dtype} tolerance "
-                        f"{row['err_tolerance']:g}")
-    if not row.pop("out_dtype_ok"):
-        problems.append(f"output dtype differs from the input's {cell.dtype}")
+    dtype_ok = row.pop("out_dtype_ok")
     if needs_grad and cell.n <= GRAD_CHECK_MAX_LEN:
         row["grad_err_rel_l2"] = check_grads(impl, cell, q, k, v, dout)
-        if not row["grad_err_rel_l2"] <= GRAD_TOLERANCE_FACTOR * row["err_tolerance"]:
-            problems.append(f"gradient relative L2 error {row['grad_err_rel_l2']:.3g} over "
-                            f"{GRAD_TOLERANCE_FACTOR:g}x the {cell.dtype} tolerance")
+    status, message = verdict(row["err_rel_l2"], row["err_tolerance"], cell.dtype, dtype_ok,
+                              grad_err=row.get("grad_err_rel_l2"))
     gc.collect()
 
     step = make_step(impl, cell, q, k, v, dout)
     timing = time_cuda(step, s) if cell.device == "cuda" else time_cpu(step, s)
     row.update(timing)
     row.update(throughput(cell, timing["latency_ms"]))
-    row["status"] = "wrong" if problems else "ok"
-    row["message"] = "; ".join(problems)
+    row["status"], row["message"] = status, message
     return row

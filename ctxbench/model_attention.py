@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ctxbench.formatting import safe_name
+from ctxbench.masks import Mask
 from ctxbench.registry import Impl
 
 PREFIX = "ctxbench:"
@@ -62,9 +63,8 @@ def make_attention_function(impl: Impl, *, window: int | None = None, sinks: int
             raise ValueError(f"ctxbench attention ({impl.name}) needs queries and keys of the same length "
                              f"(got {query.shape[2]} and {key.shape[2]}): call the model with use_cache=False")
         w = window if window is not None else kwargs.get("sliding_window")
-        causal = bool(getattr(module, "is_causal", True)) or w is not None
-        extra = {"sinks": sinks} if sinks > 0 and w is not None else {}
-        out = impl.fn(query, key, value, causal=causal, window=w, scale=scaling, **extra)
+        mask = Mask.of(bool(getattr(module, "is_causal", True)), w, sinks)
+        out = impl.call(query, key, value, mask, scaling)
         return out.transpose(1, 2).contiguous(), None
 
     ctxbench_attention.__qualname__ = ctxbench_attention.__name__ = f"ctxbench_attention_{_attention_safe(impl.name)}"

@@ -16,29 +16,29 @@ exactly the answer tokens iff each argmax matches (by induction over the answer:
 prefix matches, greedy's next input is the true token), so the score is exactly that of
 greedy decoding, without a KV cache or N forward passes. `predicted` is the teacher-forced
 argmax sequence as text (whitespace runs shown as one space), which equals greedy's output up
-to its first wrong token. Exact match is
-on the answer's tokens (a different tokenization of the same digits counts as a miss).
+to its first wrong token. Exact match is on the answer's tokens (a different tokenization of
+the same digits counts as a miss).
 
 Keys are drawn from a seeded generator per (length, depth, trial), so every implementation
 and RoPE variant answers the same questions.
+
+Where it runs: a trial is a cell of the sweep (task "passkey", with key columns `depth` and
+`trial`; ctxbench.plan.PasskeyPlan plans them), measured by `measure_passkey` in the
+implementation's worker with the sweep's isolation, timeout, memory cap, resume and
+results.csv. `ctxbench passkey` is a front end: `passkey_plan` validates its input, and the
+sweep runs the cells. `heatmaps` draws the run's results.csv rows; `passkey_summary` counts them.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import random
-import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ctxbench import lm
-from ctxbench.model_attention import attention_name
-from ctxbench.plan import Cell
+from ctxbench.formatting import one_line, safe_name
+from ctxbench.plan import Cell, PasskeyPlan
 from ctxbench.registry import Impl, Unsupported
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -49,8 +49,6 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-COLUMNS = ("run_id", "impl", "rope", "n", "n_tokens", "depth", "trial", "key", "predicted", "correct", "status",
-           "message", "mask", "window", "sinks", "dtype", "device", "model", "seconds", "finished_at")
 
 
 @dataclass(frozen=True)
@@ -89,158 +87,155 @@ def make_key(seed: int, length: int, depth: float, trial: int) -> str:
     return str(random.Random(f"{seed}:{length}:{depth:g}:{trial}").randrange(10000, 100000))
 
 
-def score(model: Any, tokenizer: Any, prompt: Prompt, device: str) -> tuple[bool, str]:
-    """(exact match of greedy decoding, the teacher-forced predictions as text); one forward pass."""
+def answer_logits(model: Any, prompt: Prompt, device: str) -> Any:
+    """Logits [answer tokens + 1, vocab] of the last positions of one forward pass over the
+    prompt and its answer: row i predicts answer token i (the last row, past the answer, is unused)."""
+    import torch
+
     ids = torch.tensor([prompt.ids], device=device)
     n_answer = len(prompt.ids) - prompt.answer_start
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=n_answer + 1).logits[0]
+        return model(input_ids=ids, use_cache=False, logits_to_keep=n_answer + 1).logits[0]
+
+
+def score(model: Any, tokenizer: Any, prompt: Prompt, device: str) -> tuple[bool, str]:
+    """(exact match of greedy decoding, the teacher-forced predictions as text); one forward pass."""
+    logits = answer_logits(model, prompt, device)
     predicted = logits[:-1].argmax(dim=-1).tolist()  # predictions for the answer tokens
     correct = predicted == prompt.ids[prompt.answer_start:]
     return correct, " ".join(tokenizer.decode(predicted).split())  # one line for the CSV
 
 
-@dataclass
-class PasskeySpec:
-    impls: list[str]
-    ropes: list[str]
-    lengths: list[int]
-    depths: list[float]
-    trials: int
-    mask: str
-    window: int | None
-    sinks: int
-    dtype: str
-    device: str
-    model: str
-    seed: int
+# ---------------------------------------------------------------- one trial (in the worker)
 
+def measure_passkey(impl: Impl, cell: Cell, settings: Any) -> dict[str, Any]:
+    """Measure one passkey cell: the model (loaded once per worker) with `cell`'s RoPE variant,
+    window and sinks and `impl` as its attention, one prompt of cell.n tokens with the key of
+    (settings.seed, n, depth, trial) at cell.depth. Returns the CSV fields with status and message."""
+    from ctxbench.perplexity import prepare  # the same "model with this impl and rope" step
 
-class Writer:
-    """passkey.csv: one row per trial, written and fsynced as each finishes."""
-
-    def __init__(self, path: str, env: dict[str, str]) -> None:
-        self.path, self.env = path, env
-        self.header = list(COLUMNS) + list(env)
-        with open(path, "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerow(self.header)
-
-    def append(self, row: dict[str, Any]) -> None:
-        row = {**row, **self.env}
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(["" if row.get(c) is None else row.get(c) for c in self.header])
-        with open(self.path, "a", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _one_line(exc: BaseException) -> str:
-    from ctxbench.worker import one_line
-
-    return one_line(exc)
-
-
-def run_passkey(spec: PasskeySpec, run_dir: str, run_id: str, env: dict[str, str],
-                progress: Any = None) -> list[dict[str, Any]]:
-    """Every impl x rope x length x depth x trial; rows are written to run_dir/passkey.csv as
-    they finish. A failing implementation (error, out of memory, refusal) costs its own rows."""
-    from ctxbench import registry
-    from ctxbench.worker import is_oom
-
-    ref = lm.resolve_model(spec.model)
+    model, ref = prepare(impl, cell, settings.model)
     tokenizer = lm.load_tokenizer(ref)
-    model = lm.load_model(ref, spec.dtype, spec.device)
-    heads, kv_heads, head_dim = lm.model_shape(model.config)
-    window = spec.window if spec.mask == "window" else None
-    sinks = spec.sinks if window is not None else 0
-    writer = Writer(os.path.join(run_dir, "passkey.csv"), env)
-    rows: list[dict[str, Any]] = []
-    for rope in spec.ropes:
-        for name in spec.impls:
-            base = {"run_id": run_id, "impl": name, "rope": rope, "mask": spec.mask, "window": window, "sinks": sinks,
-                    "dtype": spec.dtype, "device": spec.device, "model": ref.label}
-            stop: tuple[str, str] | None = None  # (status, message) for every remaining row
-            impl: Impl | None = None
-            try:
-                impl = registry.resolve(name)
-                lm.set_rope(model, rope)
-                model.set_attn_implementation(attention_name(impl, window=window, sinks=sinks))
-            except (Unsupported, registry.RegistryError) as exc:
-                stop = ("unsupported", (str(exc).splitlines() or [""])[0])
-            for n in spec.lengths:
-                reason = None
-                if impl is not None and stop is None:
-                    cell = Cell(batch=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=spec.dtype,
-                                mask=spec.mask, window=window, sinks=sinks, device=spec.device, impl=name, n=n,
-                                task="perplexity", rope=rope)
-                    reason = impl.unsupported_reason(cell)
-                for depth in spec.depths:
-                    for trial in range(spec.trials):
-                        key = make_key(spec.seed, n, depth, trial)
-                        row = {**base, "n": n, "depth": depth, "trial": trial, "key": key}
-                        if stop is not None:
-                            row.update(status=stop[0], message=stop[1])
-                        elif reason is not None:
-                            row.update(status="unsupported", message=reason)
-                        else:
-                            prompt = build_prompt(tokenizer, n, depth, key)
-                            t0 = time.perf_counter()
-                            try:
-                                correct, predicted = score(model, tokenizer, prompt, spec.device)
-                                row.update(status="ok", correct=int(correct), predicted=predicted,
-                                           n_tokens=len(prompt.ids))
-                            except Unsupported as exc:
-                                row.update(status="unsupported", message=str(exc).splitlines()[0] if str(exc) else "")
-                            except Exception as exc:  # noqa: BLE001 - a failing implementation costs its rows
-                                oom = is_oom(exc)
-                                row.update(status="oom" if oom else "error", message=_one_line(exc))
-                                if oom:  # longer lengths of this implementation would too
-                                    stop = ("skipped", f"not attempted: {name} ran out of memory at N={n}")
-                            row["seconds"] = round(time.perf_counter() - t0, 3)
-                        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                        writer.append(row)
-                        rows.append(row)
-                        if progress is not None:
-                            progress(row)
-    return rows
+    key = make_key(settings.seed, cell.n, cell.depth, cell.trial)
+    try:
+        prompt = build_prompt(tokenizer, cell.n, cell.depth, key)
+    except ValueError as exc:  # a length below the prompt's overhead
+        raise Unsupported(str(exc)) from None
+    correct, predicted = score(model, tokenizer, prompt, cell.device)
+    return {"status": "ok", "message": "", "key": key, "predicted": predicted, "correct": int(correct),
+            "n_tokens": len(prompt.ids), "model": ref.label}
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
+# ---------------------------------------------------------------- planning (in the CLI)
+
+def parse_depths(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0], each once; ValueError (one line) unless fractions in [0, 1]."""
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths {text!r} must be comma-separated fractions between 0 and 1, e.g. 0,0.5,1")
+    return list(dict.fromkeys(depths))
+
+
+def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str] | tuple[str, ...] = ("default",),
+                 depths: list[float] | tuple[float, ...] = DEPTHS, trials: int = 1, model_path: str | None = None,
+                 dtype: str = "float32") -> PasskeyPlan:
+    """The passkey cells of a sweep, after checking what a run needs before it starts: the
+    implementations (names or --impl specs, resolvable, none distributed), depths in [0, 1],
+    trials >= 1, the RoPE variants, the model and its dependencies, and that the shortest
+    length holds a prompt. Raises lm.ModelError (model, RoPE) or ValueError (the rest), each
+    one line naming the flag. The model's shape comes from its config; the model itself is
+    loaded by the workers."""
+    from ctxbench import registry
+
+    if not impls:
+        raise ValueError("no implementation given; e.g. --impls sdpa,chunked")
+    for name in impls:
+        impl = registry.resolve(name)  # RegistryError (a ValueError) naming the problem
+        if impl.distributed:
+            raise ValueError(f"{name} is a distributed implementation; passkey runs a whole model in one process, "
+                             "which can't give it a rank's shard")
+    ds = [float(d) for d in depths]
+    if not ds or any(not 0 <= d <= 1 for d in ds):
+        raise ValueError(f"--depths {','.join(f'{d:g}' for d in ds) or '(none)'} must be fractions between 0 and 1, "
+                         "e.g. 0,0.5,1")
+    if trials < 1:
+        raise ValueError(f"--trials must be at least 1 (got {trials})")
+    variants = list(dict.fromkeys(lm.parse_rope(r) for r in ropes))
+    if not variants:
+        raise ValueError("--rope is empty; give e.g. --rope default or --rope default,yarn:4")
+    if not lengths:
+        raise ValueError("--lengths is empty; give e.g. --lengths 1024,2048,4096")
+    ref = lm.resolve_model(model_path)
+    lm.check_dependencies(ref)
+    try:
+        tokenizer = lm.load_tokenizer(ref)
+    except Exception as exc:  # noqa: BLE001 - a folder without a tokenizer, an unreadable file
+        raise lm.ModelError(f"cannot load the tokenizer of {ref.label} ({one_line(exc)})") from None
+    shortest = overhead_tokens(tokenizer)
+    if min(lengths) < shortest:
+        raise ValueError(f"--lengths: a passkey prompt needs at least {shortest} tokens (got {min(lengths)})")
+    heads, kv_heads, head_dim = lm.model_shape(lm.load_config(ref))
+    return PasskeyPlan(impls=list(dict.fromkeys(impls)), ropes=variants, depths=list(dict.fromkeys(ds)),
+                       trials=trials, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+
+
+# ---------------------------------------------------------------- what a run shows
+
+def _passkey_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("task") == "passkey"]
+
+
+def passkey_summary(rows: list[dict[str, Any]]) -> str:
+    """'k/n keys retrieved; m trials not ok' over the passkey rows of `rows` (results.csv rows)."""
+    rows = _passkey_rows(rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    retrieved = sum(int(float(r["correct"])) for r in ok if str(r.get("correct", "")) != "")
+    return f"passkey: {retrieved}/{len(ok)} keys retrieved; {len(rows) - len(ok)} trials not ok"
 
 
 def heatmaps(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
-    """A depth x length heatmap of retrieval accuracy per (impl, rope), PNG and SVG; the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A depth x length heatmap of retrieval accuracy per (impl, rope) from a run's results.csv
+    rows (task passkey, status ok), PNG and SVG, as run_dir/passkey-<impl>-<rope>.*; the paths."""
     import pandas as pd
     import seaborn as sns
+    from matplotlib.figure import Figure
 
-    df = pd.DataFrame([r for r in rows if r.get("status") == "ok"])
-    written = []
+    from ctxbench.masks import Mask
+
+    df = pd.DataFrame([r for r in _passkey_rows(rows) if r.get("status") == "ok"])
+    written: list[str] = []
     if df.empty:
         return written
-    df["correct"] = df["correct"].astype(float)
+    for col in ("correct", "depth", "n", "trial"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     for (impl, rope), part in df.groupby(["impl", "rope"], sort=False):
         table = part.pivot_table(index="depth", columns="n", values="correct", aggfunc="mean")
         table.index = [f"{d:g}" for d in table.index]
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.8 + 0.9 * len(table.columns)), max(3.2, 1.6 + 0.5 * len(table.index))))
+        table.columns = [str(int(n)) for n in table.columns]
+        fig = Figure(figsize=(max(5.0, 1.8 + 0.9 * len(table.columns)), max(3.2, 1.6 + 0.5 * len(table.index))),
+                     layout="constrained")
+        ax = fig.add_subplot()
         sns.heatmap(table, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".0%", cbar_kws={"label": "retrieved"},
                     linewidths=0.5, ax=ax)
-        mask = part.iloc[0]
-        what = "" if mask["mask"] != "window" else f", window {mask['window']}" + (
-            f" + {mask['sinks']} sinks" if mask["sinks"] else "")
+        first = part.iloc[0]
+        mask = Mask.named(str(first.get("mask", "causal")), _int(first.get("window")), _int(first.get("sinks")) or 0)
         ax.set_title(f"passkey retrieval (exact match, {int(part['trial'].max()) + 1} key(s) per cell)\n"
-                     f"{impl}, rope {rope}{what}", fontsize=9)
+                     f"{impl}, rope {rope}, {mask.describe()}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("key depth (fraction of the context)")
-        fig.tight_layout()
-        stem = os.path.join(run_dir, f"passkey-{_safe(impl)}-{_safe(rope)}")
+        stem = os.path.join(run_dir, f"passkey-{safe_name(str(impl))}-{safe_name(str(rope))}")
         for ext in ("png", "svg"):
             fig.savefig(f"{stem}.{ext}", dpi=120)
             written.append(f"{stem}.{ext}")
-        plt.close(fig)
     return written
+
+
+def _int(value: Any) -> int | None:
+    """A CSV cell as an int (None when empty or not a number)."""
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None

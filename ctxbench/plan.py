@@ -2,14 +2,17 @@
 
 A Cell is everything one measurement needs to know; its fields are the configuration
 columns of the CSV, and its key identifies a finished cell when a sweep is resumed.
-A cell is a kernel measurement (task "kernel": one attention call on random inputs) or a
+A cell is a kernel measurement (task "kernel": one attention call on random inputs), a
 perplexity measurement (task "perplexity": a language model whose attention layers run
-through the implementation, ctxbench.perplexity).
+through the implementation, ctxbench.perplexity) or one passkey-retrieval trial (task
+"passkey": one prompt of N tokens with a key at a depth, ctxbench.passkey).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+
+from ctxbench.masks import Mask
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32",
@@ -39,16 +42,21 @@ class Config:
     ppl_scheme: str = "truncated"
 
     @property
+    def attention_mask(self) -> Mask:
+        """The mask the cells apply: the mask column, with window and sinks only for 'window'."""
+        return Mask.named(self.mask, self.window, self.sinks)
+
+    @property
     def causal(self) -> bool:
-        return self.mask in ("causal", "window")
+        return self.attention_mask.causal
 
     @property
     def attn_window(self) -> int | None:
-        return self.window if self.mask == "window" else None
+        return self.attention_mask.window
 
     @property
     def attn_sinks(self) -> int:
-        return self.sinks if self.mask == "window" else 0
+        return self.attention_mask.sinks
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,12 @@ class Cell(Config):
 
     impl: str = ""
     n: int = 0
-    task: str = "kernel"  # "kernel" or "perplexity"
-    rope: str = "default"  # RoPE variant of the model (perplexity cells; "default" for kernels)
+    task: str = "kernel"  # "kernel", "perplexity" or "passkey"
+    rope: str = "default"  # RoPE variant of the model (model cells; "default" for kernels)
+    # passkey cells: where the key goes (fraction of the filler) and which key of that
+    # (length, depth); None for every other task
+    depth: float | None = None
+    trial: int | None = None
 
     @classmethod
     def of(cls, config: Config, impl: str, n: int, **fields_: object) -> "Cell":
@@ -71,8 +83,11 @@ class Cell(Config):
 
     @property
     def label(self) -> str:
+        rope = "" if self.rope == "default" else f" {self.rope}"
         if self.task == "perplexity":
-            return f"ppl {self.impl} N={self.n}" + ("" if self.rope == "default" else f" {self.rope}")
+            return f"ppl {self.impl} N={self.n}{rope}"
+        if self.task == "passkey":
+            return f"passkey {self.impl} N={self.n} d={self.depth:g}" + (f" #{self.trial}" if self.trial else "") + rope
         return f"{self.impl} N={self.n}"
 
 
@@ -120,10 +135,36 @@ class PerplexityPlan:
         return [Cell.of(base, impl, n, task="perplexity", rope=rope) for impl in self.impls for rope in self.ropes]
 
 
+@dataclass(frozen=True)
+class PasskeyPlan:
+    """Which passkey cells a sweep has (ctxbench.passkey), and the model's shape for their CSV
+    columns. Every length of the sweep gets them; the key of a trial is drawn from the seed,
+    the length, the depth and the trial, so every implementation and RoPE variant answers the
+    same questions."""
+
+    impls: list[str]             # implementations that get passkey cells
+    ropes: list[str]             # RoPE variants, e.g. ["default", "yarn:4"]
+    depths: list[float]          # where the key goes: fractions 0..1 of the filler
+    trials: int                  # keys per (length, depth)
+    heads: int                   # the model's query heads, kv heads and head dim
+    kv_heads: int
+    head_dim: int
+    dtype: str                   # the model's dtype
+
+    def cells(self, config: Config, n: int) -> list[Cell]:
+        """The passkey cells at length n: implementation x RoPE variant x depth x trial, one
+        forward pass of n tokens each (batch 1, forward only)."""
+        base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       dtype=self.dtype, mode="fwd")
+        return [Cell.of(base, impl, n, task="passkey", rope=rope, depth=float(depth), trial=trial)
+                for impl in self.impls for rope in self.ropes for depth in self.depths for trial in range(self.trials)]
+
+
 def build_cells(config: Config, impls: list[str], lengths: list[int],
-                ppl: PerplexityPlan | None = None) -> list[Cell]:
+                ppl: PerplexityPlan | None = None, passkey: PasskeyPlan | None = None) -> list[Cell]:
     """Cells in sweep order: length-major, so every implementation's short lengths come first;
-    at each length the kernel cells, then the perplexity cells (when `ppl` plans any).
+    at each length the kernel cells, then the perplexity cells (when `ppl` plans any), then the
+    passkey cells (when `passkey` plans any).
 
     Length-major ordering means an interrupted sweep still has a comparable picture of all
     implementations, and an implementation's out-of-memory at N is known before its 2N.
@@ -133,6 +174,8 @@ def build_cells(config: Config, impls: list[str], lengths: list[int],
         cells += [Cell.of(config, impl, n) for impl in impls]
         if ppl is not None:
             cells += ppl.cells(config, n)
+        if passkey is not None:
+            cells += passkey.cells(config, n)
     return cells
 
 

@@ -98,7 +98,11 @@ def _lines(ax: Any, data: pd.DataFrame, y: str, palette: dict[str, Any]) -> None
     if data.empty:  # e.g. every cell ran out of memory: say so rather than draw empty axes
         ax.text(0.5, 0.5, f"no cell with status ok has a {y}", transform=ax.transAxes, ha="center", color="gray")
         return
-    sns.lineplot(data=data, x="n", y=y, hue="series", hue_order=list(palette), palette=palette, marker="o",
+    # Only the series with something to draw: one unsupported at every length (triton on a CPU)
+    # gets no legend entry (the pivot names it under the table); colours stay the run's.
+    drawn = set(data["series"])
+    shown = {s: c for s, c in palette.items() if s in drawn}
+    sns.lineplot(data=data, x="n", y=y, hue="series", hue_order=list(shown), palette=shown, marker="o",
                  errorbar=None, estimator="median", ax=ax)
     if ax.get_legend() is not None:
         ax.get_legend().set_title("implementation")
@@ -123,30 +127,40 @@ def _mark_wrong(ax: Any, df: pd.DataFrame, y: str) -> None:
 
 def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     """Write every plot the rows allow into run_dir (PNG and SVG each); returns the paths written."""
-    kernel, ppl = split_tasks(to_frame(rows))
     written: list[str] = []
+    for name, fig in figures(rows):
+        written += _save(fig, run_dir, name)
+    return written
+
+
+def figures(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """Every plot the rows allow, as (file name without extension, matplotlib Figure)."""
+    kernel, ppl = split_tasks(to_frame(rows))
+    out: list[tuple[str, Any]] = []
     if not ppl.empty and ppl["ppl"].notna().any():
         p = ppl[ppl["ppl"].notna() & ppl["status"].isin(["ok", "wrong"])]
         model = str(p["model"].iloc[0]) if "model" in p.columns and str(p["model"].iloc[0]) else ""
         fig, ax = _new_axes(p, "perplexity vs context length" + (f" ({model})" if model else ""), "perplexity",
                             log_y=False)
         _lines(ax, p, "ppl", _palette(p))
-        written += _save(fig, run_dir, "ppl")
-        written += _loss_curves(p, run_dir, model)
+        out.append(("ppl", fig))
+        curves = _loss_curves(p, model)
+        if curves is not None:
+            out.append(("loss_curve", curves))
     if kernel.empty:
-        return written
+        return out
     ok = kernel[kernel["status"] == "ok"]
     palette = _palette(kernel)
 
     fig, ax = _new_axes(kernel, "latency (median) vs context length", "latency (ms)", log_y=True)
     _lines(ax, ok, "latency_ms", palette)
     _mark_wrong(ax, kernel, "latency_ms")
-    written += _save(fig, run_dir, "latency")
+    out.append(("latency", fig))
 
     fig, ax = _new_axes(kernel, "throughput vs context length", "TFLOP/s (at the median latency)", log_y=False)
     _lines(ax, ok, "tflops", palette)
     _mark_wrong(ax, kernel, "tflops")
-    written += _save(fig, run_dir, "tflops")
+    out.append(("tflops", fig))
 
     fig, ax = _new_axes(kernel, "peak memory vs context length (star: largest N that fit)", "peak memory (MiB)",
                         log_y=True)
@@ -154,11 +168,17 @@ def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     mem = mem[mem["mem_mib"] > 0]  # a log axis has no 0; CPU readings below a page are 0
     _lines(ax, mem, "mem_mib", palette)
     _mark_largest_fit(ax, kernel, mem, palette)
-    written += _save(fig, run_dir, "memory")
-    return written
+    out.append(("memory", fig))
+    return out
 
 
-def _loss_curves(p: pd.DataFrame, run_dir: str, model: str) -> list[str]:
+def legend_labels(fig: Any) -> list[str]:
+    """The entries of a figure's legend (its first axes'); [] when it has none."""
+    legend = fig.axes[0].get_legend() if fig.axes else None
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
+
+
+def _loss_curves(p: pd.DataFrame, model: str) -> Any:
     """loss_curve.png|svg: mean NLL (nats) per position bin of the window, at each series'
     longest measured length: where in a long window the loss goes up (past a trained
     context, outside a window)."""
@@ -167,7 +187,7 @@ def _loss_curves(p: pd.DataFrame, run_dir: str, model: str) -> list[str]:
     from matplotlib.figure import Figure
 
     if "loss_curve" not in p.columns:
-        return []
+        return None
     curves = []
     for series, g in p.groupby("series", sort=False):
         g = g[g["loss_curve"].astype(str).str.startswith("[")]
@@ -180,7 +200,7 @@ def _loss_curves(p: pd.DataFrame, run_dir: str, model: str) -> list[str]:
         if pts:
             curves.append((f"{series}, N={length_text(int(row['n']))}", pts))
     if not curves:
-        return []
+        return None
     fig = Figure(figsize=(7.0, 4.4), layout="constrained")
     ax = fig.add_subplot()
     for (label, pts), color in zip(curves, _palette(pd.DataFrame({"series": [c[0] for c in curves]})).values()):
@@ -190,7 +210,7 @@ def _loss_curves(p: pd.DataFrame, run_dir: str, model: str) -> list[str]:
     ax.set_title("loss by position, at each series' longest context" + (f"\n{model}" if model else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, run_dir, "loss_curve")
+    return fig
 
 
 def _palette(df: pd.DataFrame) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     cell = Cell(**cell_json)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
-        worker = Worker(memory_limit_bytes if cell.device == "cpu" else None, log_path)
+        worker = Worker(memory_limit_bytes, log_path, cell.device)
         try:
             result = worker.run(cell, Settings(**settings_json), timeout_s)
         finally:
@@ -73,7 +73,7 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
 
 class RayExecutor:
     """Cells as Ray tasks on the cluster at `address` (None: RAY_ADDRESS, or a local cluster
-    started for this sweep). Same interface as executor.LocalExecutor."""
+    started for this sweep). An executor.Executor, as executor.LocalExecutor is."""
 
     name = "ray"
 

@@ -11,47 +11,45 @@ import math
 
 import torch
 
-from ctxbench.masks import visible
+from ctxbench.masks import Mask
 
 
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    mask: Mask,
     *,
-    causal: bool,
-    window: int | None,
     scale: float | None = None,
     rows: torch.Tensor | None = None,
     row_block: int = 256,
-    sinks: int = 0,
 ) -> torch.Tensor:
-    """Attention in float64 for query rows `rows` (all rows when None).
+    """Attention in float64 under `mask` for query rows `rows` (all rows when None).
 
-    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D]. Returns float64 [B, Hq, len(rows), D].
-    `sinks` keys stay visible beside a window (ctxbench.masks.visible).
+    q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]. rows are query row indices (position
+    mask.q_offset + row, as Mask.visible says). Returns float64 [B, Hq, len(rows), D].
     Rows are processed `row_block` at a time, so peak extra memory is
-    B * Hq * row_block * N * 8 bytes.
+    B * Hq * row_block * Lk * 8 bytes.
     """
-    B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"heads {Hq} not divisible by kv heads {Hkv}")
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if rows is None:
-        rows = torch.arange(N, device=q.device)
+        rows = torch.arange(Lq, device=q.device)
     rows = rows.to(q.device)
     # Expanding K/V over the group is fine here: the reference is about clarity, not speed.
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
-    cols = torch.arange(N, device=q.device)
+    cols = torch.arange(Lk, device=q.device)
     out = torch.empty(B, Hq, len(rows), D, dtype=torch.float64, device=q.device)
     for start in range(0, len(rows), row_block):
         r = rows[start:start + row_block]
         qr = q[:, :, r, :].double()
         s = torch.matmul(qr, k64.transpose(-1, -2)) * scale
-        ok = visible(r, cols, causal, window, sinks)
+        ok = mask.visible(r, cols)
         if ok is not None:
             s = s.masked_fill(~ok, float("-inf"))
         p = torch.softmax(s, dim=-1)

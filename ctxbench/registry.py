@@ -29,7 +29,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:  # the registry stays importable without torch
+    import torch
+
+    from ctxbench.masks import Mask
 
 ENTRY_POINT_GROUP = "ctxbench.attention"
 
@@ -68,7 +73,7 @@ class Impl:
     # Whether the function takes `sinks=S` (attention sinks beside a window).
     sinks: bool = False
     # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
-    # its shard of the sequence (ctxbench.distributed measures such cells; launch with torchrun).
+    # its shard of the sequence (ctxbench.sharded measures such cells; launch with torchrun).
     distributed: bool = False
     description: str = ""
     source: str = ""
@@ -78,8 +83,29 @@ class Impl:
     info: Callable[[], dict] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
 
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
+             scale: float | None = None) -> Any:
+        """Run the implementation under `mask` (ctxbench.masks.Mask), through the contract above.
+
+        The mask's offset is not an argument of the contract: bottom-right alignment fixes it
+        at Lk - Lq, so a mask that says otherwise is refused rather than silently ignored.
+        """
+        if mask.q_offset != k.shape[-2] - q.shape[-2]:
+            raise ValueError(f"{mask.describe()} does not match {q.shape[-2]} queries against {k.shape[-2]} keys "
+                             "(queries are aligned to the last keys: q_offset must be Lk - Lq)")
+        return self.fn(q, k, v, scale=scale, **mask.contract_kwargs())
+
     def unsupported_reason(self, cell: Any) -> str | None:
-        """Why this implementation can't run `cell` (a ctxbench.plan.Cell), or None if it can."""
+        """Why this implementation can't run `cell` (a ctxbench.plan.Cell), or None if it can:
+        what it declares, then its own run-time check."""
+        reason = self.declared_reason(cell)
+        if reason is None and self.check is not None:
+            reason = self.check(cell)
+        return reason
+
+    def declared_reason(self, cell: Any) -> str | None:
+        """Why `cell` is outside what this implementation declares (devices, dtypes, masks,
+        modes, GQA, sinks), or None; its run-time check is not consulted."""
         if cell.device not in self.devices:
             return f"{self.name} does not run on {cell.device} (declares {', '.join(sorted(self.devices))})"
         if cell.dtype not in self.dtypes:
@@ -93,8 +119,6 @@ class Impl:
         sinks = getattr(cell, "attn_sinks", 0)
         if sinks > 0 and not self.sinks:
             return f"{self.name} does not support attention sinks (sinks={sinks})"
-        if self.check is not None:
-            return self.check(cell)
         return None
 
 

@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from ctxbench.fits import FIT_HEADER, FIT_POINTS, fit_all, fit_row
+from ctxbench.fits import FIT_HEADER, FIT_POINTS, fit_row
+from ctxbench.markdown import markdown_table
 from ctxbench.plots import config_text, plot_run, split_tasks, to_frame
 from ctxbench.results import read_results
-from ctxbench.summary import human_bytes, human_ms
+from ctxbench.summary import fits_shown, human_bytes, human_ms, is_left_out, not_run, not_run_lines
 
 REPORT_NAME = "report.html"
 
@@ -46,9 +47,23 @@ PPL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 )
 
 
+def _series(row: dict[str, Any]) -> str:
+    return str(row["series"])
+
+
+def never_ran(df: pd.DataFrame) -> dict[str, list[str]]:
+    """The implementations (or series) of df whose every cell is unsupported, with the reasons:
+    left out of the pivots and named once under them (ctxbench.summary.not_run)."""
+    return not_run(df.to_dict("records"), _series) if not df.empty else {}
+
+
 def pivot_frame(df: pd.DataFrame, column: str, fmt: Callable[[float], str]) -> pd.DataFrame:
     """Implementation (rows) x length in tokens (columns) of `column` written by fmt; status where
-    the cell has no value, and the status appended where it has one but is not ok."""
+    the cell has no value, and the status appended where it has one but is not ok. A series that
+    never ran (`never_ran`) has no line."""
+    skipped = never_ran(df)
+    if skipped:
+        df = df[[not is_left_out(r, skipped, _series) for r in df.to_dict("records")]]
     lengths = sorted(int(n) for n in df["n"].dropna().unique())
     table = pd.DataFrame(index=list(dict.fromkeys(df["series"])), columns=[f"{n:,}" for n in lengths], data="")
     for _, r in df.iterrows():
@@ -64,30 +79,21 @@ def pivot_frame(df: pd.DataFrame, column: str, fmt: Callable[[float], str]) -> p
     return table
 
 
-def pivots(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Every pivot the run has data for: the kernel's, then perplexity's."""
+def pivots(df: pd.DataFrame) -> list[tuple[list[tuple[str, pd.DataFrame]], list[str]]]:
+    """Every pivot the run has data for, the kernel's, then perplexity's: for each part its
+    (title, table) pivots and the `not run: ...` lines that go under them."""
     out = []
     for part, specs in zip(split_tasks(df), (KERNEL_PIVOTS, PPL_PIVOTS)):
-        for title, column, fmt in specs:
-            if not part.empty and column in part.columns and part[column].notna().any():
-                out.append((title, pivot_frame(part, column, fmt)))
+        tables = [(title, pivot_frame(part, column, fmt)) for title, column, fmt in specs
+                  if not part.empty and column in part.columns and part[column].notna().any()]
+        if tables:
+            out.append((tables, not_run_lines(never_ran(part))))
     return out
 
 
-def markdown_table(header: list[str], rows: list[list[str]], left: int = 1, left_last: bool = False) -> str:
-    """A GitHub markdown table: the first `left` columns (and the last with left_last) left-aligned,
-    the rest right-aligned (numbers)."""
-    def clean(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    align = ["---" if i < left or (left_last and i == len(header) - 1) else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(clean(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def pivot_markdown(rows: list[dict[str, Any]]) -> str:
-    """The terminal pivot (latency / peak memory, or status) as a markdown table."""
+    """The terminal pivot (latency / peak memory, or status) as a markdown table, with a line
+    under it for each implementation that never ran."""
     df, _ = split_tasks(to_frame(rows))
     lat = pivot_frame(df, "latency_ms", human_ms)
     mem = pivot_frame(df, "peak_mem_bytes", human_bytes)
@@ -98,12 +104,13 @@ def pivot_markdown(rows: list[dict[str, Any]]) -> str:
             a, b = lat.loc[impl, n], mem.loc[impl, n]
             cells.append(a if a == b else f"{a} / {b}")
         body.append([impl, *cells])
-    return markdown_table(["impl \\ N", *lat.columns], body)
+    notes = not_run_lines(never_ran(df))
+    return markdown_table(["impl \\ N", *lat.columns], body) + "".join(f"\n\n{note}" for note in notes)
 
 
 def fits_markdown(rows: list[dict[str, Any]]) -> str:
     """The scaling fits as a markdown table."""
-    return markdown_table(list(FIT_HEADER), [fit_row(f) for f in fit_all(rows)])
+    return markdown_table(list(FIT_HEADER), [fit_row(f) for f in fits_shown(rows)])
 
 
 def _read_meta(run_dir: str) -> dict[str, Any]:
@@ -149,14 +156,16 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any], pngs: list[str
     parts.append("<h2>Plots</h2>")
     parts += [_img(p, os.path.basename(p)) for p in pngs]
     parts.append("<h2>Pivot tables</h2>")
-    for name, table in pivots(df):
-        parts.append(f"<h3>{html.escape(name)}</h3>")
-        parts.append(table.reset_index().to_html(escape=True, border=0, index=False))
+    for tables, notes in pivots(df):
+        for name, table in tables:
+            parts.append(f"<h3>{html.escape(name)}</h3>")
+            parts.append(table.reset_index().to_html(escape=True, border=0, index=False))
+        parts += [f'<p class="not-run">{html.escape(note)}</p>' for note in notes]
     parts.append(f"<h2>Scaling fits</h2><p>cost ~ N<sup>p</sup>: p is the least-squares slope of log cost "
                  f"against log N over each implementation's {FIT_POINTS} longest lengths with status ok "
                  "(about 2 for a quadratic cost, about 1 for a linear one).</p>")
-    fits = pd.DataFrame([fit_row(f) for f in fit_all(rows)], columns=list(FIT_HEADER))
-    parts.append(fits.to_html(escape=True, border=0, index=False))
+    fit_table = pd.DataFrame([fit_row(f) for f in fits_shown(rows)], columns=list(FIT_HEADER))
+    parts.append(fit_table.to_html(escape=True, border=0, index=False))
     parts.append("<h2>Environment</h2>")
     env = meta.get("environment") or {k: rows[0].get(k, "") for k in ("device_name", "torch_version", "git_commit")}
     parts.append(_kv_table(env))
@@ -179,10 +188,17 @@ def report(run_dir: str) -> list[str]:
     _, rows = read_results(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no rows yet; run or resume the sweep first")
-    written = plot_run(rows, run_dir)
+    # passkey trials (ctxbench.passkey) get their depth x length heatmaps, not the kernel plots
+    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
+    others = [r for r in rows if r.get("task") != "passkey"]
+    written = plot_run(others, run_dir) if others else []
+    if passkey_rows:
+        from ctxbench.passkey import heatmaps
+
+        written += heatmaps(passkey_rows, run_dir)
     meta = _read_meta(run_dir)
     title = f"ctxbench run {meta.get('run_id') or os.path.basename(os.path.normpath(run_dir))}"
-    page = render_html(rows, meta, [p for p in written if p.endswith(".png")], title)
+    page = render_html(others or rows, meta, [p for p in written if p.endswith(".png")], title)
     out = os.path.join(run_dir, REPORT_NAME)
     with open(out + ".tmp", "w") as f:
         f.write(page)

@@ -17,9 +17,11 @@ from ctxbench.plan import KEY_FIELDS
 STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
 
 CONFIG_COLUMNS = ("impl", "n", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
-                  "sinks", "mode", "device", "allow_interpreter", "ppl_scheme")
+                  "sinks", "mode", "device", "allow_interpreter", "ppl_scheme",
+                  "depth", "trial")  # passkey cells: the key's depth (fraction of the filler) and trial
 # Key columns added after the first release, with the value every row of an older run has.
-KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated"}
+KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
+                "trial": ""}
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
     "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
@@ -33,7 +35,12 @@ MEASURE_COLUMNS = (
     # hash, and tokens through the model per second of forward passes
     "ppl", "bits_per_byte", "ppl_tokens", "ppl_bytes", "ppl_windows", "ppl_stride", "loss_curve",
     "model", "corpus_sha256", "tokens_per_s",
-    # distributed implementations (ctxbench.distributed): ranks, each rank's peak memory (JSON
+    # passkey cells (task=passkey, ctxbench.passkey; `model` as above): the 5-digit key hidden in
+    # the prompt, the teacher-forced argmax text at the answer positions (greedy decoding's output
+    # up to its first wrong token), 1 when greedy decoding retrieves the key exactly else 0, and
+    # the prompt's length in tokens (prompt and answer: N)
+    "key", "predicted", "correct", "n_tokens",
+    # distributed implementations (ctxbench.sharded): ranks, each rank's peak memory (JSON
     # list, bytes; peak_mem_bytes is the largest), and the share of a call's time spent waiting
     # for communication (mean over ranks and timed calls)
     "world_size", "peak_mem_rank_bytes", "comm_fraction",
@@ -43,6 +50,13 @@ COLUMNS: tuple[str, ...] = (
     + ("impl_exact", "rep_ms", "seed", "wall_s", "log", "finished_at") + ENV_FIELDS
 )
 assert set(KEY_FIELDS) <= set(COLUMNS), "every Cell field must be a CSV column"
+
+
+_SCHEMA = frozenset(COLUMNS)
+
+
+class UnknownColumns(ValueError):
+    """A row carries a key the CSV schema does not have (a measurement bug)."""
 
 
 class CorruptResults(ValueError):
@@ -81,7 +95,16 @@ class ResultsWriter:
             os.fsync(f.fileno())
 
     def append(self, row: dict[str, Any]) -> None:
-        """Append one row; keys outside the header are dropped, missing ones left empty."""
+        """Append one row; missing columns are left empty.
+
+        A key that is not a column of the schema (COLUMNS) is a bug in whatever measured the
+        row, and raises UnknownColumns instead of vanishing. Columns of the schema that an
+        older run's header lacks are left out of that run's file (it resumes with its columns).
+        """
+        unknown = [k for k in row if k not in _SCHEMA]
+        if unknown:
+            raise UnknownColumns(f"row has keys that are not results.csv columns: {', '.join(unknown)}; "
+                                 "add them to ctxbench.results.COLUMNS")
         self._write_line([_fmt(row.get(c)) for c in self.header])
 
 

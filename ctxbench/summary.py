@@ -1,12 +1,20 @@
-"""The terminal summary: implementation x length pivot of latency, memory and status."""
+"""The terminal summary: implementation x length pivot of latency, memory and status.
+
+An implementation whose every cell is `unsupported` (triton on a CPU without its interpreter,
+an SDPA backend pinned on the wrong device) gets no line of its own: it is named once under
+the table with the reason (`not_run`, `not_run_lines`), in the terminal, the markdown pivot,
+report.html and the plots' legends alike.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from rich.table import Table
+from rich.text import Text
 
-from ctxbench.formatting import number
+from ctxbench.fits import Fit, fit_all
+from ctxbench.formatting import first_line, number
 
 STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
                 "unsupported": "dim", "skipped": "dim"}
@@ -30,6 +38,82 @@ def human_ms(ms: float) -> str:
     return f"{ms * 1000:.3g} us"
 
 
+# ---------------------------------------------------------------- lines that never ran
+
+def impl_of(row: dict[str, Any]) -> str:
+    return str(row["impl"])
+
+
+def not_run(rows: Iterable[dict[str, Any]], line: Callable[[dict[str, Any]], str] = impl_of) -> dict[str, list[str]]:
+    """What never ran: each implementation whose every cell is `unsupported`, named by itself,
+    then, with `line` (a label finer than the implementation, e.g. with the RoPE variant), each
+    further line whose every cell is; each with its distinct reasons in order of appearance.
+    The last row of a cell counts (a resumed run's), as in the pivot."""
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        cells[(impl_of(r), line(r), str(r.get("n", "")))] = r
+    last = list(cells.values())
+    whole = _never_ran(last, impl_of)
+    return {**whole, **_never_ran([r for r in last if impl_of(r) not in whole], line)}
+
+
+def _never_ran(rows: list[dict[str, Any]], line: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
+    by_line: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_line.setdefault(line(r), []).append(r)
+    return {label: list(dict.fromkeys(_reason(r) for r in rs))
+            for label, rs in by_line.items() if all(r.get("status") == "unsupported" for r in rs)}
+
+
+def _reason(row: dict[str, Any]) -> str:
+    message = row.get("message")
+    return (first_line(message) if isinstance(message, str) else "") or "no reason recorded"
+
+
+def is_left_out(row: dict[str, Any], skipped: dict[str, list[str]],
+                line: Callable[[dict[str, Any]], str] = impl_of) -> bool:
+    """Whether a row belongs to a line `not_run` named (so the table leaves it out)."""
+    return impl_of(row) in skipped or line(row) in skipped
+
+
+def not_run_lines(skipped: dict[str, list[str]]) -> list[str]:
+    """'not run: triton (triton runs on the CPU only through its interpreter, ...)', one per line."""
+    return [f"not run: {label} ({'; '.join(reasons)})" for label, reasons in skipped.items()]
+
+
+def fits_shown(rows: list[dict[str, Any]]) -> list[Fit]:
+    """The scaling fits of the kernel rows (ctxbench.fits.fit_all), but none for an implementation
+    that never ran: nothing to fit, and it is named under the pivot already."""
+    skipped = not_run(r for r in rows if r.get("task", "kernel") != "perplexity")
+    return [f for f in fit_all(rows) if f.impl not in skipped]
+
+
+def perplexity_label(r: dict[str, Any]) -> str:
+    """A perplexity table's line: the implementation, and the RoPE variant unless the default."""
+    rope = r.get("rope") or "default"
+    return str(r["impl"]) if rope == "default" else f"{r['impl']}, {rope}"
+
+
+class NotedTable(Table):
+    """A rich Table with `notes` printed under it at the console's full width (a caption would
+    wrap at the table's)."""
+
+    def __init__(self, *args: Any, notes: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notes = list(notes or [])
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield from super().__rich_console__(console, options)
+        for note in self.notes:
+            yield Text(note, style="dim")
+
+
+def _table(title: str, notes: list[str]) -> NotedTable:
+    return NotedTable(title=title or None, show_lines=True, title_justify="left", notes=notes)
+
+
+# ---------------------------------------------------------------- tables
+
 def cell_text(row: dict[str, Any]) -> str:
     """What one pivot cell shows: latency and memory when measured, else the status."""
     status = row.get("status", "")
@@ -43,11 +127,13 @@ def cell_text(row: dict[str, Any]) -> str:
 
 
 def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
-    """A rich Table: one line per implementation, one column per context length (tokens)."""
+    """A rich Table: one line per implementation, one column per context length (tokens);
+    implementations unsupported at every length are named under it instead."""
+    skipped = not_run(rows)
     lengths = sorted({int(r["n"]) for r in rows})
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if not is_left_out(r, skipped)))
     by_key = {(r["impl"], int(r["n"])): r for r in rows}  # a later row for a cell wins
-    table = Table(title=title or None, show_lines=True, title_justify="left")
+    table = _table(title, not_run_lines(skipped))
     table.add_column("impl \\ N", style="bold")
     for n in lengths:
         table.add_column(f"{n:,}", justify="right")
@@ -58,14 +144,17 @@ def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
 
 def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     """Perplexity cells: one line per implementation and RoPE variant, one column per length;
-    each cell shows perplexity and bits per byte, or the status."""
+    each cell shows perplexity and bits per byte, or the status. Lines that never ran are named
+    under the table."""
+    skipped = not_run(rows, perplexity_label)
     lengths = sorted({int(r["n"]) for r in rows})
-    lines = list(dict.fromkeys((r["impl"], r.get("rope", "default")) for r in rows))
-    by_key = {(r["impl"], r.get("rope", "default"), int(r["n"])): r for r in rows}
+    lines = list(dict.fromkeys((r["impl"], r.get("rope") or "default") for r in rows
+                               if not is_left_out(r, skipped, perplexity_label)))
+    by_key = {(r["impl"], r.get("rope") or "default", int(r["n"])): r for r in rows}
     first = rows[0] if rows else {}
     model = (first.get("model") or "").split(" (")[0] or "model"
-    table = Table(title=f"perplexity / bits per byte ({model}, {first.get('ppl_scheme', '')} windows)",
-                  show_lines=True, title_justify="left")
+    table = _table(f"perplexity / bits per byte ({model}, {first.get('ppl_scheme', '')} windows)",
+                   not_run_lines(skipped))
     table.add_column("impl, rope \\ N", style="bold")
     for n in lengths:
         table.add_column(f"{n:,}", justify="right")
@@ -81,6 +170,6 @@ def perplexity_table(rows: list[dict[str, Any]]) -> Table:
         return shown if status == "ok" else f"{shown}\n[{STATUS_STYLE.get(status, '')}]{status}[/]"
 
     for impl, rope in lines:
-        label = impl if rope == "default" else f"{impl}, {rope}"
-        table.add_row(label, *(text(by_key.get((impl, rope, n))) for n in lengths))
+        table.add_row(perplexity_label({"impl": impl, "rope": rope}),
+                      *(text(by_key.get((impl, rope, n))) for n in lengths))
     return table

@@ -21,11 +21,11 @@ from rich.table import Table
 
 from ctxbench import registry
 from ctxbench.env import environment
-from ctxbench.executor import LocalExecutor
+from ctxbench.executor import Executor, LocalExecutor
 from ctxbench.flops import attention_flops
 from ctxbench.formatting import safe_name
 from ctxbench.plan import Settings
-from ctxbench.plan import Cell, Config, PerplexityPlan, build_cells
+from ctxbench.plan import Cell, Config, PasskeyPlan, PerplexityPlan, build_cells
 from ctxbench.results import ResultsWriter, read_results, row_key
 from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
 from ctxbench.summary import perplexity_table, pivot_table
@@ -49,6 +49,7 @@ class SweepSpec:
     settings: Settings = field(default_factory=Settings)
     reuse_workers: bool = True
     ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
+    passkey: PasskeyPlan | None = None  # passkey-retrieval cells (None: none)
     # memory_limit_bytes is this machine's default (85% of available), not the user's
     # --memory-limit: a Ray node computes its own instead
     memory_limit_auto: bool = False
@@ -58,7 +59,8 @@ class SweepSpec:
                 "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
                 "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
                 "ppl": asdict(self.ppl) if self.ppl is not None else None,
-                "memory_limit_auto": self.memory_limit_auto}
+                "memory_limit_auto": self.memory_limit_auto,
+                "passkey": asdict(self.passkey) if self.passkey is not None else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
@@ -66,10 +68,16 @@ class SweepSpec:
                    timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
                    settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
                    ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
-                   memory_limit_auto=d.get("memory_limit_auto", False))
+                   memory_limit_auto=d.get("memory_limit_auto", False),
+                   passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None)
 
     def cells(self) -> list[Cell]:
-        return build_cells(self.config, self.impls, self.lengths, self.ppl)
+        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey)
+
+    def all_impls(self) -> list[str]:
+        """Every implementation with cells in the sweep (kernel, perplexity or passkey), once each."""
+        return list(dict.fromkeys(self.impls + (self.ppl.impls if self.ppl else [])
+                                  + (self.passkey.impls if self.passkey else [])))
 
 
 # Rough language-model throughput (tokens/s through the default model) for perplexity ETAs.
@@ -82,13 +90,18 @@ def _weight(cell: Cell, settings: Settings) -> float:
         scored = cell.n if cell.ppl_scheme == "truncated" else min(settings.ppl_stride, cell.n)
         windows = max(1, -(-settings.ppl_tokens // scored))
         return _WORKER_START_S + windows * cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.causal, cell.attn_window, cell.mode,
-                            cell.attn_sinks)
+    if cell.task == "passkey":  # one forward pass of n tokens; the model stays loaded between trials
+        return 0.1 + cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
+    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.attention_mask, cell.mode)
     return _WORKER_START_S + settings.rep_ms / 1e3 + 5 * flops / _ROUGH_RATE.get(cell.device, 5e10)
 
 
-def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], argv: list[str]) -> None:
-    """meta.json: the command line, the spec and the environment of a run (kept across resumes)."""
+def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], argv: list[str],
+               changes: dict[str, Any] | None = None) -> None:
+    """meta.json: the command line, the spec and the environment of a run (kept across resumes).
+
+    `changes`: what a resume added (lengths, implementations, timeout); the saved spec becomes
+    `spec` and the invocation records them."""
     path = os.path.join(run_dir, "meta.json")
     meta: dict[str, Any] = {}
     if os.path.exists(path):
@@ -98,9 +111,13 @@ def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], 
     meta.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("argv", argv)
     meta.setdefault("spec", spec.to_json())
+    if changes:
+        meta["spec"] = spec.to_json()
     meta["environment"] = env
-    meta.setdefault("invocations", []).append({"argv": argv, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                               "python": sys.executable})
+    invocation: dict[str, Any] = {"argv": argv, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.executable}
+    if changes:
+        invocation["changed"] = changes
+    meta.setdefault("invocations", []).append(invocation)
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -111,7 +128,7 @@ def read_meta(run_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def make_executor(spec: SweepSpec, executor: str = "local", address: str | None = None) -> Any:
+def make_executor(spec: SweepSpec, executor: str = "local", address: str | None = None) -> Executor:
     """The executor that measures cells: "local" (worker processes here) or "ray" (tasks on a
     Ray cluster; raises ray_executor.RayMissing when ray is not installed)."""
     if executor == "ray":
@@ -123,7 +140,7 @@ def make_executor(spec: SweepSpec, executor: str = "local", address: str | None 
 
 
 def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str],
-              executor: Any = None) -> list[dict[str, Any]]:
+              executor: Executor | None = None, changes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run (or continue) the sweep in run_dir; returns every row of the run, old and new.
 
     Rows are appended to run_dir/results.csv as each cell finishes; worker logs go to
@@ -137,7 +154,7 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     done = {row_key(r) for r in rows}
 
     env = environment(spec.config.device)
-    impls = {name: registry.resolve(name) for name in dict.fromkeys(spec.impls + (spec.ppl.impls if spec.ppl else []))}
+    impls = {name: registry.resolve(name) for name in spec.all_impls()}
     # Keyed by (impl, task): a model that runs out of memory says nothing about the kernel alone.
     stopped: dict[tuple[str, str], tuple[str, int]] = {}
     for r in rows:
@@ -157,7 +174,7 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[cells]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     writer = ResultsWriter(csv_path, header)
-    write_meta(run_dir, spec, run_id, env, argv)
+    write_meta(run_dir, spec, run_id, env, argv, changes)
     with (executor or make_executor(spec)) as ex, Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=sum(weights.values()) or 1.0, cells=f"0/{len(todo)} cells")
         finished = 0
@@ -225,7 +242,7 @@ def _unsupported_or_skipped(cell: Cell, impl: registry.Impl,
     if key in stopped and stopped[key][1] < cell.n:
         status, n = stopped[key]
         what = "ran out of memory" if status == "oom" else "timed out"
-        task = " (perplexity)" if cell.task == "perplexity" else ""
+        task = "" if cell.task == "kernel" else f" ({cell.task})"
         return {"status": "skipped", "message": f"not attempted: {cell.impl}{task} {what} at N={n}"}
     return None
 
@@ -234,11 +251,16 @@ def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Console) ->
     """The pivot table, the scaling fits, perplexity and where the files are."""
     kernel_rows = [r for r in rows if r.get("task", "kernel") in ("kernel", "")]
     ppl_rows = [r for r in rows if r.get("task") == "perplexity"]
+    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
     if kernel_rows:
         console.print(pivot_table(kernel_rows, title="latency (median) / peak memory, or status"))
         console.print(fits_table(fit_all(kernel_rows)))
     if ppl_rows:
         console.print(perplexity_table(ppl_rows))
+    if passkey_rows:
+        from ctxbench.passkey import passkey_summary
+
+        console.print(passkey_summary(passkey_rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -255,3 +277,33 @@ def fits_table(fits: list[Fit]) -> Table:
     for f in fits:
         table.add_row(*fit_row(f))
     return table
+
+
+def describe(spec: SweepSpec) -> list[str]:
+    """The lines that say what a run measures, printed when it starts."""
+    c, s = spec.config, spec.settings
+    lines = []
+    shape = (f"{c.device} {c.dtype} B={c.batch} Hq={c.heads} Hkv={c.kv_heads} D={c.head_dim} "
+             f"mask={c.mask}{f' W={c.window}' if c.mask == 'window' else ''}"
+             f"{f' sinks={c.sinks}' if c.attn_sinks else ''} mode={c.mode}")
+    if spec.impls:
+        lines.append(f"[bold]ctxbench sweep[/] {shape}; impls: {', '.join(spec.impls)}; "
+                     f"N: {', '.join(map(str, spec.lengths))}")
+    p = spec.ppl
+    if spec.passkey is None:
+        if p is None:
+            lines.append("perplexity: none (--ppl-max-len 0, --mask none, or no length within --ppl-max-len)")
+        else:
+            ns = [n for n in spec.lengths if n <= p.max_len]
+            scheme = c.ppl_scheme + (f" (last {s.ppl_stride} of each window)" if c.ppl_scheme == "strided" else "")
+            lines.append(f"perplexity: {s.model or 'default model (SmolLM2-135M-Instruct)'}, corpus "
+                         f"{s.text or 'pydoc_data.topics'}, N: {', '.join(map(str, ns))}; {s.ppl_tokens} tokens per "
+                         f"cell, {scheme} windows, {p.dtype}; rope: {', '.join(p.ropes)}; impls: {', '.join(p.impls)}")
+    else:
+        k = spec.passkey
+        lines.append(f"[bold]ctxbench passkey[/] {c.device} {k.dtype} mask={c.mask}"
+                     f"{f' W={c.window}' if c.mask == 'window' else ''}{f' sinks={c.sinks}' if c.attn_sinks else ''}; "
+                     f"model {s.model or 'default (SmolLM2-135M-Instruct)'}; impls: {', '.join(k.impls)}; "
+                     f"rope: {', '.join(k.ropes)}; N: {', '.join(map(str, spec.lengths))}; "
+                     f"depths: {', '.join(f'{d:g}' for d in k.depths)}; {k.trials} key(s) each")
+    return lines

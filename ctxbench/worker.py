@@ -59,11 +59,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             from ctxbench.perplexity import measure_perplexity
 
             row = measure_perplexity(impl, cell, settings)
+        elif cell.task == "passkey":
+            # one trial; the model stays loaded for the next one, as for perplexity
+            from ctxbench.passkey import measure_passkey
+
+            row = measure_passkey(impl, cell, settings)
         elif impl.distributed:
             # one rank of a torchrun sweep (or the whole sequence when there is no torchrun)
-            from ctxbench.distributed import measure_distributed_cell
+            from ctxbench.sharded import measure_sharded_cell
 
-            row = measure_distributed_cell(impl, cell, settings)
+            row = measure_sharded_cell(impl, cell, settings)
         else:
             row = measure_cell(impl, cell, settings)
     except registry.Unsupported as exc:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctxbench.masks import visible
+from ctxbench.masks import Mask
 
 LOG2E = math.log2(math.e)
 # The running max starts finite so that a row with no visible key in a tile gives
@@ -62,26 +62,6 @@ class QueryBlock:
     tiles: tuple[Tile, ...]
 
 
-def key_span(q_start: int, q_end: int, n: int, causal: bool, window: int | None) -> tuple[int, int]:
-    """Keys [lo, hi) that at least one query in [q_start, q_end) can see."""
-    lo = max(0, q_start - window + 1) if window is not None else 0
-    hi = q_end if (causal or window is not None) else n
-    return lo, hi
-
-
-def needs_mask(q_start: int, q_end: int, k_start: int, k_end: int, causal: bool,
-               window: int | None, sinks: int = 0) -> bool:
-    """True when some query in [q_start, q_end) cannot see some key in [k_start, k_end)."""
-    causal = causal or window is not None
-    if causal and k_end - 1 > q_start:  # the first query cannot see the last key
-        return True
-    if window is not None:
-        first = max(k_start, sinks)  # keys below `sinks` are never hidden by the window
-        if first < k_end and first <= q_end - 1 - window:  # the last query's window misses that key
-            return True
-    return False
-
-
 def sink_tiles(band_lo: int, sinks: int, block_k: int) -> list[Tile]:
     """Tiles over the sink keys [0, min(sinks, band_lo)) that a query block's band does not
     already cover. Every query of the block sits at or past band_lo, so these keys are
@@ -96,31 +76,30 @@ def visited_pairs(plan: list[QueryBlock], rows_per_position: int = 1) -> int:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock], *,
-              causal: bool, window: int | None, scale: float | None, sinks: int = 0) -> torch.Tensor:
+              mask: Mask, scale: float | None) -> torch.Tensor:
     """Exact attention over the tiles of `plan`; q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
 
-    The plan must cover every visible pair exactly once per query block; hidden pairs
-    inside a tile marked `masked` are removed here. `sinks` (with a window) keeps keys
-    below it visible, as ctxbench.masks.visible says.
+    The plan must cover every pair `mask` makes visible exactly once per query block; hidden
+    pairs inside a tile marked `masked` are removed here (Mask.visible).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _Attention.apply(q, k, v, plan, causal or window is not None, window, scale, sinks)
+    return _Attention.apply(q, k, v, plan, mask, scale)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, causal, window, scale, sinks):  # type: ignore[override]
-        out, lse = _forward(q, k, v, plan, causal, window, scale, sinks)
+    def forward(ctx, q, k, v, plan, mask, scale):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.causal, ctx.window, ctx.scale, ctx.sinks = plan, causal, window, scale, sinks
+        ctx.plan, ctx.mask, ctx.scale = plan, mask, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.plan, ctx.causal, ctx.window, ctx.scale, ctx.sinks)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.plan, ctx.mask, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 class _MaskBias:
@@ -131,20 +110,20 @@ class _MaskBias:
     it with one in-place add (cheaper than masked_fill with a broadcast boolean).
     """
 
-    def __init__(self, causal: bool, window: int | None, device: torch.device, sinks: int = 0) -> None:
-        self.causal, self.window, self.device, self.sinks = causal, window, device, sinks
+    def __init__(self, mask: Mask, device: torch.device) -> None:
+        self.mask, self.device = mask, device
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __call__(self, q_start: int, q_end: int, tile: Tile) -> torch.Tensor:
         """Float32 [rows, keys] bias for queries [q_start, q_end) against the tile's keys."""
         key = (q_start - tile.start, q_end - q_start, tile.end - tile.start)
-        if self.sinks > 0 and tile.start < self.sinks:
+        if tile.start < self.mask.sinks:
             key += (tile.start,)  # a tile holding sink keys also depends on where it starts
         bias = self._cache.get(key)
         if bias is None:
             rows = torch.arange(q_start, q_end, device=self.device)
             cols = torch.arange(tile.start, tile.end, device=self.device)
-            hidden = ~visible(rows, cols, self.causal, self.window, self.sinks)
+            hidden = ~self.mask.visible(rows, cols)
             bias = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)
             bias.masked_fill_(hidden, float("-inf"))
             self._cache[key] = bias
@@ -152,7 +131,7 @@ class _MaskBias:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock],
-             causal: bool, window: int | None, scale: float, sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             mask: Mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, N, D] in q's dtype, lse [B, Hkv, group, N] fp32: log2 of each row's
     softmax denominator in the base-2 units of the scaled scores, for the backward pass)."""
     B, Hq, N, D = q.shape
@@ -167,7 +146,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[Query
     out = torch.empty(B, Hkv, G, N, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
     qscale = scale * LOG2E
-    mask_bias = _MaskBias(causal, window, q.device, sinks)
+    mask_bias = _MaskBias(mask, q.device)
     # One flat buffer reused for every score tile: allocating a fresh multi-MB tile per step
     # costs page faults on the CPU allocator.
     max_tile = max((G * (b.end - b.start) * (t.end - t.start) for b in plan for t in b.tiles), default=0)
@@ -199,8 +178,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[Query
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-              dout: torch.Tensor, plan: list[QueryBlock], causal: bool, window: int | None,
-              scale: float, sinks: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dout: torch.Tensor, plan: list[QueryBlock], mask: Mask,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention's backward: recompute P per tile from lse, accumulate dQ, dK, dV in fp32."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
@@ -215,7 +194,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     dk = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
     qscale = scale * LOG2E
-    mask_bias = _MaskBias(causal, window, q.device, sinks)
+    mask_bias = _MaskBias(mask, q.device)
     for blk in plan:
         nq = blk.end - blk.start
         R = G * nq

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, key_span, needs_mask, sink_tiles
+from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, sink_tiles
+from ctxbench.masks import Mask
 from ctxbench.registry import register
 
 # Score-tile budget in fp32 elements for all (batch, head) pairs together: 1M elements =
@@ -56,20 +57,18 @@ def block_sizes(n: int, rows_per_block_row: int) -> tuple[int, int]:
     return min(block_q, n), min(block_k, n)
 
 
-def plan(n: int, causal: bool, window: int | None, block_q: int, block_k: int,
-         sinks: int = 0) -> list[QueryBlock]:
+def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
     """Query blocks of `block_q` rows, each with the grid key blocks (multiples of `block_k`)
     it can see at least partly, clipped to the visible key span [lo, hi); with a window and
     sinks, first the sink keys left of that span (unmasked)."""
-    sinks = sinks if window is not None else 0
     blocks = []
     for qs in range(0, n, block_q):
         qe = min(qs + block_q, n)
-        lo, hi = key_span(qs, qe, n, causal, window)
-        tiles = sink_tiles(lo, sinks, block_k)
+        lo, hi = mask.key_span(qs, qe, n)
+        tiles = sink_tiles(lo, mask.sinks, block_k)
         for ks in range(lo - lo % block_k, hi, block_k):
             a, b = max(ks, lo), min(ks + block_k, hi)
-            tiles.append(Tile(a, b, needs_mask(qs, qe, a, b, causal, window, sinks)))
+            tiles.append(Tile(a, b, mask.needs_mask(qs, qe, a, b)))
         blocks.append(QueryBlock(qs, qe, tuple(tiles)))
     return blocks
 
@@ -79,9 +78,7 @@ def plan(n: int, causal: bool, window: int | None, block_q: int, block_k: int,
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
             window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Exact attention over query blocks x key blocks; q [B, Hq, N, D], k/v [B, Hkv, N, D]."""
+    mask = Mask.of(causal, window, sinks)
     B, Hq, N, _ = q.shape
     block_q, block_k = block_sizes(N, B * Hq)
-    causal = causal or window is not None
-    sinks = sinks if window is not None else 0
-    return attention(q, k, v, plan(N, causal, window, block_q, block_k, sinks),
-                     causal=causal, window=window, scale=scale, sinks=sinks)
+    return attention(q, k, v, plan(N, mask, block_q, block_k), mask=mask, scale=scale)

@@ -10,6 +10,7 @@ import importlib.util
 
 import torch
 
+from ctxbench.masks import Mask
 from ctxbench.registry import register
 
 _AVAILABLE = importlib.util.find_spec("flash_attn") is not None
@@ -26,9 +27,11 @@ def _check(cell) -> str | None:
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                window: int | None, scale: float | None = None) -> torch.Tensor:
     """flash_attn_func on [B, N, H, D] views; window W maps to window_size=(W - 1, 0)."""
+    mask = Mask.of(causal, window)
     from flash_attn import flash_attn_func
 
-    window_size = (-1, -1) if window is None else (window - 1, 0)
+    window_size = (-1, -1) if mask.window is None else (mask.window - 1, 0)
+    # flash_attn's causal mask is bottom-right aligned, as Mask's q_offset is.
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                          causal=causal or window is not None, window_size=window_size)
+                          causal=mask.causal, window_size=window_size)
     return out.transpose(1, 2)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ctxbench.masks import visible
+from ctxbench.masks import Mask
 from ctxbench.registry import register
 
 
@@ -18,6 +18,7 @@ from ctxbench.registry import register
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
           window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Attention with the whole [B, Hq, N, N] score matrix materialised."""
+    mask = Mask.of(causal, window, sinks)
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -28,7 +29,7 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     s = torch.matmul(qg, k.float().transpose(-1, -2))
     s.mul_(scale)
     pos = torch.arange(N, device=q.device)
-    ok = visible(pos, pos, causal or window is not None, window, sinks)
+    ok = mask.visible(pos, pos)
     if ok is not None:
         s.view(B, Hkv, group, N, N).masked_fill_(~ok, float("-inf"))
     p = torch.softmax(s, dim=-1)

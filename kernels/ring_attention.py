@@ -29,8 +29,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ctxbench.masks import visible
+from ctxbench.masks import Mask
 from ctxbench.registry import register
+from ctxbench.sharded import shard_bounds
 
 LOG2E = math.log2(math.e)
 
@@ -40,26 +41,6 @@ LOG2E = math.log2(math.e)
 QUERY_CHUNK = 1024
 
 _LAST_STATS: dict = {}
-
-
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Token ranges [start, end) of a sequence of `n` tokens split over `world` ranks.
-
-    Contiguous and in rank order; the first n % world ranks get one token more, so shard
-    lengths differ by at most one. Shards are empty when n < world.
-    """
-    if world < 1:
-        raise ValueError(f"world size must be >= 1, got {world}")
-    if n < 0:
-        raise ValueError(f"sequence length must be >= 0, got {n}")
-    base, extra = divmod(n, world)
-    bounds = []
-    start = 0
-    for r in range(world):
-        end = start + base + (1 if r < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def last_stats() -> dict:
@@ -77,28 +58,12 @@ def last_stats() -> dict:
     return dict(_LAST_STATS)
 
 
-def _hidden(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, window: int | None) -> bool:
-    """True when no query in [q_lo, q_hi) can see any key in [k_lo, k_hi) (global positions).
-
-    Shards are contiguous, so it is enough to look at the extreme pair: under a causal mask
-    the first key against the last query, under a window the last key against the first
-    query's window start (keys j <= i - window are hidden from query i).
-    """
-    if q_lo >= q_hi or k_lo >= k_hi:
-        return True
-    if causal or window is not None:
-        if k_lo > q_hi - 1:
-            return True
-        if window is not None and k_hi - 1 <= q_lo - window:
-            return True
-    return False
-
-
-def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, causal: bool,
-             window: int | None, qscale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, mask: Mask,
+             qscale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local queries against one K/V shard, unnormalised across shards.
 
-    q5: [B, Hkv, G, nq, D] local queries (any float dtype), global positions q_lo + t.
+    q5: [B, Hkv, G, nq, D] local queries (any float dtype), global positions q_lo + t, which
+    are also their row indices for `mask` (the whole sequence's mask, q_offset 0).
     kv: [2, B, Hkv, nk, D] the visiting keys and values, global positions k_lo + t.
     qscale: softmax scale times log2(e): scores are kept in base 2 (exp2 is cheaper than exp
     on the CPU, and the merge only needs a consistent base).
@@ -109,7 +74,6 @@ def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, causal: b
     B, Hkv, G, nq, D = q5.shape
     nk = kv.shape[3]
     BH = B * Hkv
-    causal = causal or window is not None
     # fp32 copies of this shard's K and V (no-ops for fp32): O(nk * D), and every matmul then
     # accumulates in fp32 whatever the input dtype.
     kf = kv[0].float().reshape(BH, nk, D)
@@ -120,12 +84,10 @@ def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, causal: b
         c1 = min(c0 + QUERY_CHUNK, nq)
         i_lo, i_hi = q_lo + c0, q_lo + c1  # global query positions of the chunk
         # Keys of the shard that some query of the chunk can see: a window or causal mask
-        # bounds them, so a narrow window costs O(chunk * W), not O(chunk * nk).
-        j_lo, j_hi = k_lo, k_lo + nk
-        if window is not None:
-            j_lo = max(j_lo, i_lo - window + 1)
-        if causal:
-            j_hi = min(j_hi, i_hi)
+        # bounds them, so a narrow window costs O(chunk * W), not O(chunk * nk). (The ring
+        # takes no sinks, so the band is all there is.)
+        lo, hi = mask.key_span(i_lo, i_hi, k_lo + nk)
+        j_lo, j_hi = max(k_lo, lo), hi
         if j_lo >= j_hi:
             continue  # the chunk sees none of these keys: out 0, lse -inf already
         nc, nj = c1 - c0, j_hi - j_lo
@@ -133,9 +95,8 @@ def _partial(q5: torch.Tensor, kv: torch.Tensor, q_lo: int, k_lo: int, causal: b
         # [G*nc, D] x [D, nj] matmul per (batch, kv head) covers them without copying K/V.
         qc = (q5[:, :, :, c0:c1].float() * qscale).reshape(BH, G * nc, D)
         s = torch.bmm(qc, kf[:, j_lo - k_lo:j_hi - k_lo].transpose(1, 2))  # [BH, G*nc, nj]
-        ok = visible(torch.arange(i_lo, i_hi, device=q5.device),
-                     torch.arange(j_lo, j_hi, device=q5.device), causal, window)
-        if ok is not None and not bool(ok.all()):
+        if mask.needs_mask(i_lo, i_hi, j_lo, j_hi):
+            ok = mask.visible(torch.arange(i_lo, i_hi, device=q5.device), torch.arange(j_lo, j_hi, device=q5.device))
             s.view(BH, G, nc, nj).masked_fill_(~ok, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         # A row with every key hidden has m = -inf; subtracting 0 instead keeps exp2 at 0
@@ -195,8 +156,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     even when q does. Statistics of the call: last_stats().
     """
     t_start = time.perf_counter()
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    mask = Mask.of(causal, window)
     B, Hq, n_r, D = q.shape
     Hkv = k.shape[1]
     if Hq % Hkv:
@@ -277,12 +237,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             k_lo, k_hi = bounds[src]
             if step > 0:
                 steps += 1
-            if _hidden(q_lo, q_hi, k_lo, k_hi, causal, window):
+            if not mask.sees_any(q_lo, q_hi, k_lo, k_hi):  # the mask hides the whole shard
                 if step > 0:
                     skipped += 1
             else:
                 t0 = time.perf_counter()
-                p_out, p_lse = _partial(q5, cur, q_lo, k_lo, causal, window, qscale)
+                p_out, p_lse = _partial(q5, cur, q_lo, k_lo, mask, qscale)
                 _merge(out, lse, p_out, p_lse)
                 compute_s += time.perf_counter() - t0
             if works:

@@ -12,36 +12,36 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ctxbench.masks import visible
+from ctxbench.masks import Mask
 from ctxbench.registry import Unsupported, register
 
 
-def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          window: int | None, scale: float | None, sinks: int = 0) -> torch.Tensor:
+def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
-    if window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    # SDPA's is_causal aligns queries top-left, ours bottom-right: the same only at offset 0.
+    if mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=gqa)
     # SDPA has no window argument: the band (and the sink columns) go in as a boolean mask
-    # (N x N bytes, shared by every batch and head), which also rules out the flash and
+    # (Lq x Lk bytes, shared by every batch and head), which also rules out the flash and
     # cudnn backends.
-    pos = torch.arange(q.shape[2], device=q.device)
-    mask = visible(pos, pos, True, window, sinks)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    ok = mask.visible(torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=scale, enable_gqa=gqa)
 
 
 @register("sdpa", sinks=True, description="torch SDPA, backend chosen by PyTorch")
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
          window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
-    return _call(q, k, v, causal, window, scale, sinks)
+    return _call(q, k, v, Mask.of(causal, window, sinks), scale)
 
 
 def _pinned(backend: SDPBackend):
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
              window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
+        mask = Mask.of(causal, window, sinks)
         try:
             with sdpa_kernel([backend]):
-                return _call(q, k, v, causal, window, scale, sinks)
+                return _call(q, k, v, mask, scale)
         except RuntimeError as exc:
             # PyTorch says "No available kernel" (with the reasons as warnings) when the
             # pinned backend rejects the inputs.

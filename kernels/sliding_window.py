@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, needs_mask, sink_tiles
+from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, sink_tiles
+from ctxbench.masks import Mask
 from ctxbench.registry import register
 
 # fp32 elements of one score tile for all (batch, head) pairs: 4 MiB, the L2 caches of the
@@ -49,9 +50,11 @@ def block_sizes(n: int, window: int, rows_per_block_row: int) -> tuple[int, int]
     return min(block_q, n), BLOCK_K
 
 
-def plan(n: int, window: int, block_q: int, block_k: int, sinks: int = 0) -> list[QueryBlock]:
-    """For each query block, the band of keys it can see, cut at the mask edges and into
-    tiles of at most block_k keys; with sinks, first the sink keys left of the band."""
+def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
+    """For each query block, the band of keys it can see under the window `mask`, cut at the
+    mask edges and into tiles of at most block_k keys; with sinks, first the sink keys left
+    of the band."""
+    window = mask.window
     blocks = []
     for qs in range(0, n, block_q):
         qe = min(qs + block_q, n)
@@ -62,11 +65,10 @@ def plan(n: int, window: int, block_q: int, block_k: int, sinks: int = 0) -> lis
         left = max(0, qs - window)
         full_lo = min(max(left, qe - window), qs)  # keys in [full_lo, qs) are seen by every query
         cuts = [left] + list(range(full_lo, qs, block_k)) + [qs, qe]
-        band = [Tile(a, b, needs_mask(qs, qe, a, b, True, window, sinks))
-                for a, b in zip(cuts, cuts[1:])
-                # drop a tile the window hides entirely (unless it holds sink keys)
-                if b > a and (b > qs - window + 1 or a < sinks)]
-        blocks.append(QueryBlock(qs, qe, tuple(sink_tiles(left, sinks, block_k) + band)))
+        # a tile the window hides entirely (the left edge, when it holds no sink keys) is dropped
+        band = [Tile(a, b, mask.needs_mask(qs, qe, a, b))
+                for a, b in zip(cuts, cuts[1:]) if mask.sees_any(qs, qe, a, b)]
+        blocks.append(QueryBlock(qs, qe, tuple(sink_tiles(left, mask.sinks, block_k) + band)))
     return blocks
 
 
@@ -75,11 +77,9 @@ def plan(n: int, window: int, block_q: int, block_k: int, sinks: int = 0) -> lis
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                    window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required."""
-    if window is None:
+    mask = Mask.of(causal, window, sinks)
+    if mask.window is None:
         raise ValueError("sliding_window needs a window (it declares masks=['window'] only)")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     B, Hq, N, _ = q.shape
-    block_q, block_k = block_sizes(N, window, B * Hq)
-    return attention(q, k, v, plan(N, window, block_q, block_k, sinks),
-                     causal=True, window=window, scale=scale, sinks=sinks)
+    block_q, block_k = block_sizes(N, mask.window, B * Hq)
+    return attention(q, k, v, plan(N, mask, block_q, block_k), mask=mask, scale=scale)

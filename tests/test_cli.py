@@ -155,3 +155,50 @@ def test_interrupted_sweep_resumes_without_repeating_or_losing_cells(tmp_path):
     assert after[:len(before)] == before  # finished cells untouched, not re-run
     meta = json.load(open(out / "r" / "meta.json"))
     assert len(meta["invocations"]) == 2
+
+
+# ---------------------------------------------------------------- --resume with configuration flags
+
+@pytest.fixture
+def small_run(tmp_path, capsys):
+    """A finished two-length run of sdpa (what --resume continues)."""
+    code, out, err = run_cli(["sweep", *SMALL, "--lengths", "32,64", "--impls", "sdpa", "--out", str(tmp_path),
+                              "--run-id", "r"], capsys)
+    assert code == 0, err
+    return str(tmp_path / "r")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--dtype", "bf16"], ["--dtype cannot change when resuming"]),
+    (["--heads", "4", "--mask", "none"], ["--heads, --mask cannot change", "resume without them"]),
+    (["--rep-ms", "50"], ["--rep-ms cannot change"]),
+    (["--seed", "1"], ["--seed cannot change"]),
+    (["--max-len", "4096"], ["leave out 32, 64 of the run", "can only gain lengths"]),
+    (["--lengths", "64,128"], ["leave out 32 of the run"]),
+    (["--impls", "naive"], ["--impls leaves out sdpa", "only gain implementations"]),
+    (["--run-id", "other"], ["--run-id names a new run"]),
+])
+def test_resume_refuses_flags_that_would_change_the_run(small_run, capsys, args, fragments):
+    """A flag given with --resume is refused in one line unless it extends the run; the run is untouched."""
+    before = open(os.path.join(small_run, "meta.json")).read()
+    _bad(["sweep", "--resume", small_run, *args], capsys, *fragments)
+    assert open(os.path.join(small_run, "meta.json")).read() == before
+
+
+def test_resume_extends_lengths_and_impls_and_records_it(small_run, capsys):
+    code, out, err = run_cli(["sweep", "--resume", small_run, "--lengths", "32,64,96", "--impls", "sdpa,naive",
+                              "--timeout", "300"], capsys)
+    assert code == 0, err
+    assert "resume extends the run" in out
+    cells = rows_by_cell(small_run)
+    assert set(cells) == {(i, n) for i in ("sdpa", "naive") for n in (32, 64, 96)}
+    assert all(r["status"] == "ok" for r in cells.values())
+    meta = json.load(open(os.path.join(small_run, "meta.json")))
+    assert meta["spec"]["lengths"] == [32, 64, 96] and meta["spec"]["impls"] == ["sdpa", "naive"]
+    assert meta["spec"]["timeout_s"] == 300
+    assert meta["invocations"][-1]["changed"] == {"lengths": [32, 64, 96], "impls": ["sdpa", "naive"],
+                                                  "timeout_s": 300.0}
+    # the extended spec is what a later plain resume continues: nothing left to do
+    code, out, err = run_cli(["sweep", "--resume", small_run], capsys)
+    assert code == 0 and "0 to go" in out, out
+    assert len(rows_by_cell(small_run)) == 6

@@ -268,3 +268,17 @@ def test_min_statistic_ignores_interference_in_the_slow_repeats(base, tmp_path, 
     ch = next(c for c in compare_paths(base, cur, Thresholds(statistic="min"), "sdpa").changes
               if c.key["impl"] == "chunked" and c.key["n"] == "1024")
     assert ch.latency.ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_compare_imports_no_heavy_library():
+    """`ctxbench compare` reads CSVs and prints markdown: importing it must not pull in pandas,
+    matplotlib, seaborn, scipy (imported inside the slowdown test only) or torch."""
+    import subprocess
+    import sys
+
+    heavy = ("pandas", "matplotlib", "seaborn", "scipy", "torch")
+    code = ("import sys, ctxbench.compare, ctxbench.markdown; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"importing ctxbench.compare imported {done.stdout.strip()}"

@@ -96,3 +96,52 @@ def test_workers_die_with_the_sweep(tmp_path):
         assert not _alive(pid), "the worker outlived its driver"
     finally:
         driver.kill()
+
+
+def _address_space_limit(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(ln for ln in f if ln.startswith("Max address space"))
+    return line.split()[3]  # the soft limit: a byte count, or "unlimited"
+
+
+def test_cpu_workers_cap_their_address_space_and_cuda_workers_do_not(tmp_path):
+    """RLIMIT_AS would break CUDA (a context reserves more virtual memory than the host has),
+    so a worker for CUDA cells runs uncapped and is watched instead; a CPU worker keeps the cap."""
+    from ctxbench.executor import Worker
+
+    limit = 6 * 2**30
+    cpu = Worker(limit, str(tmp_path / "cpu.log"), "cpu")
+    cuda = Worker(limit, str(tmp_path / "cuda.log"), "cuda")
+    try:
+        deadline = time.monotonic() + 60
+        # the cap is set when the worker starts serving; wait until it shows
+        while _address_space_limit(cpu.proc.pid) == "unlimited" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert int(_address_space_limit(cpu.proc.pid)) == limit
+        assert cpu.rss_limit_bytes is None
+        time.sleep(0.5)
+        assert _address_space_limit(cuda.proc.pid) == "unlimited"
+        assert cuda.rss_limit_bytes == limit
+    finally:
+        cpu.close()
+        cuda.close()
+
+
+def test_an_uncapped_worker_over_its_resident_limit_is_killed_as_oom(tmp_path):
+    """The resident-set watch that protects the host from a CUDA worker, exercised on the CPU:
+    the worker runs without an address-space cap and is killed once it holds more than the limit."""
+    from ctxbench.executor import Worker
+    from ctxbench.plan import Cell, Settings
+    from misbehaving import TRIGGER
+
+    worker = Worker(1 * 2**30, str(tmp_path / "w.log"), "cuda")
+    cell = Cell(impl=f"{MISBEHAVING}:hogs_memory", n=TRIGGER, heads=2, kv_heads=2, head_dim=16, device="cpu")
+    try:
+        t0 = time.monotonic()
+        result = worker.run(cell, Settings(rep_ms=5), timeout_s=120)
+    finally:
+        worker.close()
+    assert result["status"] == "oom", result
+    assert "resident set" in result["message"] and "1.00 GiB" in result["message"]
+    assert time.monotonic() - t0 < 120
+    assert not worker.alive

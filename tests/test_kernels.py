@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ctxbench.kernels import _blockwise, chunked as chunked_mod, sliding_window as sliding_mod
-from ctxbench.masks import mask_of, visible, visible_pairs
+from ctxbench.masks import Mask
 from ctxbench.plan import Cell
 from ctxbench.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import Unsupported, all_impls
@@ -78,7 +78,7 @@ def random_qkv(seed: int, b: int, hq: int, hkv: int, n: int, d: int, dtype: torc
 
 def cell_for(impl, *, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool,
              window: int | None, mode: str = "fwd") -> Cell:
-    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=mask_of(causal, window),
+    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).name,
                 window=window, mode=mode, device="cpu", impl=impl.name, n=n)
 
 
@@ -104,7 +104,7 @@ def test_matches_reference(impl, n, d, heads, mask, dtype, b):
     seed = new_seed()
     q, k, v = random_qkv(seed, b, hq, hkv, n, d, DTYPES[dtype])
     out = run_or_skip(impl, cell, q, k, v, causal, window)
-    ref = reference_attention(q, k, v, causal=causal, window=window)
+    ref = reference_attention(q, k, v, Mask.of(causal, window))
     rel, worst = errors(out, ref)
     assert rel <= TOLERANCE[dtype], (f"{impl.name} seed={seed} B={b} Hq={hq} Hkv={hkv} N={n} D={d} "
                                      f"mask={mask} {dtype}: rel L2 {rel:.2e}, max abs {worst:.2e}")
@@ -122,7 +122,7 @@ def test_peaked_scores_and_explicit_scale(impl, mask):
     q, k, v = random_qkv(seed, 1, hq, hkv, n, d, torch.float32, q_scale=6.0)
     scale = 0.37
     out = run_or_skip(impl, cell, q, k, v, causal, window, scale=scale)
-    ref = reference_attention(q, k, v, causal=causal, window=window, scale=scale)
+    ref = reference_attention(q, k, v, Mask.of(causal, window), scale=scale)
     rel, _ = errors(out, ref)
     assert rel <= TOLERANCE["float32"], f"{impl.name} seed={seed} mask={mask}: rel L2 {rel:.2e}"
 
@@ -153,9 +153,9 @@ def coverage(plan: list[_blockwise.QueryBlock], n: int) -> torch.Tensor:
     return cov
 
 
-def check_plan(plan: list[_blockwise.QueryBlock], n: int, causal: bool, window: int | None, sinks: int = 0) -> None:
+def check_plan(plan: list[_blockwise.QueryBlock], n: int, mask: Mask) -> None:
     pos = torch.arange(n)
-    ok = visible(pos, pos, causal or window is not None, window, sinks)
+    ok = mask.visible(pos, pos)
     ok = torch.ones(n, n, dtype=torch.bool) if ok is None else ok
     cov = coverage(plan, n)
     assert (cov[ok] == 1).all(), "a visible pair is computed zero or several times"
@@ -172,19 +172,20 @@ def check_plan(plan: list[_blockwise.QueryBlock], n: int, causal: bool, window: 
 @pytest.mark.parametrize("mask", ["none", "causal", "window1", "window3", "window40", "windowN"])
 @pytest.mark.parametrize("block_q,block_k", [(16, 32), (32, 16), (7, 13), (64, 64)])
 def test_chunked_plan_is_exact_and_skips_hidden_blocks(n, mask, block_q, block_k):
-    causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
-    check_plan(chunked_mod.plan(n, causal, window, block_q, block_k), n, causal, window)
+    m = Mask.of(*((True, 40) if mask == "window40" else mask_args(mask, n)))
+    check_plan(chunked_mod.plan(n, m, block_q, block_k), n, m)
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
 @pytest.mark.parametrize("window", [1, 3, 16, 40, 300])
 @pytest.mark.parametrize("block_q,block_k", [(16, 32), (32, 16), (7, 13), (64, 64)])
 def test_sliding_plan_is_exact_band(n, window, block_q, block_k):
-    plan = sliding_mod.plan(n, window, block_q, block_k)
-    check_plan(plan, n, True, window)
+    m = Mask("window", window)
+    plan = sliding_mod.plan(n, m, block_q, block_k)
+    check_plan(plan, n, m)
     # Only the band is computed: the visible pairs plus the two edge triangles of each
     # query block, at most block_q hidden keys per row.
-    assert _blockwise.visited_pairs(plan) <= visible_pairs(n, True, window) + n * block_q
+    assert _blockwise.visited_pairs(plan) <= m.visible_pairs(n) + n * block_q
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "window3", "window40"])
@@ -192,15 +193,15 @@ def test_sliding_plan_is_exact_band(n, window, block_q, block_k):
 def test_small_blocks_match_reference(mask, block_q, block_k):
     """Many query and key blocks at a small N: exercises every tile boundary of the engine."""
     n, d, hq, hkv = 150, 48, 4, 2
-    causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
+    m = Mask.of(*((True, 40) if mask == "window40" else mask_args(mask, n)))
     seed = new_seed()
     q, k, v = random_qkv(seed, 2, hq, hkv, n, d, torch.float32, q_scale=3.0)
-    ref = reference_attention(q, k, v, causal=causal, window=window)
-    plans = {"chunked": chunked_mod.plan(n, causal, window, block_q, block_k)}
-    if window is not None:
-        plans["sliding_window"] = sliding_mod.plan(n, window, block_q, block_k)
+    ref = reference_attention(q, k, v, m)
+    plans = {"chunked": chunked_mod.plan(n, m, block_q, block_k)}
+    if m.window is not None:
+        plans["sliding_window"] = sliding_mod.plan(n, m, block_q, block_k)
     for name, plan in plans.items():
-        out = _blockwise.attention(q, k, v, plan, causal=causal, window=window, scale=None)
+        out = _blockwise.attention(q, k, v, plan, mask=m, scale=None)
         rel, _ = errors(out, ref)
         assert rel <= TOLERANCE["float32"], f"{name} seed={seed} mask={mask} blocks {block_q}x{block_k}: {rel:.2e}"
 
@@ -225,7 +226,7 @@ def test_sliding_window_work_is_linear_in_n_times_w(monkeypatch):
         sliding_mod.sliding_window(q, k, v, causal=True, window=w, scale=None)
         block_q, _ = sliding_mod.block_sizes(n, w, 1)
         work[n] = _blockwise.visited_pairs(plans[-1])
-        assert visible_pairs(n, True, w) <= work[n] <= n * (w + block_q)
+        assert Mask("window", w).visible_pairs(n) <= work[n] <= n * (w + block_q)
     assert work[4096] <= 2 * work[2048] + 2 * w * w  # linear in N, not quadratic
     assert work[4096] < 4096 * 4096 / 16
 
@@ -233,9 +234,9 @@ def test_sliding_window_work_is_linear_in_n_times_w(monkeypatch):
 def test_chunked_causal_skips_the_upper_triangle():
     n = 4096
     block_q, block_k = chunked_mod.block_sizes(n, 8)
-    causal_work = _blockwise.visited_pairs(chunked_mod.plan(n, True, None, block_q, block_k))
+    causal_work = _blockwise.visited_pairs(chunked_mod.plan(n, Mask("causal"), block_q, block_k))
     assert causal_work <= n * (n + 1) // 2 + n * block_k
-    window_work = _blockwise.visited_pairs(chunked_mod.plan(n, True, 100, block_q, block_k))
+    window_work = _blockwise.visited_pairs(chunked_mod.plan(n, Mask("window", 100), block_q, block_k))
     assert window_work <= n * (100 + block_q + 2 * block_k)
 
 
@@ -282,7 +283,7 @@ def test_chunked_memory_is_not_quadratic():
 def test_gradients_match_float64_autograd(name, n, mask):
     impl = all_impls()[name]
     causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
-    if mask_of(causal, window) not in impl.masks:
+    if Mask.of(causal, window).name not in impl.masks:
         pytest.skip(f"{name} does not support {mask}")
     seed = new_seed()
     q, k, v = random_qkv(seed, 2, 4, 2, n, 24, torch.float32, q_scale=2.0)
@@ -290,7 +291,7 @@ def test_gradients_match_float64_autograd(name, n, mask):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     impl.fn(*leaves, causal=causal, window=window, scale=None).backward(dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    reference_attention(*ref_leaves, causal=causal, window=window).backward(dout.double())
+    reference_attention(*ref_leaves, Mask.of(causal, window)).backward(dout.double())
     for label, got, want in zip("qkv", leaves, ref_leaves):
         rel, _ = errors(got.grad, want.grad)
         assert rel <= TOLERANCE["float32"], f"{name} seed={seed} N={n} mask={mask}: d{label} rel L2 {rel:.2e}"
@@ -320,26 +321,16 @@ def test_scale_default_is_inverse_sqrt_d():
 # --- attention sinks (StreamingLLM): a window plus the first S keys ------------------------
 
 
-@pytest.mark.parametrize("n", [1, 5, 40, 100])
-@pytest.mark.parametrize("window", [1, 3, 16, 200])
-@pytest.mark.parametrize("sinks", [0, 1, 4, 50])
-def test_visible_pairs_with_sinks_counts_the_mask(n, window, sinks):
-    pos = torch.arange(n)
-    ok = visible(pos, pos, True, window, sinks)
-    assert ok.sum().item() == visible_pairs(n, True, window, sinks)
-    i, j = pos[:, None], pos[None, :]
-    assert torch.equal(ok, (j <= i) & ((j > i - window) | (j < sinks)))
-
-
 @pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
 @pytest.mark.parametrize("window,sinks", [(1, 1), (3, 4), (16, 4), (40, 1), (16, 100), (300, 4)])
 @pytest.mark.parametrize("block_q,block_k", [(16, 32), (7, 13), (64, 64)])
 def test_plans_with_sinks_are_exact(n, window, sinks, block_q, block_k):
-    check_plan(chunked_mod.plan(n, True, window, block_q, block_k, sinks), n, True, window, sinks)
-    plan = sliding_mod.plan(n, window, block_q, block_k, sinks)
-    check_plan(plan, n, True, window, sinks)
+    m = Mask("window", window, sinks)
+    check_plan(chunked_mod.plan(n, m, block_q, block_k), n, m)
+    plan = sliding_mod.plan(n, m, block_q, block_k)
+    check_plan(plan, n, m)
     # still a band: the visible pairs plus the edge triangles, never the hidden middle
-    assert _blockwise.visited_pairs(plan) <= visible_pairs(n, True, window, sinks) + n * block_q
+    assert _blockwise.visited_pairs(plan) <= m.visible_pairs(n) + n * block_q
 
 
 def sink_impls() -> list:
@@ -367,11 +358,11 @@ def test_sinks_match_reference(impl, n, window, sinks, dtype):
     seed = new_seed()
     q, k, v = random_qkv(seed, 2, hq, hkv, n, d, DTYPES[dtype], q_scale=3.0)
     out = impl.fn(q, k, v, causal=True, window=window, scale=None, sinks=sinks)
-    ref = reference_attention(q, k, v, causal=True, window=window, sinks=sinks)
+    ref = reference_attention(q, k, v, Mask("window", window, sinks))
     rel, _ = errors(out, ref)
     assert rel <= TOLERANCE[dtype], f"{impl.name} seed={seed} N={n} W={window} S={sinks} {dtype}: {rel:.2e}"
     if n > window and sinks:  # the sinks must change something here
-        assert errors(reference_attention(q, k, v, causal=True, window=window), ref)[0] > 10 * TOLERANCE[dtype]
+        assert errors(reference_attention(q, k, v, Mask("window", window)), ref)[0] > 10 * TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("name", ["chunked", "sliding_window"])
@@ -384,7 +375,7 @@ def test_sink_gradients_match_float64_autograd(name):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     impl.fn(*leaves, causal=True, window=window, scale=None, sinks=sinks).backward(dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    reference_attention(*ref_leaves, causal=True, window=window, sinks=sinks).backward(dout.double())
+    reference_attention(*ref_leaves, Mask("window", window, sinks)).backward(dout.double())
     for label, got, want in zip("qkv", leaves, ref_leaves):
         rel, _ = errors(got.grad, want.grad)
         assert rel <= TOLERANCE["float32"], f"{name} seed={seed}: d{label} rel L2 {rel:.2e}"

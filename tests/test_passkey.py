@@ -1,25 +1,34 @@
-"""`ctxbench passkey`: prompts of exact length with the key at the asked depth, teacher-forced
-scoring equal to greedy decoding, and a run that writes its CSV and heatmaps even when one
-implementation fails."""
+"""Passkey retrieval: prompts of exact length with the key at the asked depth, teacher-forced
+scoring equal to greedy decoding, and passkey trials as cells of the sweep (one row each in
+results.csv, the same keys for every implementation, resume, isolation, heatmaps), with the
+window's sinks reaching the model."""
 
 from __future__ import annotations
 
-import csv
+import io
 import os
 
 import pytest
 import torch
+from rich.console import Console
 
 import lm_helpers as H
-from ctxbench import passkey
+from ctxbench import lm, passkey
 from ctxbench.model_attention import attention_name
-from ctxbench.registry import all_impls
+from ctxbench.plan import Cell, Config, PasskeyPlan, Settings, build_cells
+from ctxbench.registry import RegistryError, all_impls
+from ctxbench.report import report
+from ctxbench.results import read_results
+from ctxbench.sweep import SweepSpec, read_meta, run_sweep
 from sweep_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return H.checkpoint(str(tmp_path_factory.mktemp("tiny-passkey") / "model"))
+
+
+# --- prompts and scoring --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("length", [200, 256, 333])
@@ -65,55 +74,290 @@ def test_teacher_forcing_is_greedy_decoding():
     assert not passkey.score(m, tok, prompt, "cpu")[0] or greedy == prompt.ids[prompt.answer_start:]
 
 
-FAILING = """
-from ctxbench.kernels.naive import naive
+# --- planning -------------------------------------------------------------------------------
 
 
-def fails_at_256(q, k, v, *, causal, window, scale=None, sinks=0):
+def test_passkey_cells_follow_the_length_major_plan():
+    plan = PasskeyPlan(impls=["sdpa", "chunked"], ropes=["default", "yarn:2"], depths=[0, 0.5], trials=2,
+                       heads=4, kv_heads=2, head_dim=16, dtype="float32")
+    config = Config(heads=8, head_dim=64, batch=4, mode="fwd+bwd", mask="window", window=32, sinks=2)
+    cells = build_cells(config, ["naive"], [200, 256], passkey=plan)
+    assert [c.task for c in cells] == (["kernel"] + ["passkey"] * 16) * 2
+    pk = [c for c in cells if c.task == "passkey"]
+    assert len({c.key for c in pk}) == 32
+    for c in pk:
+        assert (c.batch, c.heads, c.kv_heads, c.head_dim, c.mode) == (1, 4, 2, 16, "fwd")
+        assert isinstance(c.depth, float) and c.trial in (0, 1)
+        assert (c.attn_window, c.attn_sinks) == (32, 2)
+    assert pk[0].label == "passkey sdpa N=200 d=0" and pk[-1].label == "passkey chunked N=256 d=0.5 #1 yarn:2"
+    kernel = cells[0]
+    assert kernel.depth is None and kernel.trial is None and kernel.key[-2:] == ("", "")
+
+
+def test_passkey_plan_checks_its_input_in_one_line(tiny, tmp_path):
+    ok = dict(ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=tiny)
+    plan = passkey.passkey_plan(["sdpa"], [200, 256], **ok)
+    assert (plan.heads, plan.kv_heads, plan.head_dim, plan.depths, plan.ropes) == (4, 2, 16, [0.0, 1.0], ["default"])
+    cases = [(dict(depths=[0, 1.5]), ValueError, "--depths"), (dict(trials=0), ValueError, "--trials"),
+             (dict(ropes=["bogus"]), lm.ModelError, "unknown --rope"),
+             (dict(model_path=str(tmp_path / "none")), lm.ModelError, "no such file or folder")]
+    for change, kind, fragment in cases:
+        with pytest.raises(kind) as exc:
+            passkey.passkey_plan(["sdpa"], [200], **{**ok, **change})
+        assert fragment in str(exc.value) and "\n" not in str(exc.value), change
+    with pytest.raises(ValueError, match="needs at least 164 tokens"):
+        passkey.passkey_plan(["sdpa"], [8, 256], **ok)
+    with pytest.raises(RegistryError, match="unknown implementation"):
+        passkey.passkey_plan(["nosuch"], [200], **ok)
+    assert passkey.parse_depths("0, 0.5,1,1") == [0.0, 0.5, 1.0]
+    for bad in ("", "x", "0,-0.1"):
+        with pytest.raises(ValueError, match="--depths"):
+            passkey.parse_depths(bad)
+
+
+# --- passkey cells in the sweep ------------------------------------------------------------
+
+
+def passkey_spec(model: str, impls: list[str], lengths: list[int], *, config: Config | None = None,
+                 ropes: tuple[str, ...] = ("default",), depths: tuple[float, ...] = (0.0, 1.0), trials: int = 1,
+                 timeout_s: float = 120.0, memory_limit_bytes: int | None = None) -> SweepSpec:
+    """What `ctxbench passkey` builds: a sweep with no kernel cells and a passkey plan."""
+    plan = passkey.passkey_plan(impls, lengths, ropes=list(ropes), depths=list(depths), trials=trials,
+                                model_path=model)
+    return SweepSpec(config=config or Config(device="cpu"), impls=[], lengths=lengths, timeout_s=timeout_s,
+                     memory_limit_bytes=memory_limit_bytes, settings=Settings(seed=0, model=model), passkey=plan)
+
+
+def sweep(spec: SweepSpec, run_dir: str) -> tuple[list[dict[str, str]], str]:
+    out = io.StringIO()
+    rows = run_sweep(spec, run_dir, console=Console(file=out, width=200), argv=["test"])
+    return rows, out.getvalue()
+
+
+def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' tiny forward passes, on a shared CPU
+    config = Config(device="cpu", mask="window", window=32, sinks=2)
+    spec = passkey_spec(tiny, ["sdpa", "chunked"], [200, 256], config=config, ropes=("default", "yarn:2"),
+                        depths=(0.0, 1.0), trials=2)
+    run_dir = str(tmp_path / "pk")
+    sweep(spec, run_dir)
+    header, rows = read_results(os.path.join(run_dir, "results.csv"))
+    assert {"depth", "trial", "key", "predicted", "correct", "n_tokens"} <= set(header)
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # impls x ropes x lengths x depths x trials
+    by = {(r["impl"], r["rope"], r["n"], r["depth"], r["trial"]): r for r in rows}
+    assert len(by) == len(rows)  # one row per (impl, rope, n, depth, trial)
+    for (impl, rope, n, depth, trial), r in by.items():
+        assert r["task"] == "passkey" and r["status"] == "ok", r["message"]
+        assert (r["mask"], r["window"], r["sinks"], r["heads"], r["kv_heads"]) == ("window", "32", "2", "4", "2")
+        assert r["correct"] in ("0", "1") and int(r["n_tokens"]) == int(n) and r["model"] == tiny
+        assert r["key"] == passkey.make_key(0, int(n), float(depth), int(trial)) and r["torch_version"]
+        # every implementation answers the same keys; exact implementations give the same answers
+        twin = by[("sdpa", rope, n, depth, trial)]
+        assert (r["key"], r["predicted"], r["correct"]) == (twin["key"], twin["predicted"], twin["correct"])
+    assert len({r["key"] for r in rows}) > 1  # trials and depths draw different keys
+    # heatmaps: one per (impl, rope), drawn by the report from results.csv
+    written = [os.path.basename(p) for p in report(run_dir)]
+    assert sorted(p for p in written if p.endswith(".png")) == [
+        "passkey-chunked-default.png", "passkey-chunked-yarn_2.png", "passkey-sdpa-default.png",
+        "passkey-sdpa-yarn_2.png"]
+    assert "report.html" in written and not any(p.startswith("latency") for p in written)
+    assert passkey.passkey_summary(rows).endswith(f"/{len(rows)} keys retrieved; 0 trials not ok")
+    # resume: the spec comes back from meta.json and nothing runs again
+    again = SweepSpec.from_json(read_meta(run_dir)["spec"])
+    assert again == spec
+    _, out = sweep(again, run_dir)
+    assert f"{len(rows)} cells done, 0 to go" in " ".join(out.split())
+    assert len(read_results(os.path.join(run_dir, "results.csv"))[1]) == len(rows)
+    old = spec.to_json()
+    del old["passkey"]  # a meta.json from before passkey cells
+    assert SweepSpec.from_json(old).passkey is None
+
+
+MISBEHAVING_MODEL_ATTENTION = """
+import os
+
+import torch.nn.functional as F
+
+
+def _good(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def aborts_at_256(q, k, v, *, causal, window, scale=None):
     if q.shape[2] == 256:
-        raise ValueError("deliberate failure inside the kernel")
-    return naive(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks)
+        os.abort()
+    return _good(q, k, v, causal)
+
+
+def oom_at_256(q, k, v, *, causal, window, scale=None):
+    if q.shape[2] >= 256:
+        raise MemoryError("deliberate: no memory for this length")
+    return _good(q, k, v, causal)
 """
 
 
-def test_passkey_run_writes_csv_and_heatmaps_and_survives_a_failing_impl(tiny, tmp_path, capsys):
-    (tmp_path / "failing.py").write_text(FAILING)
-    raises = f"{tmp_path / 'failing.py'}:fails_at_256"
-    code, out, err = run_cli(["passkey", "--device", "cpu", "--model", tiny, "--lengths", "256,320",
-                              "--depths", "0,0.5,1", "--trials", "2", "--impls", "sdpa,sliding_window",
-                              "--impl", raises, "--window", "32", "--sinks", "2", "--rope", "default,yarn:2",
-                              "--out", str(tmp_path / "runs"), "--run-id", "pk"], capsys)
+def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, tmp_path, monkeypatch, capsys):
+    """`ctxbench passkey --impl mod:fn --impls sdpa` where fn calls os.abort() (the issue's
+    reproduction, which used to kill the whole command with status 134): abort() inside the
+    model's attention kills that implementation's worker, not the run: its trial at that length
+    is an error and its other lengths run; sdpa's trials are all there; a real out-of-memory at
+    N skips the implementation's longer lengths; the command ends normally."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' tiny forward passes, on a shared CPU
+    path = tmp_path / "misbehaving_attention.py"
+    path.write_text(MISBEHAVING_MODEL_ATTENTION)
+    aborts, oom = f"{path}:aborts_at_256", f"{path}:oom_at_256"
+    code, out, err = run_cli(["passkey", "--impls", "sdpa", "--impl", aborts, "--impl", oom, "--lengths",
+                              "200,256,320", "--depths", "0.5", "--model", tiny, "--device", "cpu", "--timeout", "120",
+                              "--out", str(tmp_path), "--run-id", "pk"], capsys)
     assert code == 0, err
-    run_dir = tmp_path / "runs" / "pk"
-    rows = list(csv.DictReader(open(run_dir / "passkey.csv", newline="")))
-    assert len(rows) == 2 * 3 * 2 * 3 * 2  # ropes x impls x lengths x depths x trials
+    assert "passkey:" in out and "keys retrieved" in out
+    run_dir = str(tmp_path / "pk")
+    _, rows = read_results(os.path.join(run_dir, "results.csv"))
+    by = {(r["impl"], int(r["n"])): r for r in rows}
+    assert len(by) == len(rows) == 3 * 3 and {r["task"] for r in rows} == {"passkey"}
+    for n in (200, 256, 320):
+        assert by[("sdpa", n)]["status"] == "ok", by[("sdpa", n)]["message"]
+        crashed = by[(aborts, n)]
+        if n == 256:
+            assert crashed["status"] == "error" and "SIGABRT" in crashed["message"], crashed["message"]
+            assert crashed["log"].endswith(".log")
+        else:
+            assert crashed["status"] == "ok", crashed["message"]
+        expected = {200: "ok", 256: "oom", 320: "skipped"}[n]
+        assert by[(oom, n)]["status"] == expected, (n, by[(oom, n)]["status"], by[(oom, n)]["message"])
+    assert by[(oom, 320)]["message"] == f"not attempted: {oom} (passkey) ran out of memory at N=256"
+
+
+class Scripted:
+    """An executor that measures nothing: each cell's result is `outcome(cell)`."""
+
+    name, capacity = "scripted", 1
+
+    def __init__(self, outcome):
+        self.outcome, self.done, self.submitted = outcome, [], []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.done)
+
+    def submit(self, cell, settings, *, timeout_s, log_path) -> None:
+        self.submitted.append(cell)
+        self.done.append((cell, self.outcome(cell)))
+
+    def wait(self):
+        return self.done.pop(0)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_an_oom_at_n_skips_only_longer_passkey_lengths(tmp_path):
+    """chunked's passkey trials run out of memory at 256: every other depth, trial and RoPE
+    variant at 256 is still attempted, 320 is skipped, and neither sdpa's trials nor chunked's
+    kernel cells are touched (the rule keys on implementation and task)."""
+    plan = PasskeyPlan(impls=["sdpa", "chunked"], ropes=["default", "yarn:2"], depths=[0.0, 1.0], trials=2,
+                       heads=4, kv_heads=2, head_dim=16, dtype="float32")
+    spec = SweepSpec(config=Config(device="cpu"), impls=["chunked"], lengths=[200, 256, 320], timeout_s=60.0,
+                     memory_limit_bytes=None, passkey=plan)
+
+    def outcome(cell):
+        if cell.task == "passkey" and cell.impl == "chunked" and cell.n >= 256:
+            return {"status": "oom", "message": "MemoryError"}
+        return {"status": "ok", "message": ""}
+
+    ex = Scripted(outcome)
+    rows = run_sweep(spec, str(tmp_path / "run"), console=Console(file=io.StringIO()), argv=["test"], executor=ex)
+    assert len(rows) == len(spec.cells()) == 3 + 2 * 2 * 3 * 2 * 2
+    status = {}
     for r in rows:
-        assert r["mask"] == "window" and r["window"] == "32" and r["sinks"] == "2" and r["torch_version"]
-        if r["impl"] == raises and r["n"] == "256":
-            assert r["status"] == "error" and "deliberate failure" in r["message"]
-            continue
-        assert r["status"] == "ok", r["message"]
-        assert r["correct"] in ("0", "1") and len(r["key"]) == 5 and int(r["n_tokens"]) == int(r["n"])
-    # every implementation answers the same keys; exact implementations agree on every answer
-    key = {(r["impl"], r["rope"], r["n"], r["depth"], r["trial"]): r for r in rows}
-    for (impl, rope, n, depth, trial), r in key.items():
-        if impl != "sdpa" and not (impl == raises and n == "256"):
-            twin = key[("sdpa", rope, n, depth, trial)]
-            assert (r["key"], r["predicted"], r["correct"]) == (twin["key"], twin["predicted"], twin["correct"])
-    pngs = sorted(p for p in os.listdir(run_dir) if p.endswith(".png"))
-    svgs = sorted(p for p in os.listdir(run_dir) if p.endswith(".svg"))
-    assert len(pngs) == len(svgs) == 6  # 3 impls x 2 ropes (the failing one still has its N=320 rows)
-    assert "passkey-sdpa-default.png" in pngs and "passkey-sdpa-yarn_2.png" in pngs
-    assert (run_dir / "meta.json").exists()
-    assert "keys retrieved" in out
+        status.setdefault((r["task"], r["impl"], int(r["n"])), set()).add(r["status"])
+    assert status[("passkey", "chunked", 200)] == {"ok"} and status[("passkey", "chunked", 256)] == {"oom"}
+    assert status[("passkey", "chunked", 320)] == {"skipped"}
+    assert all(status[("passkey", "sdpa", n)] == {"ok"} and status[("kernel", "chunked", n)] == {"ok"}
+               for n in (200, 256, 320))
+    assert sum(c.task == "passkey" and c.impl == "chunked" and c.n == 256 for c in ex.submitted) == 8
+    assert not any(c.task == "passkey" and c.impl == "chunked" and c.n == 320 for c in ex.submitted)
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert len(skipped) == 8 and {r["message"] for r in skipped} == {
+        "not attempted: chunked (passkey) ran out of memory at N=256"}
 
 
-def test_bad_passkey_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
-    base = ["passkey", "--device", "cpu", "--model", tiny, "--out", str(tmp_path)]
-    for args, fragment in ((["--depths", "0,1.5"], "--depths"), (["--trials", "0"], "--trials"),
-                           (["--lengths", "8"], "needs at least"), (["--rope", "bogus"], "unknown --rope"),
-                           (["--sinks", "2"], "--sinks needs --mask window"), (["--impls", "nosuch"], "unknown implementation"),
-                           (["--model", str(tmp_path / "none")], "no such file or folder")):
-        code, _, err = run_cli(base + args, capsys)
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, code, err)
+# --- sinks reach the model -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked", "sliding_window", "sdpa"])
+def test_sinks_change_what_the_passkey_measurement_sees(tiny, impl, monkeypatch):
+    """A window with sinks gives other answer logits than the same window alone (the prompt's
+    first tokens are outside a 16-token window at the answer), and the window alone others than
+    causal attention: the measurement's model really gets the cell's window and sinks."""
+    seen: list[torch.Tensor] = []
+    real = passkey.answer_logits
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(passkey, "answer_logits", spy)
+    settings = Settings(model=tiny)
+    logits = {}
+    for name, kw in (("window", {"mask": "window", "window": 16}),
+                     ("window+sinks", {"mask": "window", "window": 16, "sinks": 4}), ("causal", {})):
+        cell = Cell(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu", impl=impl, n=256,
+                    task="passkey", depth=0.5, trial=0, **kw)
+        if name == "causal" and all_impls()[impl].unsupported_reason(cell) is not None:
+            continue  # sliding_window declares only windows
+        assert all_impls()[impl].unsupported_reason(cell) is None
+        row = passkey.measure_passkey(all_impls()[impl], cell, settings)
+        assert row["status"] == "ok" and row["n_tokens"] == 256
+        logits[name] = seen.pop()
+    assert (logits["window"] - logits["window+sinks"]).abs().max() > 1e-3, "the sinks were dropped"
+    if "causal" in logits:
+        assert (logits["causal"] - logits["window"]).abs().max() > 1e-3, "the window was dropped"
+
+
+# --- the default model (slow) ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_retrieves_a_key_in_the_sweeps_measurement():
+    """The real pipeline can say 'retrieved': the default model finds the key at 1024 tokens
+    (depths 0 and 1: the key next to the introduction and next to the question)."""
+    try:
+        ref = lm.default_model()
+        lm.check_dependencies(ref)
+    except lm.ModelError as exc:
+        pytest.skip(str(exc))
+    plan = passkey.passkey_plan(["sdpa"], [1024], depths=[0.0, 1.0])
+    rows = [passkey.measure_passkey(all_impls()["sdpa"], cell, Settings()) for cell in plan.cells(Config(), 1024)]
+    assert all(r["status"] == "ok" and r["n_tokens"] == 1024 for r in rows)
+    assert sum(r["correct"] for r in rows) >= 1 and any(r["predicted"] == r["key"] for r in rows)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--depths", "0,1.5"], ["--depths"]),
+    (["--trials", "0"], ["--trials must be at least 1"]),
+    (["--lengths", "8"], ["at least", "tokens"]),
+    (["--rope", "bogus"], ["unknown --rope variant"]),
+    (["--sinks", "4"], ["--sinks needs --mask window"]),
+    (["--mask", "none"], ["--mask none is not available here"]),
+    (["--impls", "nosuch"], ["unknown implementation 'nosuch'"]),
+    (["--impls", "ring"], ["distributed implementation"]),
+    (["--model", "/no/such/model"], ["no such file or folder"]),
+    (["--heads", "4"], ["No such option '--heads'"]),
+])
+def test_bad_passkey_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, args, fragments):
+    model = [] if "--model" in args else ["--model", tiny]
+    code, out, err = run_cli(["passkey", "--device", "cpu", "--lengths", "256", *model, "--out", str(tmp_path),
+                              *args], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctxbench: error:"), (code, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not list(tmp_path.iterdir()), "bad input must not leave a run behind"
+

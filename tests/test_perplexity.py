@@ -145,6 +145,22 @@ def test_every_exact_implementation_matches_sdpa(tiny):
     assert results[("window", "sdpa")]["ppl"] != pytest.approx(results[("causal", "sdpa")]["ppl"], rel=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked", "sliding_window", "sdpa"])
+def test_sinks_change_a_windows_perplexity(tiny, impl):
+    """The same cell with a 16-token window, with and without 4 sinks: the sinks must reach the
+    model, so the perplexities differ. Checked per implementation (not against sdpa, which would
+    receive the same dropped argument)."""
+    settings = Settings(model=tiny[0], text=tiny[1], ppl_tokens=128)
+    rows = {}
+    for sinks in (0, 4):
+        cell = ppl_cell(impl, 64, mask="window", window=16, sinks=sinks)
+        assert all_impls()[impl].unsupported_reason(cell) is None
+        rows[sinks] = measure_perplexity(all_impls()[impl], cell, settings)
+        assert rows[sinks]["status"] == "ok" and rows[sinks]["ppl_tokens"] == 128
+    assert rows[4]["ppl"] != pytest.approx(rows[0]["ppl"], rel=1e-4), "the sinks were dropped"
+    assert rows[4]["bits_per_byte"] != pytest.approx(rows[0]["bits_per_byte"], rel=1e-4)
+
+
 def test_strided_scheme_counts(tiny):
     settings = Settings(model=tiny[0], text=tiny[1], ppl_tokens=40, ppl_stride=16)
     row = measure_perplexity(all_impls()["sdpa"], ppl_cell("sdpa", 64, ppl_scheme="strided"), settings)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from ctxbench.fits import fit_all, fit_impl, slope
-from ctxbench.report import pivot_markdown, report
+from ctxbench.report import fits_markdown, pivot_markdown, report
 from ctxbench.results import COLUMNS, ResultsWriter, read_results
 from sweep_helpers import only_run_dir, run_cli
 
@@ -165,3 +165,88 @@ def test_report_bad_input(tmp_path, capsys):
     assert code == 2 and "no such run folder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["report", str(tmp_path)], capsys)
     assert code == 2 and "has no results.csv" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- implementations that never ran
+
+TRITON_CPU = ("triton runs on the CPU only through its interpreter, and this process compiles for CUDA "
+              "(TRITON_INTERPRET is not set)")
+
+
+def never_ran_rows() -> list[dict[str, object]]:
+    """naive and sdpa ran at every length; triton is unsupported at every one, the way a sweep on a
+    CPU records it, in the kernel cells and the perplexity cells (two RoPE variants each)."""
+    common = {"run_id": "syn", "batch": 1, "heads": 2, "kv_heads": 2, "head_dim": 16, "dtype": "float32",
+              "mask": "causal", "mode": "fwd", "device": "cpu", "allow_interpreter": "False", "message": ""}
+    rows: list[dict[str, object]] = []
+    for task in ("kernel", "perplexity"):
+        for rope in (("default",) if task == "kernel" else ("default", "yarn:4")):
+            for impl in ("naive", "sdpa", "triton"):
+                for n in (256, 512, 1024):
+                    r = dict(common, impl=impl, n=n, task=task, rope=rope, ppl_scheme="truncated")
+                    if impl == "triton":
+                        r.update(status="unsupported", message=TRITON_CPU)
+                    elif task == "kernel":
+                        r.update(status="ok", latency_ms=n / 100, tflops=1.0, peak_mem_bytes=n * 2**12)
+                    else:
+                        r.update(status="ok", ppl=12.0, bits_per_byte=0.9, model="tiny.gguf", latency_ms=1e3)
+                    rows.append(r)
+    return rows
+
+
+def _rendered(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=100, record=True, color_system=None)
+    console.print(table)
+    return " ".join(console.export_text().split())  # the reason may wrap at the console's width
+
+
+def test_an_impl_unsupported_everywhere_is_named_once_under_the_terminal_pivots():
+    from ctxbench.summary import perplexity_table, pivot_table
+
+    rows = never_ran_rows()
+    kernel = [r for r in rows if r["task"] == "kernel"]
+    text = _rendered(pivot_table(kernel, title="latency"))
+    assert "│ naive" in text and "│ sdpa" in text
+    assert "│ triton" not in text and "unsupported" not in text
+    assert text.count(f"not run: triton ({TRITON_CPU})") == 1 and text.count("interpreter") == 1
+    ppl = _rendered(perplexity_table([r for r in rows if r["task"] == "perplexity"]))
+    assert "│ sdpa, yarn:4" in ppl and "│ triton" not in ppl and "unsupported" not in ppl
+    # one line for the implementation, not one per RoPE variant
+    assert ppl.count(f"not run: triton ({TRITON_CPU})") == 1 and ppl.count("interpreter") == 1
+    # A line that ran somewhere stays, with its unsupported cells shown as such.
+    partly = [dict(r, status="unsupported", message="N > 512 needs --allow-interpreter", latency_ms="")
+              if r["impl"] == "sdpa" and r["n"] == 1024 else r for r in kernel]
+    text = _rendered(pivot_table(partly))
+    assert "│ sdpa" in text and "unsupported" in text and "not run: sdpa" not in text
+
+
+def test_an_impl_unsupported_everywhere_is_named_once_in_the_markdown_and_html(tmp_path):
+    from ctxbench.report import render_html
+
+    rows = never_ran_rows()
+    md = pivot_markdown(rows)
+    assert "| naive |" in md and "| sdpa |" in md and "| triton |" not in md and "unsupported" not in md
+    assert md.count(f"not run: triton ({TRITON_CPU})") == 1
+    assert md.splitlines()[-2] == ""  # a paragraph of its own, not a row of the table
+    assert "| naive |" in fits_markdown(rows) and "triton" not in fits_markdown(rows)
+    page = render_html([{k: str(v) for k, v in r.items()} for r in rows], {}, [], "run")
+    assert "<td>triton</td>" not in page  # in no pivot and no fit
+    assert "unsupported" not in page.split("<h2>Pivot tables</h2>")[1].split("<h2>Scaling fits")[0]
+    # named once under the kernel pivots and once under the perplexity pivots
+    assert page.count('<p class="not-run">not run: triton (') == 2
+    assert page.count("interpreter") == 2
+
+
+def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
+    from ctxbench.plots import figures, legend_labels
+
+    rows = never_ran_rows()
+    rows.append(dict(rows[0], impl="chunked", status="oom", latency_ms="", tflops="", peak_mem_bytes=""))
+    figs = dict(figures(rows))
+    assert set(figs) == {"latency", "tflops", "memory", "ppl"}
+    for name in ("latency", "tflops", "memory"):
+        assert legend_labels(figs[name]) == ["naive", "sdpa"], name
+    assert "triton" not in " ".join(legend_labels(figs["ppl"]))
+    assert legend_labels(figs["ppl"]) and all(label.startswith(("naive", "sdpa")) for label in legend_labels(figs["ppl"]))

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from ctxbench.kernels import ring_attention as ring_mod
-from ctxbench.kernels.ring_attention import last_stats, ring_attention, shard_bounds
-from ctxbench.masks import visible
+from ctxbench.kernels.ring_attention import last_stats, ring_attention
+from ctxbench.masks import Mask
 from ctxbench.reference import TOLERANCE, errors, reference_attention
+from ctxbench.sharded import shard_bounds
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAUNCH_TIMEOUT_S = 120  # a hung ring fails the test instead of blocking the run
@@ -109,7 +110,7 @@ def expected_skips(n: int, world: int, rank: int, causal: bool, window: int | No
         if q_hi == q_lo or k_hi == k_lo:
             skips += 1
             continue
-        ok = visible(torch.arange(q_lo, q_hi), torch.arange(k_lo, k_hi), causal, window)
+        ok = Mask.of(causal, window).visible(torch.arange(q_lo, q_hi), torch.arange(k_lo, k_hi))
         skips += ok is not None and not bool(ok.any())
     return skips
 
@@ -129,8 +130,8 @@ def check_launch(world: int, cases: list[dict], tmp_path) -> list[list[dict]]:
             assert s.shape == (c["b"], c["hq"], hi - lo, c["d"]), where
             assert s.dtype == DTYPES[c["dtype"]], where
         out = torch.cat(shards, dim=2)
-        ref = reference_attention(q.double(), k.double(), v.double(), causal=c["causal"],
-                                  window=c["window"], scale=c["scale"])
+        ref = reference_attention(q.double(), k.double(), v.double(), Mask.of(c["causal"], c["window"]),
+                                  scale=c["scale"])
         assert torch.isfinite(out).all(), where
         rel, mx = errors(out, ref)
         assert rel <= TOLERANCE[c["dtype"]], f"{where}: rel L2 {rel:.3g}, max abs {mx:.3g}"
@@ -228,7 +229,7 @@ def test_single_process_is_plain_attention(causal, window, monkeypatch):
     out = ring_attention(q, k, v, causal=causal, window=window)
     assert not out.requires_grad  # forward only, documented
     rel, _ = errors(out.detach(), reference_attention(q.detach().double(), k.double(), v.double(),
-                                                      causal=causal, window=window))
+                                                      Mask.of(causal, window)))
     assert rel <= TOLERANCE["float32"]
     st = last_stats()
     assert (st["world_size"], st["rank"], st["steps"], st["skipped_steps"], st["comm_s"]) == (1, 0, 0, 0, 0.0)

@@ -1,0 +1,496 @@
+"""The options of `ctxbench sweep` and `ctxbench passkey`, as one dataclass, validated once.
+
+The CLI (ctxbench.cli) declares each flag once with click and turns what it parsed into an
+`Options`; `resolve(options)` turns that into the validated SweepSpec and run folder, for a
+new run or a resumed one. Every user mistake is a `UsageError`: one line that says what was
+wrong and what to do (the CLI prints it and exits 2). Nothing here imports torch at module
+level, so `ctxbench --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, Settings, powers_of_two
+
+if TYPE_CHECKING:
+    from ctxbench.sweep import SweepSpec
+
+# Perplexity defaults. CPU: the default model's fp32 forward pass runs at a few hundred
+# tokens/s on 2 cores, so perplexity at 1024 and 2048 with 2048 tokens scored per cell keeps
+# the default sweep (kernel cells included) inside 15 minutes. CUDA: up to the sweep's usual
+# 32768 (beyond the default model's trained 8192, where RoPE variants matter) and 32768
+# tokens per cell (one window at 32K, 32 at 1K): seconds per cell on a GPU.
+PPL_MAX_LEN = {"cpu": 2048, "cuda": 32768}
+PPL_TOKENS = {"cpu": 2048, "cuda": 32768}
+# Longest passkey prompt by default (tokens): one forward pass of the default model each.
+PASSKEY_MAX_LEN = {"cpu": 4096, "cuda": 32768}
+SWEEP_MAX_LEN = 16384
+TASKS = ("sweep", "passkey")
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: printed as one line, exit status 2."""
+
+
+def fail(message: str) -> None:
+    raise UsageError(message)
+
+
+@dataclass
+class Options:
+    """Every flag of `ctxbench sweep` / `ctxbench passkey` as the user gave it (None: not given).
+
+    `command` says which command built it ("sweep": kernel and perplexity cells; "passkey":
+    passkey cells only). `given` names the flags typed on the command line, which decides
+    what `--resume` may take (see `resolve_resume`).
+    """
+
+    command: str = "sweep"
+    min_len: int = 1024
+    max_len: int | None = None
+    lengths: str | None = None
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    head_dim: int = 64
+    dtype: str | None = None
+    mask: str | None = None
+    window: int | None = None
+    sinks: int = 0
+    mode: str = "fwd"
+    device: str | None = None
+    impl_names: str | None = None
+    impl_specs: tuple[str, ...] = ()
+    timeout: float = 600.0
+    out: str = "results"
+    run_id: str | None = None
+    resume: str | None = None
+    memory_limit: float | None = None
+    rep_ms: float | None = None
+    check_rows: int = 256
+    seed: int = 0
+    allow_interpreter: bool = False
+    fresh_worker: bool = False
+    ppl_max_len: int | None = None
+    ppl_tokens: int | None = None
+    ppl_scheme: str = "truncated"
+    ppl_stride: int = 256
+    model_path: str | None = None
+    text_path: str | None = None
+    rope: str = "default"
+    depths: str = "0,0.25,0.5,0.75,1"
+    trials: int = 1
+    executor: str = "local"
+    address: str | None = None
+    given: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_click(cls, command: str, params: dict[str, Any], given: set[str]) -> "Options":
+        """From click's parsed parameters (names as the command's function takes them)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known
+        if unknown:  # a flag declared in the CLI but not here: a bug, not a user error
+            raise TypeError(f"Options has no field for {sorted(unknown)}")
+        values = {k: (tuple(v) if k == "impl_specs" else v) for k, v in params.items()}
+        return cls(command=command, given=frozenset(given), **values)
+
+
+# The flags of each option field, for messages ("--max-len"), and which fields --resume may
+# take: these extend a run or say where it runs, without changing what a finished cell means.
+FLAG = {f.name: "--" + f.name.replace("_", "-") for f in fields(Options)}
+FLAG.update(impl_names="--impls", impl_specs="--impl", model_path="--model", text_path="--text")
+RESUMABLE = {"resume", "out", "timeout", "executor", "address", "lengths", "min_len", "max_len", "impl_names",
+             "impl_specs"}
+
+
+# ---------------------------------------------------------------- small validators
+
+def parse_lengths(text: str) -> list[int]:
+    """'1024,2048,4096' -> [1024, 2048, 4096]; positive and strictly increasing (tokens)."""
+    try:
+        lengths = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        fail(f"--lengths {text!r} is not a comma-separated list of integers, e.g. --lengths 1024,2048,4096")
+    if not lengths:
+        fail("--lengths is empty; give e.g. --lengths 1024,2048,4096")
+    if any(n <= 0 for n in lengths):
+        fail(f"--lengths must be positive (got {text}); context lengths are token counts >= 1")
+    if any(b <= a for a, b in zip(lengths, lengths[1:])):
+        fail(f"--lengths must be strictly increasing (got {text}); list each length once, shortest first")
+    return lengths
+
+
+def lengths_of(o: Options, default_max: int) -> list[int]:
+    """The context lengths (tokens) the options ask for."""
+    if o.lengths is not None:
+        return parse_lengths(o.lengths)
+    max_len = default_max if o.max_len is None else o.max_len
+    if o.min_len <= 0 or max_len <= 0:
+        fail(f"--min-len and --max-len must be positive (got {o.min_len} and {max_len})")
+    if max_len < o.min_len:
+        fail(f"--max-len {max_len} is below --min-len {o.min_len}; lengths must increase")
+    return powers_of_two(o.min_len, max_len)
+
+
+def parse_dtype(text: str) -> str:
+    key = text.strip().lower().replace("torch.", "")
+    if key not in DTYPE_ALIASES:
+        fail(f"unsupported --dtype {text!r}; choose float32, float16 or bfloat16 (or fp32, fp16, bf16)")
+    return DTYPE_ALIASES[key]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    from ctxbench import registry
+
+    if device not in registry.DEVICES:
+        fail(f"unsupported --device {device!r}; choose cpu or cuda")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device; use --device cpu, "
+             "or install a CUDA build of torch on a machine with a GPU")
+
+
+def check_writable(folder: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"output folder {folder} is a file, not a folder; pass --out with a folder path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ctxbench-write-test-"):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to output folder {folder} ({exc.strerror or exc}); pass --out with a writable folder")
+
+
+def parse_ropes(text: str) -> list[str]:
+    """'default,yarn:4' -> canonical RoPE variants, each once; UsageError for an unknown one."""
+    from ctxbench import lm
+
+    items = [t for t in (x.strip() for x in text.split(",")) if t]
+    if not items:
+        fail("--rope is empty; give e.g. --rope default or --rope default,linear:4,dynamic:4,yarn:4")
+    try:
+        return list(dict.fromkeys(lm.parse_rope(t) for t in items))
+    except lm.ModelError as exc:
+        fail(str(exc))
+
+
+def impl_names(o: Options) -> list[str]:
+    return [n.strip() for n in o.impl_names.split(",") if n.strip()] if o.impl_names else []
+
+
+def validate_impls(names: list[str], specs: list[str]) -> list[str]:
+    """Names and --impl specs, each checked to resolve (UsageError naming the problem), in order."""
+    from ctxbench import registry
+
+    try:
+        for spec in specs:
+            registry.load_spec(spec)
+        for name in names:
+            registry.get(name)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    return list(dict.fromkeys(names + specs))
+
+
+def resolve_impls(names: list[str], specs: list[str], config: Config, world: int = 1) -> list[str]:
+    """The implementations to sweep: named ones, --impl specs, or every one that declares
+    support for `config` (distributed ones only under torchrun, where they run alone)."""
+    from ctxbench import registry
+
+    chosen = validate_impls(names, specs)
+    if not chosen:
+        # Declared capabilities only: a run-time check (e.g. the Triton interpreter's length
+        # limit) still yields rows saying why, which is worth seeing.
+        probe = Cell.of(config, "", 1)
+        chosen = [name for name, impl in registry.all_impls().items()
+                  if impl.declared_reason(probe) is None and impl.distributed == (world > 1)]
+        if not chosen:
+            fail(f"no registered implementation supports this configuration ({config.device}, {config.dtype}, "
+                 f"mask={config.mask}); see `ctxbench list`")
+    return chosen
+
+
+# ---------------------------------------------------------------- the configuration
+
+def mask_of(o: Options, allowed: tuple[str, ...] = ("none", "causal", "window")) -> tuple[str, int | None, int]:
+    """(mask, window, sinks) from --mask, --window and --sinks (a window alone implies --mask window)."""
+    if o.window is not None and o.window < 1:
+        fail(f"--window must be at least 1 (got {o.window}); a window of W keys includes the query itself")
+    mask = o.mask or ("window" if o.window is not None else "causal")
+    if mask not in allowed:
+        fail(f"--mask {mask} is not available here; choose {', '.join(allowed)}")
+    if mask == "window" and o.window is None:
+        fail("--mask window needs --window W (the number of keys each query sees)")
+    if mask != "window" and o.window is not None:
+        fail(f"--window was given with --mask {mask}; use --mask window (or drop --mask) to sweep a window")
+    if o.sinks < 0:
+        fail(f"--sinks must be >= 0 (got {o.sinks}); it is the number of first tokens kept visible")
+    if o.sinks > 0 and mask != "window":
+        fail("--sinks needs --mask window --window W: sinks are the first tokens kept visible beside the window")
+    return mask, o.window, o.sinks
+
+
+def check_numbers(o: Options) -> None:
+    for flag, value in (("--batch", o.batch), ("--heads", o.heads), ("--head-dim", o.head_dim)):
+        if value <= 0:
+            fail(f"{flag} must be a positive integer (got {value})")
+    kv_heads = o.heads if o.kv_heads is None else o.kv_heads
+    if kv_heads <= 0:
+        fail(f"--kv-heads must be a positive integer (got {kv_heads})")
+    if o.heads % kv_heads:
+        fail(f"--heads {o.heads} is not divisible by --kv-heads {kv_heads}; grouped-query attention needs "
+             "heads to be a multiple of kv-heads")
+    if o.timeout <= 0:
+        fail(f"--timeout must be positive seconds (got {o.timeout:g})")
+    if o.check_rows < 2:
+        fail(f"--check-rows must be at least 2 (got {o.check_rows})")
+    if o.memory_limit is not None and o.memory_limit <= 0:
+        fail(f"--memory-limit must be positive GiB (got {o.memory_limit:g})")
+    if o.rep_ms is not None and o.rep_ms <= 0:
+        fail(f"--rep-ms must be positive milliseconds (got {o.rep_ms:g})")
+    for flag, value in (("--ppl-max-len", o.ppl_max_len), ("--ppl-tokens", o.ppl_tokens),
+                        ("--ppl-stride", o.ppl_stride)):
+        if value is not None and (value < 0 or (value == 0 and flag != "--ppl-max-len")):
+            fail(f"{flag} must be a positive integer (got {value})"
+                 + (" or 0 for no perplexity" if flag == "--ppl-max-len" else ""))
+    if o.address is not None and o.executor != "ray":
+        fail("--address is the Ray cluster's address; it needs --executor ray")
+
+
+def settings_of(o: Options, device: str, ppl_tokens: int) -> Settings:
+    rep_ms = o.rep_ms if o.rep_ms is not None else (100.0 if device == "cuda" else 1000.0)
+    return Settings(rep_ms=rep_ms, warmup_ms=25.0 if device == "cuda" else 100.0, check_rows=o.check_rows,
+                    seed=o.seed, model=os.path.abspath(o.model_path) if o.model_path else "",
+                    text=os.path.abspath(o.text_path) if o.text_path else "", ppl_tokens=ppl_tokens,
+                    ppl_stride=o.ppl_stride)
+
+
+def build_spec(o: Options, world: int = 1) -> "SweepSpec":
+    """Validate the options of a new run (UsageError on the first problem) and build its spec."""
+    from ctxbench.executor import default_memory_limit
+    from ctxbench.sweep import SweepSpec
+
+    check_numbers(o)
+    passkey = o.command == "passkey"
+    mask, window, sinks = mask_of(o, ("causal", "window") if passkey else ("none", "causal", "window"))
+    ropes = parse_ropes(o.rope)
+    device = o.device or default_device()
+    check_device(device)
+    dtype = parse_dtype(o.dtype) if o.dtype else ("bfloat16" if device == "cuda" else "float32")
+    lengths = lengths_of(o, PASSKEY_MAX_LEN[device] if passkey else SWEEP_MAX_LEN)
+    config = Config(batch=o.batch, heads=o.heads, kv_heads=o.heads if o.kv_heads is None else o.kv_heads,
+                    head_dim=o.head_dim, dtype=dtype, mask=mask, window=window, mode=o.mode, device=device,
+                    allow_interpreter=o.allow_interpreter, sinks=sinks, ppl_scheme=o.ppl_scheme)
+    names = impl_names(o)
+    ppl_tokens = PPL_TOKENS[device] if o.ppl_tokens is None else o.ppl_tokens
+    limit = int(o.memory_limit * 2**30) if o.memory_limit is not None else default_memory_limit()
+    spec = SweepSpec(config=config, impls=[], lengths=lengths, timeout_s=o.timeout, memory_limit_bytes=limit,
+                     settings=settings_of(o, device, ppl_tokens), reuse_workers=not o.fresh_worker,
+                     memory_limit_auto=o.memory_limit is None)
+    if passkey:
+        impls = validate_impls(names or ([] if o.impl_specs else ["sdpa"]), list(o.impl_specs))
+        return replace(spec, passkey=passkey_plan(o, config, impls, lengths, ropes))
+    impls = resolve_impls(names, list(o.impl_specs), config, world)
+    ppl_max_len = PPL_MAX_LEN[device] if o.ppl_max_len is None else o.ppl_max_len
+    ppl = perplexity_plan(config, impls, explicit=bool(names or o.impl_specs), lengths=lengths,
+                          max_len=ppl_max_len, ropes=ropes, model_path=o.model_path, text_path=o.text_path)
+    return replace(spec, impls=impls, ppl=ppl)
+
+
+def model_check(model_path: str | None, text_path: str | None = None) -> Any:
+    """The model's ModelRef after checking the model, its dependencies and the corpus are there."""
+    from ctxbench import lm
+
+    try:
+        ref = lm.resolve_model(model_path)
+        lm.check_dependencies(ref)
+        if text_path is not None:
+            lm.read_text(text_path)
+        return ref
+    except lm.ModelError as exc:
+        fail(str(exc))
+
+
+def perplexity_plan(config: Config, impls: list[str], *, explicit: bool, lengths: list[int], max_len: int,
+                    ropes: list[str], model_path: str | None, text_path: str | None) -> PerplexityPlan | None:
+    """The sweep's perplexity cells (None when there are none), after checking that the model
+    and the corpus are there (UsageError naming the fix when not).
+
+    Implementations: every one swept when the user named them, else the exact ones.
+    """
+    from ctxbench import lm, registry
+
+    if max_len == 0 or config.mask == "none" or not any(n <= max_len for n in lengths):
+        return None
+    chosen = impls if explicit else [n for n in impls if registry.resolve(n).exact]
+    # a distributed implementation is called with a rank's shard, which a model layer can't give
+    chosen = [n for n in chosen if not registry.resolve(n).distributed]
+    if not chosen:
+        return None
+    try:
+        ref = lm.resolve_model(model_path)
+        lm.check_dependencies(ref)
+        lm.read_text(text_path)
+        heads, kv_heads, head_dim = lm.model_shape(lm.load_config(ref))
+    except lm.ModelError as exc:
+        hint = "" if model_path else " (or --ppl-max-len 0 to sweep without perplexity)"
+        fail(f"{exc}{hint}")
+    dtype = "float32" if config.device == "cpu" else config.dtype
+    return PerplexityPlan(max_len=max_len, impls=chosen, ropes=ropes, heads=heads, kv_heads=kv_heads,
+                          head_dim=head_dim, dtype=dtype)
+
+
+def passkey_plan(o: Options, config: Config, impls: list[str], lengths: list[int], ropes: list[str]) -> Any:
+    """The passkey cells of `ctxbench passkey` (ctxbench.passkey), after checking the model,
+    the depths, the trials and that the shortest length holds a prompt."""
+    from ctxbench import passkey
+
+    try:  # lm.ModelError and registry.RegistryError are ValueErrors, each one line naming the flag
+        return passkey.passkey_plan(impls, lengths, ropes=ropes, depths=passkey.parse_depths(o.depths),
+                                    trials=o.trials, model_path=o.model_path, dtype=config.dtype)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+# ---------------------------------------------------------------- new or resumed run
+
+def new_run_dir(out: str, config: Config, run_id: str | None, command: str = "sweep") -> str:
+    if run_id is None:
+        what = "passkey-" if command == "passkey" else ""
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{what}{config.device}-{config.mask}-{config.dtype}-{config.mode}"
+        run_id = run_id.replace("+", "_")
+    path = os.path.join(out, run_id)
+    if os.path.exists(os.path.join(path, "results.csv")):
+        fail(f"run {path} already exists; continue it with --resume {path} or choose another --run-id")
+    return path
+
+
+def load_resume(resume: str, out: str) -> tuple["SweepSpec", str]:
+    """The saved spec and folder of the run to continue (a folder path, or a run id under --out)."""
+    from ctxbench.results import CorruptResults, read_results
+    from ctxbench.sweep import SweepSpec, read_meta
+
+    run_dir = resume if os.path.isdir(resume) else os.path.join(out, resume)
+    if not os.path.isdir(run_dir):
+        fail(f"--resume {resume}: no such run folder; give the folder printed when the run started")
+    if not os.path.exists(os.path.join(run_dir, "meta.json")):
+        fail(f"--resume {resume}: {run_dir} has no meta.json, so it is not a ctxbench run folder")
+    try:
+        spec = SweepSpec.from_json(read_meta(run_dir)["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"--resume {resume}: meta.json is unreadable ({type(exc).__name__}: {exc}); start a new run")
+    csv_path = os.path.join(run_dir, "results.csv")
+    if os.path.exists(csv_path):
+        try:
+            read_results(csv_path, repair_tail=False)
+        except CorruptResults as exc:
+            if "last line is incomplete" not in str(exc):
+                fail(f"--resume {resume}: {exc}; fix or delete that line, then resume")
+    check_writable(run_dir)
+    return spec, run_dir
+
+
+def resolve_resume(o: Options, world: int = 1) -> tuple["SweepSpec", str, dict[str, Any]]:
+    """(spec, run folder, what this invocation changed) for `--resume RUN`.
+
+    A configuration flag typed with --resume is refused (one line) unless it extends the run
+    without changing what a finished cell means: more lengths (--lengths, --min-len,
+    --max-len: every saved length must stay), more implementations (--impls, --impl: added
+    to the saved ones; naming a subset is refused), or where and how long cells run
+    (--timeout, --executor, --address). What it changed is returned for meta.json.
+    """
+    assert o.resume is not None
+    spec, run_dir = load_resume(o.resume, o.out)
+    refused = sorted(FLAG[name] for name in o.given - RESUMABLE)
+    if refused:
+        fail(f"{', '.join(refused)} cannot change when resuming {run_dir}: its configuration is saved in meta.json; "
+             "resume without {} or start a new run".format("it" if len(refused) == 1 else "them"))
+    check_device(spec.config.device)
+    changes: dict[str, Any] = {}
+    if o.given & {"lengths", "min_len", "max_len"}:
+        passkey = spec.passkey is not None
+        wanted = lengths_of(o, PASSKEY_MAX_LEN[spec.config.device] if passkey else SWEEP_MAX_LEN)
+        dropped = [n for n in spec.lengths if n not in wanted]
+        if dropped:
+            fail(f"resuming {run_dir}: the lengths asked for ({', '.join(map(str, wanted))}) leave out "
+                 f"{', '.join(map(str, dropped))} of the run; a resumed run can only gain lengths (resume without "
+                 "the length flags, or start a new run)")
+        if wanted != spec.lengths:
+            changes["lengths"] = wanted
+    if o.given & {"impl_names", "impl_specs"}:
+        names = impl_names(o)
+        validate_impls(names, list(o.impl_specs))
+        saved = spec.passkey.impls if spec.passkey is not None else spec.impls
+        if names and not set(saved) <= set(names + list(o.impl_specs)):
+            missing = [n for n in saved if n not in names and n not in o.impl_specs]
+            fail(f"resuming {run_dir}: --impls leaves out {', '.join(missing)} of the run; a resumed run can only "
+                 "gain implementations (name them all, or pass only the new ones with --impl)")
+        added = [n for n in dict.fromkeys(names + list(o.impl_specs)) if n not in saved]
+        if added:
+            changes["impls"] = saved + added
+    if "timeout" in o.given and o.timeout != spec.timeout_s:
+        changes["timeout_s"] = o.timeout
+    spec = extend_spec(spec, changes, o, world)
+    return spec, run_dir, changes
+
+
+def extend_spec(spec: "SweepSpec", changes: dict[str, Any], o: Options, world: int) -> "SweepSpec":
+    """The saved spec with a resume's changes applied (lengths, implementations, timeout)."""
+    from ctxbench import registry
+
+    spec = replace(spec, lengths=changes.get("lengths", spec.lengths),
+                   timeout_s=changes.get("timeout_s", spec.timeout_s))
+    if "impls" in changes:
+        if spec.passkey is not None:
+            spec = replace(spec, passkey=replace(spec.passkey, impls=changes["impls"]))
+        else:
+            added = [n for n in changes["impls"] if n not in spec.impls]
+            spec = replace(spec, impls=changes["impls"])
+            if spec.ppl is not None:
+                # implementations added by name get perplexity cells, as named ones do in a new run
+                extra = [n for n in added if not registry.resolve(n).distributed]
+                spec = replace(spec, ppl=replace(spec.ppl, impls=spec.ppl.impls + extra))
+    # every implementation of the run must still resolve (a saved --impl file may have moved)
+    names = spec.passkey.impls if spec.passkey is not None else spec.impls
+    validate_impls([n for n in names if ":" not in n], [n for n in names if ":" in n])
+    return spec
+
+
+def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple["SweepSpec", str, dict[str, Any]]:
+    """The validated spec, the run folder and (for --resume) what changed: every command's one
+    entry into validation."""
+    if o.command not in TASKS:
+        raise ValueError(f"unknown command {o.command!r}")
+    if o.resume is not None:
+        if o.run_id is not None:
+            fail("--run-id names a new run; --resume continues an existing one: give one of them")
+        spec, run_dir, changes = resolve_resume(o, world)
+    else:
+        spec = build_spec(o, world)
+        check_writable(o.out)
+        run_dir = new_run_dir(o.out, spec.config, o.run_id, o.command)
+        changes = {}
+        if world > 1 and o.memory_limit is None:  # the ranks on this node share its memory
+            spec = replace(spec, memory_limit_bytes=spec.memory_limit_bytes // local_world)
+    if world > 1:
+        from ctxbench import registry
+
+        bad = [n for n in spec.impls if not registry.resolve(n).distributed]
+        if bad or spec.passkey is not None:
+            fail(f"under torchrun (WORLD_SIZE={world}) only distributed implementations run (e.g. ring); "
+                 f"{', '.join(bad) or 'passkey'} would run once per rank: run {'it' if len(bad) <= 1 else 'them'} "
+                 "without torchrun")
+    return spec, run_dir, changes

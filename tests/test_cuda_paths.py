@@ -1,0 +1,73 @@
+"""CUDA-only branches, exercised on the CPU with the device string passed through and the CUDA
+calls replaced by recorders: what they would call, with which arguments, and what they do
+with the answers. (The kernels themselves run only on a GPU: benchmarks/gpu_check.sh.)"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ctxbench import sharded
+from ctxbench.measure import throughput
+from ctxbench.plan import Cell
+
+
+def test_nccl_group_uses_the_local_rank_device(monkeypatch):
+    """A distributed CUDA cell's worker pins its GPU to LOCAL_RANK before NCCL starts, and
+    joins its own group on the port the driver chose."""
+    calls = {}
+    monkeypatch.setenv(sharded.ENV_WORLD, "4")
+    monkeypatch.setenv(sharded.ENV_RANK, "3")
+    monkeypatch.setenv(sharded.ENV_ADDR, "127.0.0.1")
+    monkeypatch.setenv(sharded.ENV_PORT, "29777")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setattr(sharded.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("device", i))
+
+    def init(backend, **kw):
+        calls["backend"], calls["kw"] = backend, kw
+
+    monkeypatch.setattr(sharded.dist, "init_process_group", init)
+    monkeypatch.setattr(sharded.atexit, "register", lambda fn: None)
+    assert sharded.ensure_group("cuda") == (3, 4)
+    assert calls["device"] == 1 and calls["backend"] == "nccl"
+    assert calls["kw"]["init_method"] == "tcp://127.0.0.1:29777"
+    assert calls["kw"]["rank"] == 3 and calls["kw"]["world_size"] == 4
+    import os
+
+    assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ  # the cell's group has a store of its own
+
+
+@pytest.mark.parametrize("name, dtype, peak", [("NVIDIA H200", "bfloat16", 989.0), ("NVIDIA H100 80GB HBM3", "float16", 989.0),
+                                               ("NVIDIA H200", "float32", 67.0), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+                                               ("Some Future GPU", "bfloat16", None)])
+def test_peak_fraction_from_the_device_name(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+    rng = random.Random(7)
+    n = rng.choice([1024, 4096, 32768])
+    cell = Cell(impl="x", n=n, heads=32, kv_heads=8, head_dim=128, dtype=dtype, device="cuda", mask="causal")
+    latency_ms = rng.uniform(0.1, 50.0)
+    row = throughput(cell, latency_ms, devices=2)
+    flops = 4.0 * 32 * 128 * n * (n + 1) // 2  # causal pairs, forward
+    assert row["flops"] == flops
+    assert row["tflops"] == pytest.approx(flops / (latency_ms * 1e-3) / 1e12)
+    if peak is None:
+        assert row["peak_fraction"] is None
+    else:
+        assert row["peak_fraction"] == pytest.approx(row["tflops"] / (2 * peak))
+
+
+def test_cuda_defaults_of_a_sweep(monkeypatch, tmp_path):
+    """On a CUDA machine a sweep defaults to bf16, 100 ms timing budgets and a shorter warm-up,
+    and its workers are started without the address-space cap (tests/test_isolation.py)."""
+    from ctxbench import options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    o = options.Options(lengths="64,128", impl_names="sdpa", ppl_max_len=0, out=str(tmp_path))
+    spec = options.build_spec(o)
+    assert spec.config.device == "cuda" and spec.config.dtype == "bfloat16"
+    assert spec.settings.rep_ms == 100.0 and spec.settings.warmup_ms == 25.0
+    assert spec.ppl is None
