@@ -14,7 +14,9 @@ a GPU). For each kernel and configuration it prints:
   spill     bytes of spill stores per thread (ptxas -v; loads are in the CSV)
   shared    shared memory per block (bytes, the compiler's allocation)
   wgmma     wgmma.mma_async instructions in the PTX (0: no Hopper tensor-core path)
-  compile   seconds for triton.compile (frontend + LLVM + ptxas) on this machine
+  compile   seconds for triton.compile (frontend + LLVM + ptxas) on this machine (wall; the
+            CSV also has compile_cpu_s, its CPU time with ptxas', which outside load does not
+            inflate)
 
 --which picks the configurations: "default" (launched with autotuning off), "tuned" (every one
 the autotuner can pick at --n, after pruning: the default), "all" (the whole space before
@@ -45,6 +47,7 @@ import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -56,7 +59,7 @@ MASKS = ("none", "causal", "window", "sinks")
 # Kernels launched directly (not through triton_attention._launch): kind -> module attribute.
 AUX_KERNELS = {"pre": "_bwd_preprocess", "dq_cast": "_bwd_dq_cast"}
 COLUMNS = ["kernel", "dtype", "head_dim", "mask", "config", "default", "regs", "spill", "spill_loads", "stack",
-           "shared", "wgmma", "mma", "compile_s", "ok", "ptx_sha", "triton", "arch", "error"]
+           "shared", "smem_estimate", "wgmma", "mma", "compile_s", "compile_cpu_s", "ok", "ptx_sha", "triton", "arch", "error"]
 
 
 def load_module(path: str | None):
@@ -137,6 +140,13 @@ def _ptxas_numbers(log: str) -> dict:
                 spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"))
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): a compile's cost without the
+    waiting that other load on the machine adds to its wall time."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_one(ta, fn, args: tuple, meta: dict, config: tuple, capability: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -156,11 +166,12 @@ def compile_one(ta, fn, args: tuple, meta: dict, config: tuple, capability: int)
         bound, spec, options = binder(*args, **kw)
         options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, options)
         triton.knobs.nvidia.dump_ptxas_log = True
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         with contextlib.redirect_stdout(buf):
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                     options=options.__dict__)
         row["compile_s"] = round(time.perf_counter() - t0, 2)
+        row["compile_cpu_s"] = round(_cpu_seconds() - c0, 2)
         ptx = kernel.asm["ptx"]
         row.update(_ptxas_numbers(buf.getvalue()))
         row.update(ok=True, shared=kernel.metadata.shared, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
@@ -201,14 +212,18 @@ def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, 
             row = dict(kernel=kind, dtype=DTYPE_NAMES[dtype], head_dim=head_dim, mask=mask,
                        config=ta._describe(*config) if config[0] is not None else f"warps={config[2]}",
                        default=config == default, triton=triton.__version__, arch=f"sm_{capability}")
+            if kind in ta._PLAIN and dtype != torch.float32:  # what pruning assumes the kernel needs
+                row["smem_estimate"] = ta._smem_estimate(kind, config[0], config[1], config[3], meta["BLOCK_D"],
+                                                         args[0].element_size())
             row.update(compile_one(ta, plain[kind], args, meta, config, capability))
             yield row
 
 
 def _table(rows: list[dict]) -> str:
     cols = ["kernel", "dtype", "head_dim", "mask", "config", "default", "regs", "spill", "shared", "wgmma",
-            "compile_s"]
-    head = {"head_dim": "D", "compile_s": "compile s", "spill": "spill B", "shared": "smem B"}
+            "compile_s", "compile_cpu_s"]
+    head = {"head_dim": "D", "compile_s": "compile s", "compile_cpu_s": "cpu s", "spill": "spill B",
+            "shared": "smem B"}
     cells = [[head.get(c, c) for c in cols]]
     for r in rows:
         if not r.get("ok"):
@@ -226,17 +241,19 @@ def summary(rows: list[dict]) -> str:
     """Per kernel, dtype and head dim: configurations, how many spill, and compile seconds."""
     groups: dict = {}
     for r in rows:
-        g = groups.setdefault((r["kernel"], r["dtype"], r["head_dim"]), [0, 0, 0.0, 0])
+        g = groups.setdefault((r["kernel"], r["dtype"], r["head_dim"], r["mask"]), [0, 0, 0.0, 0, 0.0])
         g[0] += 1
         g[1] += bool(r.get("ok") and r.get("spill"))
         g[2] += r.get("compile_s") or 0.0
         g[3] += not r.get("ok")
-    out = ["kernel   dtype  D    configs  spilling  failed  compile s (sum)"]
-    for (kind, dt, d), (cnt, spill, secs, bad) in groups.items():
-        out.append(f"{kind:<8} {dt:<6} {d:<4} {cnt:<8} {spill:<9} {bad:<7} {secs:.1f}")
+        g[4] += r.get("compile_cpu_s") or 0.0
+    out = ["kernel   dtype  D    mask    configs  spilling  failed  compile s  cpu s (sums)"]
+    for (kind, dt, d, mask), (cnt, spill, secs, bad, cpu) in groups.items():
+        out.append(f"{kind:<8} {dt:<6} {d:<4} {mask:<7} {cnt:<8} {spill:<9} {bad:<7} {secs:<10.1f} {cpu:.1f}")
     total = sum(r.get("compile_s") or 0.0 for r in rows)
+    cpu = sum(r.get("compile_cpu_s") or 0.0 for r in rows)
     out.append(f"total: {len(rows)} kernels, {sum(bool(r.get('ok') and r.get('spill')) for r in rows)} spilling, "
-               f"{sum(not r.get('ok') for r in rows)} failed, {total:.1f} s of compilation")
+               f"{sum(not r.get('ok') for r in rows)} failed, {total:.1f} s of compilation ({cpu:.1f} s CPU)")
     return "\n".join(out)
 
 

@@ -57,7 +57,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                            help="continue the run in folder RUN, skipping finished cells (only --lengths/--max-len, "
                                 "--impls/--impl, --timeout and --executor may be added)"),
     "memory_limit": click.option("--memory-limit", type=float, default=None,
-                                 help="CPU worker memory cap in GiB (default: 85%% of available)"),
+                                 help="host-memory limit per worker in GiB: a CPU worker's address space, a CUDA worker's "
+                                      "resident set (default: 85% of available)"),
     "rep_ms": click.option("--rep-ms", type=float, default=None,
                            help="time budget of the timed repeats per cell in ms (default: 1000 cpu, 100 cuda)"),
     "check_rows": click.option("--check-rows", type=int, default=256, show_default=True,
@@ -216,7 +217,8 @@ def start_executor(spec: Any, o: Options) -> Any:
 def run_and_report(spec: Any, run_dir: str, ex: Any, changes: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from ctxbench.sweep import describe, print_summary, run_sweep
+    from ctxbench.summary import print_summary
+    from ctxbench.sweep import describe, run_sweep
 
     console = Console(stderr=False)
     for line in describe(spec):

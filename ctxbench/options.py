@@ -13,12 +13,9 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, Settings, powers_of_two
-
-if TYPE_CHECKING:
-    from ctxbench.sweep import SweepSpec
+from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, Settings, SweepSpec, powers_of_two
 
 # Perplexity defaults. CPU: the default model's fp32 forward pass runs at a few hundred
 # tokens/s on 2 cores, so perplexity at 1024 and 2048 with 2048 tokens scored per cell keeps
@@ -278,10 +275,9 @@ def settings_of(o: Options, device: str, ppl_tokens: int) -> Settings:
                     ppl_stride=o.ppl_stride)
 
 
-def build_spec(o: Options, world: int = 1) -> "SweepSpec":
+def build_spec(o: Options, world: int = 1) -> SweepSpec:
     """Validate the options of a new run (UsageError on the first problem) and build its spec."""
     from ctxbench.executor import default_memory_limit
-    from ctxbench.sweep import SweepSpec
 
     check_numbers(o)
     passkey = o.command == "passkey"
@@ -378,10 +374,10 @@ def new_run_dir(out: str, config: Config, run_id: str | None, command: str = "sw
     return path
 
 
-def load_resume(resume: str, out: str) -> tuple["SweepSpec", str]:
+def load_resume(resume: str, out: str) -> tuple[SweepSpec, str]:
     """The saved spec and folder of the run to continue (a folder path, or a run id under --out)."""
     from ctxbench.results import CorruptResults, read_results
-    from ctxbench.sweep import SweepSpec, read_meta
+    from ctxbench.sweep import read_meta
 
     run_dir = resume if os.path.isdir(resume) else os.path.join(out, resume)
     if not os.path.isdir(run_dir):
@@ -403,7 +399,7 @@ def load_resume(resume: str, out: str) -> tuple["SweepSpec", str]:
     return spec, run_dir
 
 
-def resolve_resume(o: Options, world: int = 1) -> tuple["SweepSpec", str, dict[str, Any]]:
+def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str, Any]]:
     """(spec, run folder, what this invocation changed) for `--resume RUN`.
 
     A configuration flag typed with --resume is refused (one line) unless it extends the run
@@ -447,7 +443,7 @@ def resolve_resume(o: Options, world: int = 1) -> tuple["SweepSpec", str, dict[s
     return spec, run_dir, changes
 
 
-def extend_spec(spec: "SweepSpec", changes: dict[str, Any], o: Options, world: int) -> "SweepSpec":
+def extend_spec(spec: SweepSpec, changes: dict[str, Any], o: Options, world: int) -> SweepSpec:
     """The saved spec with a resume's changes applied (lengths, implementations, timeout)."""
     from ctxbench import registry
 
@@ -469,7 +465,7 @@ def extend_spec(spec: "SweepSpec", changes: dict[str, Any], o: Options, world: i
     return spec
 
 
-def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple["SweepSpec", str, dict[str, Any]]:
+def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec, str, dict[str, Any]]:
     """The validated spec, the run folder and (for --resume) what changed: every command's one
     entry into validation."""
     if o.command not in TASKS:

@@ -6,11 +6,16 @@ A cell is a kernel measurement (task "kernel": one attention call on random inpu
 perplexity measurement (task "perplexity": a language model whose attention layers run
 through the implementation, ctxbench.perplexity) or one passkey-retrieval trial (task
 "passkey": one prompt of N tokens with a key at a depth, ctxbench.passkey).
+
+A SweepSpec is a whole run (configuration, implementations, lengths, the perplexity or passkey
+plan, and the Settings that say how to measure); it is saved in meta.json, so --resume
+rebuilds the same cells. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from ctxbench.masks import Mask
 
@@ -194,3 +199,46 @@ class Settings:
     text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
     ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
     ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
+
+
+@dataclass
+class SweepSpec:
+    """Everything that defines a sweep; saved in meta.json so --resume can rebuild it."""
+
+    config: Config
+    impls: list[str]
+    lengths: list[int]
+    timeout_s: float
+    memory_limit_bytes: int | None
+    settings: Settings = field(default_factory=Settings)
+    reuse_workers: bool = True
+    ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
+    passkey: PasskeyPlan | None = None  # passkey-retrieval cells (None: none)
+    # memory_limit_bytes is this machine's default (85% of available), not the user's
+    # --memory-limit: a Ray node computes its own instead
+    memory_limit_auto: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "impls": self.impls, "lengths": self.lengths,
+                "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
+                "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
+                "ppl": asdict(self.ppl) if self.ppl is not None else None,
+                "memory_limit_auto": self.memory_limit_auto,
+                "passkey": asdict(self.passkey) if self.passkey is not None else None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
+        return cls(config=Config(**d["config"]), impls=list(d["impls"]), lengths=[int(n) for n in d["lengths"]],
+                   timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
+                   settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
+                   ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
+                   memory_limit_auto=d.get("memory_limit_auto", False),
+                   passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None)
+
+    def cells(self) -> list[Cell]:
+        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey)
+
+    def all_impls(self) -> list[str]:
+        """Every implementation with cells in the sweep (kernel, perplexity or passkey), once each."""
+        return list(dict.fromkeys(self.impls + (self.ppl.impls if self.ppl else [])
+                                  + (self.passkey.impls if self.passkey else [])))

@@ -1,4 +1,5 @@
-"""The terminal summary: implementation x length pivot of latency, memory and status.
+"""The terminal summary at the end of a run: the implementation x length pivot of latency,
+memory and status, the scaling fits, perplexity, passkey, and where the files are.
 
 An implementation whose every cell is `unsupported` (triton on a CPU without its interpreter,
 an SDPA backend pinned on the wrong device) gets no line of its own: it is named once under
@@ -8,12 +9,13 @@ report.html and the plots' legends alike.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 from rich.table import Table
 from rich.text import Text
 
-from ctxbench.fits import Fit, fit_all
+from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
 from ctxbench.formatting import first_line, number
 
 STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
@@ -172,4 +174,36 @@ def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     for impl, rope in lines:
         table.add_row(perplexity_label({"impl": impl, "rope": rope}),
                       *(text(by_key.get((impl, rope, n))) for n in lengths))
+    return table
+
+
+def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Any) -> None:
+    """The pivot table, the scaling fits, perplexity and where the files are."""
+    kernel_rows = [r for r in rows if r.get("task", "kernel") in ("kernel", "")]
+    ppl_rows = [r for r in rows if r.get("task") == "perplexity"]
+    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
+    if kernel_rows:
+        console.print(pivot_table(kernel_rows, title="latency (median) / peak memory, or status"))
+        console.print(fits_table(fits_shown(kernel_rows)))
+    if ppl_rows:
+        console.print(perplexity_table(ppl_rows))
+    if passkey_rows:
+        from ctxbench.passkey import passkey_summary
+
+        console.print(passkey_summary(passkey_rows))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cells")
+    console.print(f"results: {os.path.join(run_dir, 'results.csv')}")
+
+
+def fits_table(fits: list[Fit]) -> Table:
+    """Exponent p of latency ~ N^p and memory ~ N^p per implementation, and the longest length that ran."""
+    table = Table(title=f"scaling: cost ~ N^p over the {FIT_POINTS} longest ok lengths (2 quadratic, 1 linear)",
+                  title_justify="left")
+    for col in FIT_HEADER:
+        table.add_column(col, justify="left" if col == "impl" else "right")
+    for f in fits:
+        table.add_row(*fit_row(f))
     return table

@@ -12,72 +12,25 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ctxbench import registry
 from ctxbench.env import environment
 from ctxbench.executor import Executor, LocalExecutor
 from ctxbench.flops import attention_flops
 from ctxbench.formatting import safe_name
-from ctxbench.plan import Settings
-from ctxbench.plan import Cell, Config, PasskeyPlan, PerplexityPlan, build_cells
+from ctxbench.plan import Cell, Settings, SweepSpec
 from ctxbench.results import ResultsWriter, read_results, row_key
-from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
-from ctxbench.summary import perplexity_table, pivot_table
 
 # Statuses after which longer lengths of the same implementation are not attempted.
 STOP_STATUSES = ("oom", "timeout")
 # Rough throughput for progress weights only (FLOP/s); the ETA adapts to measured speed.
 _ROUGH_RATE = {"cpu": 5e10, "cuda": 2e14}
 _WORKER_START_S = 2.0
-
-
-@dataclass
-class SweepSpec:
-    """Everything that defines a sweep; saved in meta.json so --resume can rebuild it."""
-
-    config: Config
-    impls: list[str]
-    lengths: list[int]
-    timeout_s: float
-    memory_limit_bytes: int | None
-    settings: Settings = field(default_factory=Settings)
-    reuse_workers: bool = True
-    ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
-    passkey: PasskeyPlan | None = None  # passkey-retrieval cells (None: none)
-    # memory_limit_bytes is this machine's default (85% of available), not the user's
-    # --memory-limit: a Ray node computes its own instead
-    memory_limit_auto: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "impls": self.impls, "lengths": self.lengths,
-                "timeout_s": self.timeout_s, "memory_limit_bytes": self.memory_limit_bytes,
-                "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
-                "ppl": asdict(self.ppl) if self.ppl is not None else None,
-                "memory_limit_auto": self.memory_limit_auto,
-                "passkey": asdict(self.passkey) if self.passkey is not None else None}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
-        return cls(config=Config(**d["config"]), impls=list(d["impls"]), lengths=[int(n) for n in d["lengths"]],
-                   timeout_s=float(d["timeout_s"]), memory_limit_bytes=d.get("memory_limit_bytes"),
-                   settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
-                   ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
-                   memory_limit_auto=d.get("memory_limit_auto", False),
-                   passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None)
-
-    def cells(self) -> list[Cell]:
-        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey)
-
-    def all_impls(self) -> list[str]:
-        """Every implementation with cells in the sweep (kernel, perplexity or passkey), once each."""
-        return list(dict.fromkeys(self.impls + (self.ppl.impls if self.ppl else [])
-                                  + (self.passkey.impls if self.passkey else [])))
 
 
 # Rough language-model throughput (tokens/s through the default model) for perplexity ETAs.
@@ -245,38 +198,6 @@ def _unsupported_or_skipped(cell: Cell, impl: registry.Impl,
         task = "" if cell.task == "kernel" else f" ({cell.task})"
         return {"status": "skipped", "message": f"not attempted: {cell.impl}{task} {what} at N={n}"}
     return None
-
-
-def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Console) -> None:
-    """The pivot table, the scaling fits, perplexity and where the files are."""
-    kernel_rows = [r for r in rows if r.get("task", "kernel") in ("kernel", "")]
-    ppl_rows = [r for r in rows if r.get("task") == "perplexity"]
-    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
-    if kernel_rows:
-        console.print(pivot_table(kernel_rows, title="latency (median) / peak memory, or status"))
-        console.print(fits_table(fit_all(kernel_rows)))
-    if ppl_rows:
-        console.print(perplexity_table(ppl_rows))
-    if passkey_rows:
-        from ctxbench.passkey import passkey_summary
-
-        console.print(passkey_summary(passkey_rows))
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cells")
-    console.print(f"results: {os.path.join(run_dir, 'results.csv')}")
-
-
-def fits_table(fits: list[Fit]) -> Table:
-    """Exponent p of latency ~ N^p and memory ~ N^p per implementation, and the longest length that ran."""
-    table = Table(title=f"scaling: cost ~ N^p over the {FIT_POINTS} longest ok lengths (2 quadratic, 1 linear)",
-                  title_justify="left")
-    for col in FIT_HEADER:
-        table.add_column(col, justify="left" if col == "impl" else "right")
-    for f in fits:
-        table.add_row(*fit_row(f))
-    return table
 
 
 def describe(spec: SweepSpec) -> list[str]:

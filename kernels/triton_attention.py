@@ -793,7 +793,7 @@ def _space(kind):
     if kind == "fwd":  # the tutorial's space: the query tile is BLOCK_M, keys stream by BLOCK_N
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dkdv":  # the key tile (BLOCK_N) stays, query blocks (BLOCK_M) stream
-        return [(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
+        return [(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dq":  # like the forward
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4) for w in (4, 8)]
     raise ValueError(kind)

@@ -13,18 +13,18 @@ Design:
   `# name.py` is written to that file in the working folder (docs/implementations.md's
   `mykernels.py`, which a documented command loads).
 * `rewrite()` is one table of size changes applied to every command alike: values shrink,
-  documented flags stay. An `--impls` list runs its first implementation (each is a worker
-  process to start; `test_documented_implementations_exist` checks every name), a command
-  that names none runs sdpa. Lengths become 1024 and 2048 (above the Triton interpreter's 512, so
-  triton is the documented `unsupported` line rather than minutes of interpretation), `--rep-ms`
-  5, `--out` a fresh temporary folder, a window at most 256 keys, and a sweep that gives no
-  shape gets 2 heads of dimension 16. Workers run one thread (OMP_NUM_THREADS=1) unless the
-  line sets it. Perplexity is left out
-  (`--ppl-max-len 0`) unless the command is about quality (passkey, a perplexity or RoPE flag,
-  `--model`, `--text`, `--sinks`, or shown in docs/quality.md); such a command runs a tiny
-  random model (tests/lm_helpers.py) with `--model` and a few hundred tokens. A `--resume`
-  command gets nothing added (a resumed run refuses new configuration); its length flags
-  extend the run it resumes.
+  documented flags stay. Lengths become 1024 and 2048 (above the Triton interpreter's 512, so
+  triton is the documented `not run` line rather than minutes of interpretation); an `--impls`
+  list runs its first implementation (each is a worker process to start;
+  `test_documented_implementations_exist` checks every name) and a command that names none
+  runs sdpa; `--rep-ms` is 5, `--out` a fresh temporary folder, a window at most 256 keys, and
+  a sweep that gives no shape gets 2 heads of dimension 16. Workers run one thread
+  (OMP_NUM_THREADS=1) unless the line sets it. Perplexity is left out (`--ppl-max-len 0`)
+  unless the command is about quality (passkey, a perplexity or RoPE flag, `--model`,
+  `--text`, `--sinks`, or shown in docs/quality.md); such a command runs a tiny random model
+  (tests/lm_helpers.py) with `--model` and a few hundred tokens. A `--resume` command gets
+  nothing added (a resumed run refuses new configuration); its length flags extend the run it
+  resumes. Lines that differ only in what the rewrite replaces run once.
 * Placeholders are runs made first: `results/<run-id>` a small sweep, `$GATE_DIR/gate-1` a copy
   of the committed CPU gate baseline (so the documented gate comparison is exact: 0),
   `planted-baseline/` that copy with chunked's N=1024 latencies planted 40% lower (1).
@@ -76,6 +76,7 @@ class DocCommand:
     env: tuple[tuple[str, str], ...]  # VAR=value in front of it
     launcher: tuple[str, ...] = ()    # ("torchrun", "--nproc-per-node", "2") for a torchrun line
     expect: int = 0                   # the exit status the documentation shows
+    output: tuple[str, ...] = ()      # what the documentation shows it printing (```text blocks)
 
     @property
     def command(self) -> str:
@@ -183,7 +184,8 @@ def doc_commands() -> list[DocCommand]:
             for n, line, output in shown:
                 for env, launcher, argv in _ctxbench_parts(line):
                     commands.append(DocCommand(where=f"{path}:{n}", text=" ".join(line.split()), argv=argv,
-                                               env=env, launcher=launcher, expect=_expected_status(output)))
+                                               env=env, launcher=launcher, expect=_expected_status(output),
+                                               output=tuple(output)))
     return commands
 
 
@@ -221,7 +223,7 @@ def skip_reason(cmd: DocCommand) -> str | None:
         if nodes != "1":
             return f"torchrun across {nodes} nodes"
         if not ranks.isdigit() or int(ranks) > 2:
-            return f"torchrun with {ranks} ranks per node (the 2-rank line of docs/scaling-out.md runs)"
+            return f"torchrun with {ranks} ranks per node (the 2-rank line of docs/scaling-out.md runs, marked slow)"
     if _flag(cmd.argv, "--device") == "cuda" and not _cuda():
         return "CUDA only, and torch sees no CUDA device here"
     return None
@@ -445,8 +447,14 @@ def test_documented_command_runs(cmd: DocCommand, workspace: Workspace, monkeypa
     if cmd.expect == 2:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("ctxbench: error:"), err
+        documented = [ln for ln in cmd.output if ln.startswith("ctxbench: error:")]
+        assert lines == documented, f"{cmd.where}: the documented message is not the CLI's:\n{documented}\n{lines}"
     if cmd.command == "compare":
         assert "## ctxbench compare" in out
+        # the documented verdict, up to its measured numbers: "**1 regression** in 12 cells: chunked N=1024"
+        for line in (ln for ln in cmd.output if ln.startswith("**") and "regression" in ln.lower()):
+            verdict = ":".join(line.split(":")[:2])
+            assert verdict in out, f"{cmd.where}: documented verdict {verdict!r} not in the output:\n{out[-2000:]}"
 
 
 def test_documented_implementations_exist():
@@ -550,3 +558,31 @@ def test_rewrite_keeps_documented_flags(tmp_path):
             assert _flag(tuple(argv), "--lengths") == LENGTHS or _flag(tuple(argv), "--max-len") == MAX_LEN, argv
             assert _flag(tuple(argv), "--out", ).startswith(str(tmp_path)), argv
             assert (_flag(tuple(argv), "--model") == "/tiny") == is_quality(cmd), argv
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_relative_links_resolve():
+    """Every relative link of README.md and docs/ names a file that exists, and an anchor that one
+    of its headings has."""
+    broken = []
+    for path in DOC_FILES:
+        text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, path), encoding="utf-8").read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = os.path.normpath(os.path.join(ROOT, os.path.dirname(path), file)) if file else os.path.join(ROOT, path)
+            if not os.path.exists(dest):
+                broken.append(f"{path}: {target} (no such file)")
+            elif anchor:
+                with open(dest, encoding="utf-8") as f:
+                    body = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+                slugs = {_slug(line) for line in body.splitlines() if line.startswith("#")}
+                if anchor not in slugs:
+                    broken.append(f"{path}: {target} (no heading with that anchor)")
+    assert not broken, "broken links:\n" + "\n".join(broken)

@@ -15,11 +15,11 @@ from rich.console import Console
 import lm_helpers as H
 from ctxbench import lm, passkey
 from ctxbench.model_attention import attention_name
-from ctxbench.plan import Cell, Config, PasskeyPlan, Settings, build_cells
+from ctxbench.plan import Cell, Config, PasskeyPlan, Settings, SweepSpec, build_cells
 from ctxbench.registry import RegistryError, all_impls
 from ctxbench.report import report
 from ctxbench.results import read_results
-from ctxbench.sweep import SweepSpec, read_meta, run_sweep
+from ctxbench.sweep import read_meta, run_sweep
 from sweep_helpers import run_cli
 
 
