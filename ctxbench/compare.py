@@ -27,11 +27,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctxbench.formatting import number
+from ctxbench.formatting import human_bytes, human_ms, number
 from ctxbench.markdown import markdown_table
 from ctxbench.plan import KEY_FIELDS
 from ctxbench.results import CorruptResults, read_results
-from ctxbench.summary import human_bytes, human_ms
 
 # Configuration columns beyond the Cell's (KEY_FIELDS) that identify a row when present in both
 # files: a perplexity row is a different measurement from a kernel row of the same implementation

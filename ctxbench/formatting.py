@@ -1,5 +1,6 @@
 """Small text helpers shared by every layer: one line for an exception, a name safe for a
-file, a number read from a CSV cell. Each exists once, here (no torch, no heavy imports).
+file, a number read from a CSV cell, bytes and milliseconds for people. Each exists once,
+here (no torch, no heavy imports).
 """
 
 from __future__ import annotations
@@ -37,3 +38,21 @@ def number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as B/KiB/MiB/GiB with 3 significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def human_ms(ms: float) -> str:
+    """Milliseconds with a unit that keeps 3 significant digits readable."""
+    if ms >= 1000:
+        return f"{ms / 1000:.3g} s"
+    if ms >= 1:
+        return f"{ms:.3g} ms"
+    return f"{ms * 1000:.3g} us"

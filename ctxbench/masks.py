@@ -87,11 +87,6 @@ class Mask:
         """Whether queries never see keys after their own position."""
         return self.kind != "none"
 
-    @property
-    def name(self) -> str:
-        """The mask column of a CSV row: 'none', 'causal' or 'window'."""
-        return self.kind
-
     def contract_kwargs(self) -> dict:
         """Keyword arguments for an implementation: causal, window, and sinks only when > 0
         (plain functions without a sinks parameter keep working). The offset is not passed:

@@ -199,30 +199,24 @@ def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: tor
     return rel
 
 
-def verdict(err_rel_l2: float, tolerance: float, dtype: str, dtype_ok: bool, grad_err: float | None = None,
-            grad_tolerance: float | None = None) -> tuple[str, str]:
+def verdict(err_rel_l2: float, tolerance: float, dtype: str, dtype_ok: bool,
+            grad_err: float | None = None) -> tuple[str, str]:
     """(status, message) of a measured cell from its checks: "ok" and "", or "wrong" and the
     reasons joined by "; ".
 
     err_rel_l2: the output's relative L2 error against the float64 reference, wrong unless
     <= tolerance (NaN and inf are wrong); dtype: the input dtype's name, for the message;
     dtype_ok: whether the output has the input's dtype; grad_err: the gradients' relative L2
-    error (None: not checked), wrong unless <= grad_tolerance (default GRAD_TOLERANCE_FACTOR x
-    tolerance).
+    error (None: not checked), wrong unless <= GRAD_TOLERANCE_FACTOR x tolerance.
     """
     problems = []
     if not err_rel_l2 <= tolerance:
         problems.append(f"relative L2 error {err_rel_l2:.3g} over the {dtype} tolerance {tolerance:g}")
     if not dtype_ok:
         problems.append(f"output dtype differs from the input's {dtype}")
-    if grad_err is not None:
-        if grad_tolerance is None:
-            if not grad_err <= GRAD_TOLERANCE_FACTOR * tolerance:
-                problems.append(f"gradient relative L2 error {grad_err:.3g} over "
-                                f"{GRAD_TOLERANCE_FACTOR:g}x the {dtype} tolerance")
-        elif not grad_err <= grad_tolerance:
-            problems.append(f"gradient relative L2 error {grad_err:.3g} over the gradient tolerance "
-                            f"{grad_tolerance:g}")
+    if grad_err is not None and not grad_err <= GRAD_TOLERANCE_FACTOR * tolerance:
+        problems.append(f"gradient relative L2 error {grad_err:.3g} over {GRAD_TOLERANCE_FACTOR:g}x the {dtype} "
+                        "tolerance")
     return ("wrong" if problems else "ok"), "; ".join(problems)
 
 

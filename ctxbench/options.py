@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ctxbench.masks import Mask
 from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, Settings, SweepSpec, powers_of_two
 
 # Perplexity defaults. CPU: the default model's fp32 forward pass runs at a few hundred
@@ -40,67 +41,74 @@ def fail(message: str) -> None:
 
 @dataclass
 class Options:
-    """Every flag of `ctxbench sweep` / `ctxbench passkey` as the user gave it (None: not given).
+    """Every flag of `ctxbench sweep` / `ctxbench passkey`; None where a flag was not given and
+    its default depends on the device or the command. These defaults are the CLI's too
+    (ctxbench.cli declares each flag with the default of its field here).
 
     `command` says which command built it ("sweep": kernel and perplexity cells; "passkey":
-    passkey cells only). `given` names the flags typed on the command line, which decides
-    what `--resume` may take (see `resolve_resume`).
+    passkey cells only). `given` maps the fields typed on the command line to their flag
+    ("impl_names": "--impls"), which decides what `--resume` may take (`resolve_resume`).
     """
 
     command: str = "sweep"
-    min_len: int = 1024
-    max_len: int | None = None
-    lengths: str | None = None
+    min_len: int = 1024                 # tokens
+    max_len: int | None = None          # tokens (sweep: SWEEP_MAX_LEN; passkey: PASSKEY_MAX_LEN)
+    lengths: str | None = None          # "1024,2048": tokens, instead of powers of two
     batch: int = 1
-    heads: int = 8
-    kv_heads: int | None = None
+    heads: int = 8                      # query heads
+    kv_heads: int | None = None         # key/value heads (None: = heads)
     head_dim: int = 64
-    dtype: str | None = None
-    mask: str | None = None
-    window: int | None = None
-    sinks: int = 0
+    dtype: str | None = None            # None: bfloat16 on CUDA, float32 on the CPU
+    mask: str | None = None             # None: window when a window is given, else causal
+    window: int | None = None           # W keys per query, itself included
+    sinks: int = 0                      # first S keys visible beside a window
     mode: str = "fwd"
-    device: str | None = None
-    impl_names: str | None = None
-    impl_specs: tuple[str, ...] = ()
-    timeout: float = 600.0
-    out: str = "results"
+    device: str | None = None           # None: cuda when torch sees one
+    impl_names: str | None = None       # "a,b": registered names
+    impl_specs: tuple[str, ...] = ()    # package.module:function or file.py:function
+    timeout: float = 600.0              # s per cell
+    out: str = "results"                # folder of runs
     run_id: str | None = None
-    resume: str | None = None
-    memory_limit: float | None = None
-    rep_ms: float | None = None
-    check_rows: int = 256
+    resume: str | None = None           # a run folder, or a run id under `out`
+    memory_limit: float | None = None   # GiB per worker (None: 85% of available)
+    rep_ms: float | None = None         # ms of timed repeats per cell (None: 1000 CPU, 100 CUDA)
+    check_rows: int = 256               # query rows checked against float64
     seed: int = 0
     allow_interpreter: bool = False
     fresh_worker: bool = False
-    ppl_max_len: int | None = None
-    ppl_tokens: int | None = None
+    ppl_max_len: int | None = None      # tokens (None: PPL_MAX_LEN; 0: no perplexity)
+    ppl_tokens: int | None = None       # tokens scored per cell (None: PPL_TOKENS)
     ppl_scheme: str = "truncated"
-    ppl_stride: int = 256
-    model_path: str | None = None
-    text_path: str | None = None
-    rope: str = "default"
-    depths: str = "0,0.25,0.5,0.75,1"
-    trials: int = 1
+    ppl_stride: int = 256               # tokens scored at the end of each strided window
+    model_path: str | None = None       # None: the embedded default model
+    text_path: str | None = None        # None: the default corpus
+    rope: str = "default"               # "default,yarn:4"
+    depths: str = "0,0.25,0.5,0.75,1"   # passkey depths, fractions of the filler
+    trials: int = 1                     # passkey keys per (length, depth)
     executor: str = "local"
-    address: str | None = None
-    given: frozenset[str] = field(default_factory=frozenset)
+    address: str | None = None          # Ray cluster address
+    given: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_click(cls, command: str, params: dict[str, Any], given: set[str]) -> "Options":
-        """From click's parsed parameters (names as the command's function takes them)."""
+    def from_click(cls, command: str, params: dict[str, Any], given: dict[str, str]) -> "Options":
+        """From click's parsed parameters (names as the command's function takes them) and
+        the typed ones with their flags."""
         known = {f.name for f in fields(cls)}
         unknown = set(params) - known
         if unknown:  # a flag declared in the CLI but not here: a bug, not a user error
             raise TypeError(f"Options has no field for {sorted(unknown)}")
         values = {k: (tuple(v) if k == "impl_specs" else v) for k, v in params.items()}
-        return cls(command=command, given=frozenset(given), **values)
+        return cls(command=command, given=dict(given), **values)
 
 
-# The flags of each option field, for messages ("--max-len"), and which fields --resume may
-# take: these extend a run or say where it runs, without changing what a finished cell means.
-FLAG = {f.name: "--" + f.name.replace("_", "-") for f in fields(Options)}
-FLAG.update(impl_names="--impls", impl_specs="--impl", model_path="--model", text_path="--text")
+def default(name: str) -> Any:
+    """The default of an Options field (what the CLI's flag defaults to)."""
+    f = Options.__dataclass_fields__[name]
+    return f.default
+
+
+# What --resume may take: flags that extend a run or say where it runs, without changing what
+# a finished cell means.
 RESUMABLE = {"resume", "out", "timeout", "executor", "address", "lengths", "min_len", "max_len", "impl_names",
              "impl_specs"}
 
@@ -223,20 +231,17 @@ def resolve_impls(names: list[str], specs: list[str], config: Config, world: int
 # ---------------------------------------------------------------- the configuration
 
 def mask_of(o: Options, allowed: tuple[str, ...] = ("none", "causal", "window")) -> tuple[str, int | None, int]:
-    """(mask, window, sinks) from --mask, --window and --sinks (a window alone implies --mask window)."""
-    if o.window is not None and o.window < 1:
-        fail(f"--window must be at least 1 (got {o.window}); a window of W keys includes the query itself")
+    """(mask, window, sinks) from --mask, --window and --sinks; the mask rules themselves are
+    ctxbench.masks.Mask's (only the flag default is the CLI's: --window alone means --mask window)."""
     mask = o.mask or ("window" if o.window is not None else "causal")
     if mask not in allowed:
         fail(f"--mask {mask} is not available here; choose {', '.join(allowed)}")
-    if mask == "window" and o.window is None:
-        fail("--mask window needs --window W (the number of keys each query sees)")
-    if mask != "window" and o.window is not None:
-        fail(f"--window was given with --mask {mask}; use --mask window (or drop --mask) to sweep a window")
-    if o.sinks < 0:
-        fail(f"--sinks must be >= 0 (got {o.sinks}); it is the number of first tokens kept visible")
-    if o.sinks > 0 and mask != "window":
-        fail("--sinks needs --mask window --window W: sinks are the first tokens kept visible beside the window")
+    try:
+        Mask(mask, o.window, o.sinks)
+    except ValueError as exc:
+        given = f"--mask {mask}" + (f" --window {o.window}" if o.window is not None else "") + (
+            f" --sinks {o.sinks}" if o.sinks else "")
+        fail(f"{given}: {exc} (a window is --mask window --window W; --sinks S needs one)")
     return mask, o.window, o.sinks
 
 
@@ -297,27 +302,13 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
                      settings=settings_of(o, device, ppl_tokens), reuse_workers=not o.fresh_worker,
                      memory_limit_auto=o.memory_limit is None)
     if passkey:
-        impls = validate_impls(names or ([] if o.impl_specs else ["sdpa"]), list(o.impl_specs))
+        impls = validate_impls(names or ["sdpa"], list(o.impl_specs))  # --impl adds to the default sdpa
         return replace(spec, passkey=passkey_plan(o, config, impls, lengths, ropes))
     impls = resolve_impls(names, list(o.impl_specs), config, world)
     ppl_max_len = PPL_MAX_LEN[device] if o.ppl_max_len is None else o.ppl_max_len
     ppl = perplexity_plan(config, impls, explicit=bool(names or o.impl_specs), lengths=lengths,
                           max_len=ppl_max_len, ropes=ropes, model_path=o.model_path, text_path=o.text_path)
     return replace(spec, impls=impls, ppl=ppl)
-
-
-def model_check(model_path: str | None, text_path: str | None = None) -> Any:
-    """The model's ModelRef after checking the model, its dependencies and the corpus are there."""
-    from ctxbench import lm
-
-    try:
-        ref = lm.resolve_model(model_path)
-        lm.check_dependencies(ref)
-        if text_path is not None:
-            lm.read_text(text_path)
-        return ref
-    except lm.ModelError as exc:
-        fail(str(exc))
 
 
 def perplexity_plan(config: Config, impls: list[str], *, explicit: bool, lengths: list[int], max_len: int,
@@ -404,21 +395,26 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
 
     A configuration flag typed with --resume is refused (one line) unless it extends the run
     without changing what a finished cell means: more lengths (--lengths, --min-len,
-    --max-len: every saved length must stay), more implementations (--impls, --impl: added
-    to the saved ones; naming a subset is refused), or where and how long cells run
-    (--timeout, --executor, --address). What it changed is returned for meta.json.
+    --max-len: every saved length must stay; --min-len defaults to the run's shortest), more
+    implementations (--impls must name every saved one and may add more; --impl adds one),
+    or where and how long cells run (--timeout, --executor, --address, --out). What it
+    changed is returned for meta.json.
     """
     assert o.resume is not None
     spec, run_dir = load_resume(o.resume, o.out)
-    refused = sorted(FLAG[name] for name in o.given - RESUMABLE)
+    refused = [o.given[name] for name in o.given if name not in RESUMABLE]
     if refused:
         fail(f"{', '.join(refused)} cannot change when resuming {run_dir}: its configuration is saved in meta.json; "
-             "resume without {} or start a new run".format("it" if len(refused) == 1 else "them"))
+             f"resume without {'it' if len(refused) == 1 else 'them'}, or start a new run")
+    was = "passkey" if spec.passkey is not None else "sweep"
+    if was != o.command:
+        fail(f"{run_dir} is a `ctxbench {was}` run; continue it with ctxbench {was} --resume {o.resume}")
+    check_numbers(o)
     check_device(spec.config.device)
     changes: dict[str, Any] = {}
-    if o.given & {"lengths", "min_len", "max_len"}:
-        passkey = spec.passkey is not None
-        wanted = lengths_of(o, PASSKEY_MAX_LEN[spec.config.device] if passkey else SWEEP_MAX_LEN)
+    if o.given.keys() & {"lengths", "min_len", "max_len"}:
+        lengths_from = o if "min_len" in o.given else replace(o, min_len=spec.lengths[0])
+        wanted = lengths_of(lengths_from, PASSKEY_MAX_LEN[spec.config.device] if spec.passkey else SWEEP_MAX_LEN)
         dropped = [n for n in spec.lengths if n not in wanted]
         if dropped:
             fail(f"resuming {run_dir}: the lengths asked for ({', '.join(map(str, wanted))}) leave out "
@@ -426,42 +422,46 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
                  "the length flags, or start a new run)")
         if wanted != spec.lengths:
             changes["lengths"] = wanted
-    if o.given & {"impl_names", "impl_specs"}:
+    saved = spec.passkey.impls if spec.passkey is not None else spec.impls
+    if o.given.keys() & {"impl_names", "impl_specs"}:
         names = impl_names(o)
         validate_impls(names, list(o.impl_specs))
-        saved = spec.passkey.impls if spec.passkey is not None else spec.impls
-        if names and not set(saved) <= set(names + list(o.impl_specs)):
-            missing = [n for n in saved if n not in names and n not in o.impl_specs]
+        missing = [n for n in saved if names and n not in names and n not in o.impl_specs]
+        if missing:
             fail(f"resuming {run_dir}: --impls leaves out {', '.join(missing)} of the run; a resumed run can only "
-                 "gain implementations (name them all, or pass only the new ones with --impl)")
+                 f"gain implementations (give --impls {','.join(dict.fromkeys(saved + names))})")
         added = [n for n in dict.fromkeys(names + list(o.impl_specs)) if n not in saved]
         if added:
             changes["impls"] = saved + added
     if "timeout" in o.given and o.timeout != spec.timeout_s:
         changes["timeout_s"] = o.timeout
-    spec = extend_spec(spec, changes, o, world)
-    return spec, run_dir, changes
+    return extend_spec(spec, changes), run_dir, changes
 
 
-def extend_spec(spec: SweepSpec, changes: dict[str, Any], o: Options, world: int) -> SweepSpec:
-    """The saved spec with a resume's changes applied (lengths, implementations, timeout)."""
+def extend_spec(spec: SweepSpec, changes: dict[str, Any]) -> SweepSpec:
+    """The saved spec with a resume's changes applied (lengths, implementations, timeout);
+    UsageError when a saved or added implementation no longer resolves or cannot run there."""
     from ctxbench import registry
 
     spec = replace(spec, lengths=changes.get("lengths", spec.lengths),
                    timeout_s=changes.get("timeout_s", spec.timeout_s))
-    if "impls" in changes:
-        if spec.passkey is not None:
-            spec = replace(spec, passkey=replace(spec.passkey, impls=changes["impls"]))
-        else:
-            added = [n for n in changes["impls"] if n not in spec.impls]
-            spec = replace(spec, impls=changes["impls"])
-            if spec.ppl is not None:
-                # implementations added by name get perplexity cells, as named ones do in a new run
-                extra = [n for n in added if not registry.resolve(n).distributed]
-                spec = replace(spec, ppl=replace(spec.ppl, impls=spec.ppl.impls + extra))
+    names = changes.get("impls", spec.passkey.impls if spec.passkey is not None else spec.impls)
     # every implementation of the run must still resolve (a saved --impl file may have moved)
-    names = spec.passkey.impls if spec.passkey is not None else spec.impls
     validate_impls([n for n in names if ":" not in n], [n for n in names if ":" in n])
+    if "impls" not in changes:
+        return spec
+    if spec.passkey is not None:
+        distributed = [n for n in names if registry.resolve(n).distributed]
+        if distributed:
+            fail(f"{', '.join(distributed)}: a distributed implementation can't run passkey (a whole model in one "
+                 "process can't give it a rank's shard)")
+        return replace(spec, passkey=replace(spec.passkey, impls=names))
+    added = [n for n in names if n not in spec.impls]
+    spec = replace(spec, impls=names)
+    if spec.ppl is not None:
+        # implementations added by name get perplexity cells, as named ones do in a new run
+        extra = [n for n in added if not registry.resolve(n).distributed]
+        spec = replace(spec, ppl=replace(spec.ppl, impls=spec.ppl.impls + extra))
     return spec
 
 
@@ -470,6 +470,8 @@ def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec
     entry into validation."""
     if o.command not in TASKS:
         raise ValueError(f"unknown command {o.command!r}")
+    if world > 1 and o.executor != "local":
+        fail("under torchrun the ranks measure each cell together; drop --executor ray")
     if o.resume is not None:
         if o.run_id is not None:
             fail("--run-id names a new run; --resume continues an existing one: give one of them")

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ctxbench import lm
-from ctxbench.formatting import one_line, safe_name
+from ctxbench.formatting import number, one_line, safe_name
 from ctxbench.plan import Cell, PasskeyPlan
 from ctxbench.registry import Impl, Unsupported
 
@@ -121,9 +122,12 @@ def measure_passkey(impl: Impl, cell: Cell, settings: Any) -> dict[str, Any]:
         prompt = build_prompt(tokenizer, cell.n, cell.depth, key)
     except ValueError as exc:  # a length below the prompt's overhead
         raise Unsupported(str(exc)) from None
-    correct, predicted = score(model, tokenizer, prompt, cell.device)
+    t0 = time.perf_counter()
+    correct, predicted = score(model, tokenizer, prompt, cell.device)  # synchronises: .tolist()
+    seconds = time.perf_counter() - t0
     return {"status": "ok", "message": "", "key": key, "predicted": predicted, "correct": int(correct),
-            "n_tokens": len(prompt.ids), "model": ref.label}
+            "n_tokens": len(prompt.ids), "model": ref.label,
+            "tokens_per_s": len(prompt.ids) / seconds if seconds > 0 else None}
 
 
 # ---------------------------------------------------------------- planning (in the CLI)
@@ -221,7 +225,8 @@ def heatmaps(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
         sns.heatmap(table, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".0%", cbar_kws={"label": "retrieved"},
                     linewidths=0.5, ax=ax)
         first = part.iloc[0]
-        mask = Mask.named(str(first.get("mask", "causal")), _int(first.get("window")), _int(first.get("sinks")) or 0)
+        mask = Mask.named(str(first.get("mask", "causal")), _as_int(first.get("window")),
+                          _as_int(first.get("sinks")) or 0)
         ax.set_title(f"passkey retrieval (exact match, {int(part['trial'].max()) + 1} key(s) per cell)\n"
                      f"{impl}, rope {rope}, {mask.describe()}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
@@ -233,9 +238,6 @@ def heatmaps(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     return written
 
 
-def _int(value: Any) -> int | None:
-    """A CSV cell as an int (None when empty or not a number)."""
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
+def _as_int(value: Any) -> int | None:
+    f = number(value)
+    return None if f is None else int(f)

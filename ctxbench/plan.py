@@ -52,10 +52,6 @@ class Config:
         return Mask.named(self.mask, self.window, self.sinks)
 
     @property
-    def causal(self) -> bool:
-        return self.attention_mask.causal
-
-    @property
     def attn_window(self) -> int | None:
         return self.attention_mask.window
 

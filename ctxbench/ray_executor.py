@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from ctxbench.plan import Settings
-from ctxbench.plan import Cell
+from ctxbench.formatting import one_line
+from ctxbench.plan import Cell, Settings
 
 INSTALL_HINT = "pip install 'ctxbench[ray]'"
 
@@ -109,10 +109,9 @@ class RayExecutor:
         try:
             result = ray.get(ref)
         except ray.exceptions.OutOfMemoryError as exc:
-            result = {"status": "oom", "message": "Ray's memory monitor killed the task: "
-                      + _first_line(exc)}
+            result = {"status": "oom", "message": "Ray's memory monitor killed the task: " + one_line(exc)}
         except ray.exceptions.RayError as exc:  # the task's process or node died
-            result = {"status": "error", "message": f"Ray task failed: {type(exc).__name__}: {_first_line(exc)}"}
+            result = {"status": "error", "message": f"Ray task failed: {one_line(exc)}"}
         lines = result.pop("log_lines", "")
         node = result.pop("node", "?")
         with open(log_path, "a") as f:
@@ -130,8 +129,3 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

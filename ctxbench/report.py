@@ -23,7 +23,8 @@ from ctxbench.fits import FIT_HEADER, FIT_POINTS, fit_row
 from ctxbench.markdown import markdown_table
 from ctxbench.plots import config_text, plot_run, split_tasks, to_frame
 from ctxbench.results import read_results
-from ctxbench.summary import fits_shown, human_bytes, human_ms, is_left_out, not_run, not_run_lines
+from ctxbench.formatting import human_bytes, human_ms
+from ctxbench.summary import fits_shown, is_left_out, not_run, not_run_lines
 
 REPORT_NAME = "report.html"
 
@@ -91,6 +92,34 @@ def pivots(df: pd.DataFrame) -> list[tuple[list[tuple[str, pd.DataFrame]], list[
     return out
 
 
+def passkey_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of passkey retrieval: one line per (implementation, RoPE variant, depth),
+    one column per length (tokens), each cell "keys retrieved/trials" (or the status of trials
+    that did not run)."""
+    lengths = sorted({int(r["n"]) for r in rows})
+    groups: dict[tuple[str, str, float], dict[int, list[dict[str, Any]]]] = {}
+    for r in rows:
+        key = (str(r["impl"]), str(r.get("rope") or "default"), float(r.get("depth") or 0.0))
+        groups.setdefault(key, {}).setdefault(int(r["n"]), []).append(r)
+    body = []
+    for (impl, rope, depth), by_n in groups.items():
+        cells = []
+        for n in lengths:
+            trials = by_n.get(n, [])
+            ok = [t for t in trials if t.get("status") == "ok"]
+            text = f"{sum(int(float(t.get('correct') or 0)) for t in ok)}/{len(ok)}" if ok else ""
+            others = sorted({t["status"] for t in trials if t.get("status") != "ok"})
+            cells.append(" ".join(x for x in [text, *others] if x))
+        body.append([impl if rope == "default" else f"{impl}, {rope}", f"{depth:g}", *cells])
+    return ["impl", "depth", *(f"{n:,}" for n in lengths)], body
+
+
+def passkey_markdown(rows: list[dict[str, Any]]) -> str:
+    """Passkey retrieval (keys retrieved / trials per implementation, depth and length) as markdown."""
+    header, body = passkey_table(rows)
+    return markdown_table(header, body, left=2)
+
+
 def pivot_markdown(rows: list[dict[str, Any]]) -> str:
     """The terminal pivot (latency / peak memory, or status) as a markdown table, with a line
     under it for each implementation that never ran."""
@@ -155,17 +184,25 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any], pngs: list[str
         parts.append(f"<p>command: <code>{html.escape(' '.join(map(str, meta['argv'])))}</code></p>")
     parts.append("<h2>Plots</h2>")
     parts += [_img(p, os.path.basename(p)) for p in pngs]
-    parts.append("<h2>Pivot tables</h2>")
-    for tables, notes in pivots(df):
-        for name, table in tables:
-            parts.append(f"<h3>{html.escape(name)}</h3>")
-            parts.append(table.reset_index().to_html(escape=True, border=0, index=False))
-        parts += [f'<p class="not-run">{html.escape(note)}</p>' for note in notes]
-    parts.append(f"<h2>Scaling fits</h2><p>cost ~ N<sup>p</sup>: p is the least-squares slope of log cost "
-                 f"against log N over each implementation's {FIT_POINTS} longest lengths with status ok "
-                 "(about 2 for a quadratic cost, about 1 for a linear one).</p>")
-    fit_table = pd.DataFrame([fit_row(f) for f in fits_shown(rows)], columns=list(FIT_HEADER))
-    parts.append(fit_table.to_html(escape=True, border=0, index=False))
+    measured = df[df["task"] != "passkey"] if "task" in df.columns else df
+    if not measured.empty:
+        parts.append("<h2>Pivot tables</h2>")
+        for tables, notes in pivots(measured):
+            for name, table in tables:
+                parts.append(f"<h3>{html.escape(name)}</h3>")
+                parts.append(table.reset_index().to_html(escape=True, border=0, index=False))
+            parts += [f'<p class="not-run">{html.escape(note)}</p>' for note in notes]
+        parts.append(f"<h2>Scaling fits</h2><p>cost ~ N<sup>p</sup>: p is the least-squares slope of log cost "
+                     f"against log N over each implementation's {FIT_POINTS} longest lengths with status ok "
+                     "(about 2 for a quadratic cost, about 1 for a linear one).</p>")
+        kept = [r for r in rows if r.get("task") != "passkey"]
+        fit_table = pd.DataFrame([fit_row(f) for f in fits_shown(kept)], columns=list(FIT_HEADER))
+        parts.append(fit_table.to_html(escape=True, border=0, index=False))
+    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
+    if passkey_rows:
+        header, body = passkey_table(passkey_rows)
+        parts.append("<h2>Passkey retrieval</h2><p>keys retrieved / trials (exact-match greedy decoding)</p>")
+        parts.append(pd.DataFrame(body, columns=header).to_html(escape=True, border=0, index=False))
     parts.append("<h2>Environment</h2>")
     env = meta.get("environment") or {k: rows[0].get(k, "") for k in ("device_name", "torch_version", "git_commit")}
     parts.append(_kv_table(env))
@@ -198,7 +235,7 @@ def report(run_dir: str) -> list[str]:
         written += heatmaps(passkey_rows, run_dir)
     meta = _read_meta(run_dir)
     title = f"ctxbench run {meta.get('run_id') or os.path.basename(os.path.normpath(run_dir))}"
-    page = render_html(others or rows, meta, [p for p in written if p.endswith(".png")], title)
+    page = render_html(rows, meta, [p for p in written if p.endswith(".png")], title)
     out = os.path.join(run_dir, REPORT_NAME)
     with open(out + ".tmp", "w") as f:
         f.write(page)

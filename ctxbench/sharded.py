@@ -30,31 +30,12 @@ from ctxbench.measure import make_inputs, peak_memory, quantiles, repeats, throu
 from ctxbench.plan import Cell, Settings
 from ctxbench.reference import TOLERANCE, reference_attention, sample_rows
 from ctxbench.registry import Impl
+from ctxbench.shards import shard_bounds
 
 # Environment of a worker that is one rank of a distributed cell (set by the driver,
 # ctxbench.torchrun): its rank, the world size, and the address and port its group meets at.
 ENV_RANK, ENV_WORLD, ENV_ADDR, ENV_PORT = ("CTXBENCH_DIST_RANK", "CTXBENCH_DIST_WORLD", "CTXBENCH_DIST_ADDR",
                                           "CTXBENCH_DIST_PORT")
-
-
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Token ranges [start, end) of a sequence of `n` tokens split over `world` ranks.
-
-    Contiguous and in rank order; the first n % world ranks get one token more, so shard
-    lengths differ by at most one. Shards are empty when n < world.
-    """
-    if world < 1:
-        raise ValueError(f"world size must be >= 1, got {world}")
-    if n < 0:
-        raise ValueError(f"sequence length must be >= 0, got {n}")
-    base, extra = divmod(n, world)
-    bounds = []
-    start = 0
-    for r in range(world):
-        end = start + base + (1 if r < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def destroy_group() -> None:

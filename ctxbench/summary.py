@@ -16,28 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
-from ctxbench.formatting import first_line, number
+from ctxbench.formatting import first_line, human_bytes, human_ms, number
 
 STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
                 "unsupported": "dim", "skipped": "dim"}
-
-
-def human_bytes(n: float) -> str:
-    """Bytes as B/KiB/MiB/GiB with 3 significant digits."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n:.3g} TiB"
-
-
-def human_ms(ms: float) -> str:
-    """Milliseconds with a unit that keeps 3 significant digits readable."""
-    if ms >= 1000:
-        return f"{ms / 1000:.3g} s"
-    if ms >= 1:
-        return f"{ms:.3g} ms"
-    return f"{ms * 1000:.3g} us"
 
 
 # ---------------------------------------------------------------- lines that never ran

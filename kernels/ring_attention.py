@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ctxbench.masks import Mask
 from ctxbench.registry import register
-from ctxbench.sharded import shard_bounds
+from ctxbench.shards import shard_bounds
 
 LOG2E = math.log2(math.e)
 

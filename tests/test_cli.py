@@ -39,8 +39,10 @@ def _bad(args: list[str], capsys, *fragments: str) -> None:
     (["--lengths", "12x"], ["comma-separated"]),
     (["--min-len", "0"], ["positive"]),
     (["--min-len", "256", "--max-len", "128"], ["below --min-len"]),
-    (["--window", "0"], ["--window must be at least 1"]),
-    (["--mask", "window"], ["needs --window"]),
+    (["--window", "0"], ["--mask window --window 0:", "at least 1 key"]),
+    (["--mask", "window"], ["--mask window:", "needs a window"]),
+    (["--mask", "causal", "--window", "8"], ["window=8 given with mask kind 'causal'"]),
+    (["--sinks", "-1"], ["sinks must be >= 0"]),
     (["--heads", "6", "--kv-heads", "4"], ["not divisible by --kv-heads 4"]),
     (["--dtype", "float64"], ["unsupported --dtype 'float64'", "bf16"]),
     (["--device", "tpu"], ["unsupported --device 'tpu'"]),
@@ -173,9 +175,12 @@ def small_run(tmp_path, capsys):
     (["--heads", "4", "--mask", "none"], ["--heads, --mask cannot change", "resume without them"]),
     (["--rep-ms", "50"], ["--rep-ms cannot change"]),
     (["--seed", "1"], ["--seed cannot change"]),
-    (["--max-len", "4096"], ["leave out 32, 64 of the run", "can only gain lengths"]),
+    (["--min-len", "64", "--max-len", "4096"], ["leave out 32 of the run", "can only gain lengths"]),
+    (["--lengths", "1024,2048"], ["leave out 32, 64 of the run"]),
+    (["--timeout", "-1"], ["--timeout must be positive"]),
+    (["--address", "127.0.0.1:6379"], ["--address", "needs --executor ray"]),
     (["--lengths", "64,128"], ["leave out 32 of the run"]),
-    (["--impls", "naive"], ["--impls leaves out sdpa", "only gain implementations"]),
+    (["--impls", "naive"], ["--impls leaves out sdpa", "only gain implementations", "--impls sdpa,naive"]),
     (["--run-id", "other"], ["--run-id names a new run"]),
 ])
 def test_resume_refuses_flags_that_would_change_the_run(small_run, capsys, args, fragments):
@@ -202,3 +207,15 @@ def test_resume_extends_lengths_and_impls_and_records_it(small_run, capsys):
     code, out, err = run_cli(["sweep", "--resume", small_run], capsys)
     assert code == 0 and "0 to go" in out, out
     assert len(rows_by_cell(small_run)) == 6
+
+
+def test_resume_max_len_alone_extends_from_the_runs_shortest_length(small_run, capsys):
+    """`--max-len` with --resume grows the run's own powers of two (from its shortest length,
+    not from the default --min-len of a new sweep)."""
+    code, out, err = run_cli(["sweep", "--resume", small_run, "--max-len", "128"], capsys)
+    assert code == 0, err
+    assert {n for _, n in rows_by_cell(small_run)} == {32, 64, 128}
+
+
+def test_a_passkey_run_is_not_resumed_as_a_sweep(small_run, capsys):
+    _bad(["passkey", "--resume", small_run], capsys, "is a `ctxbench sweep` run", "ctxbench sweep --resume")

@@ -166,7 +166,6 @@ def test_named_keeps_window_and_sinks_only_for_window():
 
 def test_properties_and_text():
     assert [Mask(k, 4 if k == "window" else None).causal for k in ("none", "causal", "window")] == [False, True, True]
-    assert Mask("window", 4).name == "window"
     assert Mask("causal").describe() == "causal"
     assert Mask("window", 256, 4).describe() == "window W=256 + 4 sinks"
     assert Mask("none").contract_kwargs() == {"causal": False, "window": None}

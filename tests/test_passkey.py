@@ -344,7 +344,7 @@ def test_default_model_retrieves_a_key_in_the_sweeps_measurement():
     (["--trials", "0"], ["--trials must be at least 1"]),
     (["--lengths", "8"], ["at least", "tokens"]),
     (["--rope", "bogus"], ["unknown --rope variant"]),
-    (["--sinks", "4"], ["--sinks needs --mask window"]),
+    (["--sinks", "4"], ["--mask causal --sinks 4:", "sinks only exist beside a window"]),
     (["--mask", "none"], ["--mask none is not available here"]),
     (["--impls", "nosuch"], ["unknown implementation 'nosuch'"]),
     (["--impls", "ring"], ["distributed implementation"]),

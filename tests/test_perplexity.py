@@ -217,8 +217,8 @@ def test_bad_perplexity_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, mon
     base = [*TINY_SWEEP, "--impls", "sdpa", "--out", str(tmp_path)]
     _bad([*base, "--rope", "ntk:4"], capsys, "unknown --rope variant 'ntk:4'", "yarn:F")
     _bad([*base, "--rope", "linear:0.5"], capsys, "unknown --rope variant")
-    _bad([*base, "--sinks", "-1"], capsys, "--sinks must be >= 0")
-    _bad([*base, "--sinks", "4"], capsys, "--sinks needs --mask window")
+    _bad([*base, "--sinks", "-1"], capsys, "--sinks -1:", "sinks must be >= 0")
+    _bad([*base, "--sinks", "4"], capsys, "sinks only exist beside a window")
     _bad([*base, "--ppl-tokens", "0"], capsys, "--ppl-tokens must be a positive integer")
     _bad([*base, "--ppl-stride", "0"], capsys, "--ppl-stride must be a positive integer")
     _bad([*base, "--model", str(tmp_path / "nope")], capsys, "--model", "no such file or folder")

@@ -250,3 +250,21 @@ def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
         assert legend_labels(figs[name]) == ["naive", "sdpa"], name
     assert "triton" not in " ".join(legend_labels(figs["ppl"]))
     assert legend_labels(figs["ppl"]) and all(label.startswith(("naive", "sdpa")) for label in legend_labels(figs["ppl"]))
+
+
+def test_passkey_table_counts_retrieved_keys_per_depth_and_length():
+    """report.html and `ctxbench report` show passkey runs as keys retrieved / trials, not as a
+    kernel pivot."""
+    from ctxbench.report import passkey_markdown, passkey_table
+
+    rows = []
+    for n, depth, trial, status, correct in [(256, 0.0, 0, "ok", "1"), (256, 0.0, 1, "ok", "0"),
+                                             (256, 0.5, 0, "ok", "1"), (512, 0.0, 0, "oom", ""),
+                                             (512, 0.0, 1, "skipped", ""), (512, 0.5, 0, "ok", "1")]:
+        rows.append({"impl": "sdpa", "rope": "default", "task": "passkey", "n": str(n), "depth": str(depth),
+                     "trial": str(trial), "status": status, "correct": correct})
+    header, body = passkey_table(rows)
+    assert header == ["impl", "depth", "256", "512"]
+    assert body == [["sdpa", "0", "1/2", "oom skipped"], ["sdpa", "0.5", "1/1", "1/1"]]
+    md = passkey_markdown(rows)
+    assert md.splitlines()[0] == "| impl | depth | 256 | 512 |" and "| sdpa | 0.5 | 1/1 | 1/1 |" in md
