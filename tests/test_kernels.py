@@ -78,7 +78,7 @@ def random_qkv(seed: int, b: int, hq: int, hkv: int, n: int, d: int, dtype: torc
 
 def cell_for(impl, *, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool,
              window: int | None, mode: str = "fwd") -> Cell:
-    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).name,
+    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).kind,
                 window=window, mode=mode, device="cpu", impl=impl.name, n=n)
 
 
@@ -283,7 +283,7 @@ def test_chunked_memory_is_not_quadratic():
 def test_gradients_match_float64_autograd(name, n, mask):
     impl = all_impls()[name]
     causal, window = (True, 40) if mask == "window40" else mask_args(mask, n)
-    if Mask.of(causal, window).name not in impl.masks:
+    if Mask.of(causal, window).kind not in impl.masks:
         pytest.skip(f"{name} does not support {mask}")
     seed = new_seed()
     q, k, v = random_qkv(seed, 2, 4, 2, n, 24, torch.float32, q_scale=2.0)
