@@ -2,11 +2,9 @@
 
     python benchmarks/gpu_summary.py OUTDIR
 
-Reads every OUTDIR/*/results.csv (runs named check* are the correctness checks, every other
-run a performance stage; a stage stopped at its budget simply has fewer rows); writes
-OUTDIR/all_results.csv, OUTDIR/perf_tflops.png|svg and OUTDIR/perf_latency.png|svg; prints the
-correctness verdicts, a TFLOP/s table per mask and mode, and the issue's performance goals with
-the measured ratio for each.
+Reads every OUTDIR/*/results.csv; writes OUTDIR/all_results.csv, OUTDIR/perf_tflops.png|svg
+and OUTDIR/perf_latency.png|svg; prints the correctness verdicts, a TFLOP/s table per mask and
+mode, and the issue's performance goals with the measured ratio for each.
 """
 
 from __future__ import annotations
@@ -32,9 +30,6 @@ def load(out: str) -> pd.DataFrame:
 def checks(df: pd.DataFrame) -> None:
     chk = df[df["run"].str.startswith("check")]
     print("\n## correctness (status per implementation, over the check shapes)")
-    if chk.empty:
-        print("(no check ran)")
-        return
     table = chk.pivot_table(index="impl", columns="status", values="n", aggfunc="count", fill_value=0)
     print(table.to_string())
     bad = chk[~chk["status"].isin(["ok", "unsupported", "skipped"])]
@@ -46,9 +41,7 @@ def checks(df: pd.DataFrame) -> None:
 
 
 def perf(df: pd.DataFrame) -> pd.DataFrame:
-    p = df[~df["run"].str.startswith("check")].copy()
-    # one row per (impl, mask, mode, n): the latest, should stages overlap
-    p = p.drop_duplicates(subset=["impl", "mask", "mode", "n"], keep="last")
+    p = df[df["run"].str.startswith("perf")].copy()
     for (mask, mode), g in p.groupby(["mask", "mode"]):
         print(f"\n## TFLOP/s, {mask}{' W=' + str(int(g['window'].iloc[0])) if mask == 'window' else ''}, {mode}")
         shown = g.assign(v=g.apply(lambda r: f"{r['tflops']:.3g}" if r["status"] == "ok" else r["status"], axis=1))

@@ -39,30 +39,16 @@ fp32 products, held to the fp32 tolerance; no tensor cores, so slower); set
 CTXBENCH_TRITON_FP32_PRECISION=tf32 (or FP32_PRECISION below) to benchmark fp32 on tf32 tensor
 cores instead. The choice is reported through info().
 
-Interpreter. The INTERPRETED constexpr is True only under Triton's interpreter (always False
-when compiled, so compiled kernels are unchanged by it) and changes two things there:
-  Loops: each K/V (or Q) loop is a `for ... in range(start, end, BLOCK)` when compiled, which
-    triton pipelines (num_stages), and a `while` loop over the same tile body (_fwd_tile,
-    _bwd_dkdv_tile, _bwd_dq_tile) when interpreted: triton 3.6's interpreter turns the bounds
-    into Python ints with int() on 1-element arrays, which NumPy >= 2.4 refuses ("only
-    0-dimensional arrays can be converted to Python scalars"), whereas `while start < end`
-    only needs their truth value. The compiled code is the same as with one plain loop (the
-    tile bodies are inlined; benchmarks/kernel_stats.py's ptx_sha compares).
-  bf16 dots: triton 3.9's interpreter computes tl.dot on bf16 from the raw bit patterns
-    (triton-lang/triton#11584, "not supported yet"), so bf16 dot operands are widened to fp32
-    first (exact).
-Everything else is the same code on the CPU and on GPUs. Tested with triton 3.6 (the GPU
-image's) and 3.9: benchmarks/triton_versions.sh.
-
-Schedule: under a causal mask the query blocks of the forward and dQ kernels start heaviest
-first (the last block, which sees the most keys, has program id 0: _heaviest_first).
+Interpreter: triton 3.9's interpreter computes tl.dot on bf16 from the raw bit patterns
+(triton-lang/triton#11584, "not supported yet"), so under the interpreter only, bf16 dot
+operands are widened to fp32 first (exact; the DOT_UPCAST constexpr, always False when
+compiled). Everything else is the same code on the CPU and on GPUs.
 
 Knobs (module attributes, read at each call):
   AUTOTUNE       on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
   FP32_PRECISION "ieee" (default) or "tf32"/"tf32x3" for fp32 inputs.
   COUNT_VISITS   debug: every kernel counts the blocks it visits per program into
-                 `last_visits`, and the order its programs started in into `last_order`
-                 (fixed configs, no autotuning); tests compare with the mask.
+                 `last_visits` (fixed configs, no autotuning); tests compare with the mask.
 """
 
 import math
@@ -99,7 +85,6 @@ AUTOTUNE = os.environ.get("CTXBENCH_TRITON_AUTOTUNE", "1") != "0"
 FP32_PRECISION = os.environ.get("CTXBENCH_TRITON_FP32_PRECISION", "ieee")
 COUNT_VISITS = False
 last_visits: dict = {}
-last_order: dict = {}
 
 
 def interpreted() -> bool:
@@ -156,29 +141,23 @@ def _store_rows(ptrs, x, rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_D: tl.con
 
 
 @_jit
-def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """tl.dot(a, b) with fp32 accumulation. Under the interpreter, tl.dot on bf16 multiplies
-    raw bit patterns (triton-lang/triton#11584): bf16 operands are then widened to fp32 first,
-    which is exact, so the result is what bf16 tensor cores compute. Compiled kernels
-    (INTERPRETED is False) always take the plain tl.dot branch."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            c = tl.dot(a, b, input_precision=PRECISION)
+def _mm(a, b, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """tl.dot(a, b) with fp32 accumulation. DOT_UPCAST is set only under the interpreter for
+    bf16, whose tl.dot multiplies raw bit patterns (triton-lang/triton#11584): the operands
+    are then widened to fp32 first, which is exact, so the result is what bf16 tensor cores
+    compute. Compiled kernels always take the plain tl.dot branch."""
+    if DOT_UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
 
 
 @_jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+def _mma(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """acc + tl.dot(a, b); see _mm."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            c = tl.dot(a, b, acc, input_precision=PRECISION)
+    if DOT_UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         c = tl.dot(a, b, acc, input_precision=PRECISION)
     return c
@@ -294,62 +273,9 @@ def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl
     return full, end
 
 
-@_jit
-def _heaviest_first(pid, num, IS_CAUSAL: tl.constexpr):
-    """The query block a program works on. Blocks start in launch order (program id 0 first,
-    head by head), and under a causal mask the last query block sees the most keys: reversed,
-    the longest rows start first and the shortest fill the last wave. (A window or sinks keep
-    this order: every block's work is then about the same except the first, lighter ones.)
-    Key blocks (dK/dV) need no reversal: under a causal mask block 0 has the most queries."""
-    if IS_CAUSAL:
-        pid = num - 1 - pid
-    return pid
-
-
-@_jit
-def _count(Visits, visits, block):
-    """COUNT_VISITS: add this program's visits at [head, block], and record when it ran: its
-    launch rank (an atomic counter after the visits and ranks) at [head, block] of the ranks."""
-    size = tl.num_programs(0) * tl.num_programs(1)
-    slot = tl.program_id(1) * tl.num_programs(0) + block
-    tl.atomic_add(Visits + slot, visits)
-    tl.store(Visits + size + slot, tl.atomic_add(Visits + 2 * size, 1))
-
-
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
-
-
-@_jit
-def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW, SINKS,
-              qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-              PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
-    """One K/V tile of the online softmax: the body of _fwd_inner's loop."""
-    cols = start_n + offs_n
-    kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    qk = _mm(q, kt, PRECISION, INTERPRETED)
-    if MASKED:
-        ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
-        qk = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-    else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        qk = qk * qk_scale - m_ij[:, None]
-    p = tl.math.exp2(qk)
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    acc = _mma(p.to(v.dtype), v, acc, PRECISION, INTERPRETED)
-    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-        if MASKED:
-            visits += 65537
-        else:
-            visits += 1
-    return acc, l_i, m_ij, visits
 
 
 @_jit
@@ -358,28 +284,38 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, off
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
+               PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     # K^T tiles are [BLOCK_D, BLOCK_N], V tiles [BLOCK_N, BLOCK_D]; the start row in int64.
     row0 = start.to(tl.int64)
     kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = v_base + row0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
-        start_n = start
-        while start_n < end:
-            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
-                                              offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                              HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
-            kt_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
-            start_n += BLOCK_N
-    else:
-        for start_n in range(start, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
-                                              offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
-                                              HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
-            kt_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
+        if MASKED:
+            ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        acc = _mma(p.to(v.dtype), v, acc, PRECISION, DOT_UPCAST)
+        m_i = m_ij
+        kt_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
     return acc, l_i, m_i, visits
 
 
@@ -394,9 +330,9 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
-                PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
+                PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
@@ -428,29 +364,29 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           INTERPRETED, COUNT)
+                                           DOT_UPCAST, COUNT)
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, sink_full, sink_end,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           INTERPRETED, COUNT)
+                                           DOT_UPCAST, COUNT)
     if HAS_WINDOW:  # blocks cut by the window's low edge
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo, full_lo,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           INTERPRETED, COUNT)
+                                           DOT_UPCAST, COUNT)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_lo, full_hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                       INTERPRETED, COUNT)
+                                       DOT_UPCAST, COUNT)
     # the diagonal and the sequence end (key N)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_hi, hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                       INTERPRETED, COUNT)
+                                       DOT_UPCAST, COUNT)
 
     # Epilogue. Rows >= N (padding of the last block) may have l_i = 0; they are not stored.
     l_i = tl.where(offs_m < N, l_i, 1.0)
@@ -461,7 +397,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
               + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :] * stride_od)
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_D)
     if COUNT:
-        _count(Visits, visits, pid_m)
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,74 +429,49 @@ def _bwd_preprocess(O, DO, Delta,
 
 
 @_jit
-def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, lse_base, delta_base, start_m, offs_n, offs_d, N,
-                   WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-                   INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
-    """One query tile of a key block's dK, dV: the body of _bwd_dkdv_inner's loop."""
-    rows = start_m + tl.arange(0, BLOCK_M)
-    qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    if MASKED:
-        # rows >= N get lse = +inf, so their p is exactly 0
-        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
-    else:
-        lse = tl.load(lse_base + rows)
-    qkt = _mm(k, qt, PRECISION, INTERPRETED)
-    st = qkt * qk_scale - lse[None, :]
-    if MASKED:  # hidden pairs get exp2(-inf) = 0
-        ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
-        st = tl.where(ok, st, float("-inf"))
-    pt = tl.math.exp2(st)
-    do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    dv = _mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
-    if MASKED:
-        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
-    else:
-        delta = tl.load(delta_base + rows)
-    dpt = _mm(v, tl.trans(do), PRECISION, INTERPRETED)
-    dst = pt * (dpt - delta[None, :])
-    dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, INTERPRETED)
-    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-        if MASKED:
-            visits += 65537
-        else:
-            visits += 1
-    return dk, dv, visits
-
-
-@_jit
 def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
                     N, WINDOW, SINKS, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SINKS: tl.constexpr,
+               HAS_SINKS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
+                    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     # Works on transposed scores: S^T = K Q^T is [BLOCK_N, BLOCK_M].
     offs_m = tl.arange(0, BLOCK_M)
     row0 = start.to(tl.int64)
     qt_ptrs = q_base + row0 * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
     do_ptrs = do_base + row0 * stride_don + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
-        start_m = start
-        while start_m < end:
-            dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, lse_base, delta_base, start_m,
-                                            offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL,
-                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
-                                            INTERPRETED, COUNT)
-            qt_ptrs += BLOCK_M * stride_qn
-            do_ptrs += BLOCK_M * stride_don
-            start_m += BLOCK_M
-    else:
-        for start_m in range(start, end, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, lse_base, delta_base, start_m,
-                                            offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL,
-                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
-                                            INTERPRETED, COUNT)
-            qt_ptrs += BLOCK_M * stride_qn
-            do_ptrs += BLOCK_M * stride_don
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        if MASKED:
+            # rows >= N get lse = +inf, so their p is exactly 0
+            lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
+        else:
+            lse = tl.load(lse_base + rows)
+        qkt = _mm(k, qt, PRECISION, DOT_UPCAST)
+        st = qkt * qk_scale - lse[None, :]
+        if MASKED:  # hidden pairs get exp2(-inf) = 0
+            ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+            st = tl.where(ok, st, float("-inf"))
+        pt = tl.math.exp2(st)
+        do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        dv = _mma(pt.to(do.dtype), do, dv, PRECISION, DOT_UPCAST)
+        if MASKED:
+            delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+        else:
+            delta = tl.load(delta_base + rows)
+        dpt = _mm(v, tl.trans(do), PRECISION, DOT_UPCAST)
+        dst = pt * (dpt - delta[None, :])
+        dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, DOT_UPCAST)
+        qt_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
     return dk, dv, visits
 
 
@@ -577,7 +488,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
-                     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
+                     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
@@ -613,29 +524,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                                              lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                             PRECISION, INTERPRETED, COUNT)
+                                             PRECISION, DOT_UPCAST, COUNT)
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                          full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
                                          stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                          False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                         PRECISION, INTERPRETED, COUNT)
+                                         PRECISION, DOT_UPCAST, COUNT)
         # query blocks crossing the window's far edge, and the sequence end
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                          full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
                                          stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                          True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                         PRECISION, INTERPRETED, COUNT)
+                                         PRECISION, DOT_UPCAST, COUNT)
         if HAS_SINKS:  # a key block holding sinks is seen by every later query row
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                              hi, sink_full, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                             BLOCK_M, PRECISION, INTERPRETED, COUNT)
+                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
                                              sink_full, sink_end, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                             BLOCK_M, PRECISION, INTERPRETED, COUNT)
+                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
 
     dk = dk * sm_scale
     _store_rows(DK + off_b * stride_dkb + off_hk * stride_dkh + row0 * stride_dkn + rel * stride_dkn
@@ -645,61 +556,39 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, offs_d, N,
                 HEAD_DIM, EVEN_D)
     if COUNT:
-        _count(Visits, visits, pid_n)
-
-
-@_jit
-def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW,
-                 SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-                 PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
-    """One K/V tile of a query block's dQ: the body of _bwd_dq_inner's loop."""
-    cols = start_n + offs_n
-    kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    qk = _mm(q, kt, PRECISION, INTERPRETED)
-    s = qk * qk_scale - lse[:, None]
-    if MASKED:
-        s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
-    p = tl.math.exp2(s)
-    dp = _mm(do, vt, PRECISION, INTERPRETED)
-    ds = p * (dp - delta[:, None])
-    dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, INTERPRETED)
-    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-        if MASKED:
-            visits += 65537
-        else:
-            visits += 1
-    return dq, visits
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_n, visits)
 
 
 @_jit
 def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_SINKS: tl.constexpr,
+               HAS_SINKS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
+                  PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
     row0 = start.to(tl.int64)
     kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vt_ptrs = v_base + row0 * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
-    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
-        start_n = start
-        while start_n < end:
-            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
-                                      offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                      HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
-            kt_ptrs += BLOCK_N * stride_kn
-            vt_ptrs += BLOCK_N * stride_vn
-            start_n += BLOCK_N
-    else:
-        for start_n in range(start, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
-                                      offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                      HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
-            kt_ptrs += BLOCK_N * stride_kn
-            vt_ptrs += BLOCK_N * stride_vn
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
+        s = qk * qk_scale - lse[:, None]
+        if MASKED:
+            s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
+        p = tl.math.exp2(s)
+        dp = _mm(do, vt, PRECISION, DOT_UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, DOT_UPCAST)
+        kt_ptrs += BLOCK_N * stride_kn
+        vt_ptrs += BLOCK_N * stride_vn
+        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+            if MASKED:
+                visits += 65537
+            else:
+                visits += 1
     return dq, visits
 
 
@@ -715,9 +604,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
-                   PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
+                   PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
@@ -747,30 +636,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo * 0, sink_full,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, sink_full, sink_end,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     if HAS_WINDOW:
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo, full_lo,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                   BLOCK_N, PRECISION, INTERPRETED, COUNT)
+                                   BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_lo, full_hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                               BLOCK_N, PRECISION, INTERPRETED, COUNT)
+                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_hi, hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                               BLOCK_N, PRECISION, INTERPRETED, COUNT)
+                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
     dq = dq * sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N,
                 HEAD_DIM, EVEN_D)
     if COUNT:
-        _count(Visits, visits, pid_m)
+        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
 # ---------------------------------------------------------------------------------------
@@ -793,7 +682,7 @@ def _space(kind):
     if kind == "fwd":  # the tutorial's space: the query tile is BLOCK_M, keys stream by BLOCK_N
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dkdv":  # the key tile (BLOCK_N) stays, query blocks (BLOCK_M) stream
-        return [(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
+        return [(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dq":  # like the forward
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4) for w in (4, 8)]
     raise ValueError(kind)
@@ -953,21 +842,14 @@ def _common(q, k, v, causal, window, scale, sinks):
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
                 PRECISION=precision,
-                INTERPRETED=interpreted(), COUNT=bool(COUNT_VISITS))
+                DOT_UPCAST=interpreted() and q.dtype == torch.bfloat16, COUNT=bool(COUNT_VISITS))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keys = (_pow2(N), _pow2(w) if has_window else 0)
     return meta, w, s, sm_scale, keys, precision_name
 
 
 def _visit_buffer(rows, cols, device):
-    """COUNT_VISITS: visits [rows, cols], then launch ranks [rows, cols], then a counter."""
-    return torch.zeros(2 * rows * cols + 1, dtype=torch.int32, device=device)
-
-
-def _record(kind, buffer, rows, bm, bn):
-    size = (buffer.numel() - 1) // 2
-    last_visits[kind] = (buffer[:size].view(rows, -1), bm, bn)
-    last_order[kind] = buffer[size:2 * size].view(rows, -1)
+    return torch.zeros(rows * cols, dtype=torch.int32, device=device)
 
 
 def attention_forward(q, k, v, causal, window, scale, sinks=0):
@@ -987,7 +869,7 @@ def attention_forward(q, k, v, causal, window, scale, sinks=0):
             Hq, N, w, s, sm_scale * LOG2E, n_bucket, w_bucket)
     bm, bn, desc = _launch("fwd", N, B * Hq, args, meta)
     if visits is not None:
-        _record("fwd", visits, B * Hq, bm, bn)
+        last_visits["fwd"] = (visits.view(B * Hq, -1), bm, bn)
     _LAST.clear()  # a backward, if one follows, adds its configs
     _LAST.update(interpreted=interpreted(), config=desc, precision=precision_name)
     return o, lse
@@ -1026,8 +908,8 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
             Hq, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
     q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
     if COUNT_VISITS:
-        _record("dkdv", vis_kv, B * Hkv, kv_bm, kv_bn)
-        _record("dq", vis_q, B * Hq, q_bm, q_bn)
+        last_visits["dkdv"] = (vis_kv.view(B * Hkv, -1), kv_bm, kv_bn)
+        last_visits["dq"] = (vis_q.view(B * Hq, -1), q_bm, q_bn)
     _LAST.update(interpreted=interpreted(), bwd_config=f"dkdv: {kv_desc}; dq: {q_desc}")
     return dq, dk, dv
 
