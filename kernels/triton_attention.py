@@ -30,8 +30,17 @@ blocks) unmasked and the block cut by S masked. Transposed, a key block holding 
 query blocks past its band's end, up to N. Work stays O(N * (W + S)).
 
 Backward: a preprocess computes Delta = rowsum(dO * O); a dK/dV kernel (grid: key blocks x
-B*Hkv) loops over the `group` query heads sharing its kv head, so GQA needs neither atomics
-nor copies of K/V; a dQ kernel (grid: query blocks x B*Hq) mirrors the forward.
+B*Hkv) loops over the `group` query heads sharing its kv head, so GQA needs neither copies of
+K/V nor atomics for dK, dV. dQ comes one of two ways (FUSED_DQ):
+  fused     each dK/dV tile also computes dS K and adds it into an fp32 dQ with atomic adds;
+            a small kernel then scales and casts it: 5 matmuls per tile pair, FlashAttention-2's;
+  separate  a dQ kernel (grid: query blocks x B*Hq) mirrors the forward and recomputes S, P
+            and dP: 7 matmuls per tile pair, no atomics.
+"auto" (the default) fuses for fp16/bf16 with D <= 64; at D=128 the fused dK/dV program
+spills registers on sm_90 in every configuration but one tile shape under triton 3.6 (see
+NO_SPILL), and fp32 (FMAs) spills badly, so those take the separate kernel until a GPU says
+which is faster (benchmarks/gpu_check.sh times both at D=128).
+A key block crossing N is masked against every query block (its padding keys must get dS = 0).
 
 Precision: fp16/bf16 inputs use tensor cores with fp32 accumulation, P and dS rounded to the
 input dtype as in FlashAttention. fp32 inputs use input_precision="ieee" by default (true
@@ -39,16 +48,34 @@ fp32 products, held to the fp32 tolerance; no tensor cores, so slower); set
 CTXBENCH_TRITON_FP32_PRECISION=tf32 (or FP32_PRECISION below) to benchmark fp32 on tf32 tensor
 cores instead. The choice is reported through info().
 
-Interpreter: triton 3.9's interpreter computes tl.dot on bf16 from the raw bit patterns
-(triton-lang/triton#11584, "not supported yet"), so under the interpreter only, bf16 dot
-operands are widened to fp32 first (exact; the DOT_UPCAST constexpr, always False when
-compiled). Everything else is the same code on the CPU and on GPUs.
+Interpreter. The INTERPRETED constexpr is True only under Triton's interpreter (always False
+when compiled, so compiled kernels are unchanged by it) and changes two things there:
+  Loops: each K/V (or Q) loop is a `for ... in range(start, end, BLOCK)` when compiled, which
+    triton pipelines (num_stages), and a `while` loop over the same tile body (_fwd_tile,
+    _bwd_dkdv_tile, _bwd_dq_tile) when interpreted: triton 3.6's interpreter turns the bounds
+    into Python ints with int() on 1-element arrays, which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"), whereas `while start < end`
+    only needs their truth value. The compiled code is the same as with one plain loop (the
+    tile bodies are inlined; benchmarks/kernel_stats.py's ptx_sha compares).
+  bf16 dots: triton 3.9's interpreter computes tl.dot on bf16 from the raw bit patterns
+    (triton-lang/triton#11584, "not supported yet"), so bf16 dot operands are widened to fp32
+    first (exact).
+Everything else is the same code on the CPU and on GPUs. Tested with triton 3.6 (the GPU
+image's) and 3.9: benchmarks/triton_versions.sh.
+
+Schedule: under a causal mask the query blocks of the forward and dQ kernels start heaviest
+first (the last block, which sees the most keys, has program id 0: _heaviest_first).
 
 Knobs (module attributes, read at each call):
   AUTOTUNE       on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
+  SPACE          "full" (default) or "check" (CTXBENCH_TRITON_SPACE, read at import): the
+                 autotuning space, or the GPU check's few configurations (CHECK_SPACE).
   FP32_PRECISION "ieee" (default) or "tf32"/"tf32x3" for fp32 inputs.
+  FUSED_DQ       "auto" (default), "1" or "0" (CTXBENCH_TRITON_FUSED_DQ): the backward's dQ,
+                 fused into dK/dV with atomics or from a kernel of its own (see Backward).
   COUNT_VISITS   debug: every kernel counts the blocks it visits per program into
-                 `last_visits` (fixed configs, no autotuning); tests compare with the mask.
+                 `last_visits`, and the order its programs started in into `last_order`
+                 (fixed configs, no autotuning); tests compare with the mask.
 """
 
 import math
@@ -84,7 +111,9 @@ LOG2E = 1.4426950408889634
 AUTOTUNE = os.environ.get("CTXBENCH_TRITON_AUTOTUNE", "1") != "0"
 FP32_PRECISION = os.environ.get("CTXBENCH_TRITON_FP32_PRECISION", "ieee")
 COUNT_VISITS = False
+FUSED_DQ = os.environ.get("CTXBENCH_TRITON_FUSED_DQ", "auto")
 last_visits: dict = {}
+last_order: dict = {}
 
 
 def interpreted() -> bool:
@@ -141,23 +170,29 @@ def _store_rows(ptrs, x, rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_D: tl.con
 
 
 @_jit
-def _mm(a, b, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """tl.dot(a, b) with fp32 accumulation. DOT_UPCAST is set only under the interpreter for
-    bf16, whose tl.dot multiplies raw bit patterns (triton-lang/triton#11584): the operands
-    are then widened to fp32 first, which is exact, so the result is what bf16 tensor cores
-    compute. Compiled kernels always take the plain tl.dot branch."""
-    if DOT_UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """tl.dot(a, b) with fp32 accumulation. Under the interpreter, tl.dot on bf16 multiplies
+    raw bit patterns (triton-lang/triton#11584): bf16 operands are then widened to fp32 first,
+    which is exact, so the result is what bf16 tensor cores compute. Compiled kernels
+    (INTERPRETED is False) always take the plain tl.dot branch."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.dot(a, b, input_precision=PRECISION)
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
 
 
 @_jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + tl.dot(a, b); see _mm."""
-    if DOT_UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            c = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         c = tl.dot(a, b, acc, input_precision=PRECISION)
     return c
@@ -182,10 +217,13 @@ def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 @_jit
 def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr):
-    """The transpose of _visible: [len(keys), len(rows)], query rows >= N invisible."""
+    """The transpose of _visible: [len(keys), len(rows)], query rows >= N invisible, and keys
+    >= N (under a causal mask no row < N sees them anyway)."""
     ok = rows[None, :] < N
     if IS_CAUSAL:
         ok = ok & (rows[None, :] >= cols[:, None])
+    else:
+        ok = ok & (cols[:, None] < N)
     if HAS_WINDOW:
         band = rows[None, :] < cols[:, None] + WINDOW
         if HAS_SINKS:
@@ -240,6 +278,10 @@ def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
         lo = start_n * 0
         full_lo = lo
     full_hi = N // BLOCK_M * BLOCK_M
+    if not IS_CAUSAL:
+        # the key block crossing N: its padding keys must get dS = 0 (it feeds dQ), so every
+        # query block is masked (with a causal mask they are: no row < N sees a key >= N)
+        full_hi = tl.where(start_n + BLOCK_N > N, full_lo, full_hi)
     if HAS_WINDOW:
         hi = tl.minimum(N, start_n + BLOCK_N - 1 + WINDOW)
         # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW
@@ -273,9 +315,62 @@ def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl
     return full, end
 
 
+@_jit
+def _heaviest_first(pid, num, IS_CAUSAL: tl.constexpr):
+    """The query block a program works on. Blocks start in launch order (program id 0 first,
+    head by head), and under a causal mask the last query block sees the most keys: reversed,
+    the longest rows start first and the shortest fill the last wave. (A window or sinks keep
+    this order: every block's work is then about the same except the first, lighter ones.)
+    Key blocks (dK/dV) need no reversal: under a causal mask block 0 has the most queries."""
+    if IS_CAUSAL:
+        pid = num - 1 - pid
+    return pid
+
+
+@_jit
+def _count(Visits, visits, block):
+    """COUNT_VISITS: add this program's visits at [head, block], and record when it ran: its
+    launch rank (an atomic counter after the visits and ranks) at [head, block] of the ranks."""
+    size = tl.num_programs(0) * tl.num_programs(1)
+    slot = tl.program_id(1) * tl.num_programs(0) + block
+    tl.atomic_add(Visits + slot, visits)
+    tl.store(Visits + size + slot, tl.atomic_add(Visits + 2 * size, 1))
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
+
+
+@_jit
+def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW, SINKS,
+              qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+              PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
+    """One K/V tile of the online softmax: the body of _fwd_inner's loop."""
+    cols = start_n + offs_n
+    kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    qk = _mm(q, kt, PRECISION, INTERPRETED)
+    if MASKED:
+        ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    acc = _mma(p.to(v.dtype), v, acc, PRECISION, INTERPRETED)
+    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+        if MASKED:
+            visits += 65537
+        else:
+            visits += 1
+    return acc, l_i, m_ij, visits
 
 
 @_jit
@@ -284,38 +379,28 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, off
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+               PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
     # K^T tiles are [BLOCK_D, BLOCK_N], V tiles [BLOCK_N, BLOCK_D]; the start row in int64.
     row0 = start.to(tl.int64)
     kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = v_base + row0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
-        if MASKED:
-            ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
-            qk = tl.where(ok, qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        acc = _mma(p.to(v.dtype), v, acc, PRECISION, DOT_UPCAST)
-        m_i = m_ij
-        kt_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-            if MASKED:
-                visits += 65537
-            else:
-                visits += 1
+    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
+        start_n = start
+        while start_n < end:
+            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
+                                              offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
+                                              HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
+            kt_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+            start_n += BLOCK_N
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
+                                              offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
+                                              HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
+            kt_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i, visits
 
 
@@ -330,9 +415,9 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
-                PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
+                PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
@@ -364,29 +449,29 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           DOT_UPCAST, COUNT)
+                                           INTERPRETED, COUNT)
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, sink_full, sink_end,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           DOT_UPCAST, COUNT)
+                                           INTERPRETED, COUNT)
     if HAS_WINDOW:  # blocks cut by the window's low edge
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo, full_lo,
                                            offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                           DOT_UPCAST, COUNT)
+                                           INTERPRETED, COUNT)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_lo, full_hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                       DOT_UPCAST, COUNT)
+                                       INTERPRETED, COUNT)
     # the diagonal and the sequence end (key N)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_hi, hi,
                                        offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
-                                       DOT_UPCAST, COUNT)
+                                       INTERPRETED, COUNT)
 
     # Epilogue. Rows >= N (padding of the last block) may have l_i = 0; they are not stored.
     l_i = tl.where(offs_m < N, l_i, 1.0)
@@ -397,7 +482,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
               + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :] * stride_od)
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_D)
     if COUNT:
-        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+        _count(Visits, visits, pid_m)
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,54 +514,98 @@ def _bwd_preprocess(O, DO, Delta,
 
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base, start, end,
+def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base, start_m, offs_n,
+                   offs_d, N, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                   INTERPRETED: tl.constexpr, COUNT: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """One query tile of a key block's dK, dV (and, FUSED_DQ, its dQ contribution): the body
+    of _bwd_dkdv_inner's loop. Matmuls: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
+    dK += dS^T Q, and with FUSED_DQ dQ += dS K (5 in all, FlashAttention-2's count)."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    if MASKED:
+        # rows >= N get lse = +inf, so their p is exactly 0
+        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
+    else:
+        lse = tl.load(lse_base + rows)
+    qkt = _mm(k, qt, PRECISION, INTERPRETED)
+    st = qkt * qk_scale - lse[None, :]
+    if MASKED:  # hidden pairs get exp2(-inf) = 0
+        ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+        st = tl.where(ok, st, float("-inf"))
+    pt = tl.math.exp2(st)
+    do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    dv = _mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
+    if MASKED:
+        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+    else:
+        delta = tl.load(delta_base + rows)
+    dpt = _mm(v, tl.trans(do), PRECISION, INTERPRETED)
+    dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+    dk = _mma(dst, tl.trans(qt), dk, PRECISION, INTERPRETED)
+    if FUSED_DQ:  # this key block's share of dQ for these rows, summed over key blocks in fp32
+        dq = _mm(tl.trans(dst), k, PRECISION, INTERPRETED)
+        if MASKED:
+            if EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        else:
+            if EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEAD_DIM, sem="relaxed")
+    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+        if MASKED:
+            visits += 65537
+        else:
+            visits += 1
+    return dk, dv, visits
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
                     N, WINDOW, SINKS, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SINKS: tl.constexpr,
+                    HAS_SINKS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+                    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
+                    FUSED_DQ: tl.constexpr):
     # Works on transposed scores: S^T = K Q^T is [BLOCK_N, BLOCK_M].
     offs_m = tl.arange(0, BLOCK_M)
     row0 = start.to(tl.int64)
     qt_ptrs = q_base + row0 * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
     do_ptrs = do_base + row0 * stride_don + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    for start_m in range(start, end, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
-        qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        if MASKED:
-            # rows >= N get lse = +inf, so their p is exactly 0
-            lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
-        else:
-            lse = tl.load(lse_base + rows)
-        qkt = _mm(k, qt, PRECISION, DOT_UPCAST)
-        st = qkt * qk_scale - lse[None, :]
-        if MASKED:  # hidden pairs get exp2(-inf) = 0
-            ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
-            st = tl.where(ok, st, float("-inf"))
-        pt = tl.math.exp2(st)
-        do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        dv = _mma(pt.to(do.dtype), do, dv, PRECISION, DOT_UPCAST)
-        if MASKED:
-            delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
-        else:
-            delta = tl.load(delta_base + rows)
-        dpt = _mm(v, tl.trans(do), PRECISION, DOT_UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, DOT_UPCAST)
-        qt_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
-        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-            if MASKED:
-                visits += 65537
-            else:
-                visits += 1
+    # the fp32 dQ accumulator is [B, H, N, HEAD_DIM], contiguous
+    dq_ptrs = dq_base + row0 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
+        start_m = start
+        while start_m < end:
+            dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
+                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
+                                            IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
+                                            INTERPRETED, COUNT, FUSED_DQ)
+            qt_ptrs += BLOCK_M * stride_qn
+            do_ptrs += BLOCK_M * stride_don
+            dq_ptrs += BLOCK_M * HEAD_DIM
+            start_m += BLOCK_M
+    else:
+        for start_m in range(start, end, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
+                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
+                                            IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
+                                            INTERPRETED, COUNT, FUSED_DQ)
+            qt_ptrs += BLOCK_M * stride_qn
+            do_ptrs += BLOCK_M * stride_don
+            dq_ptrs += BLOCK_M * HEAD_DIM
     return dk, dv, visits
 
 
 @_jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
@@ -487,9 +616,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                      N_BUCKET, W_BUCKET,  # autotuning keys only
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SINKS: tl.constexpr,
-                     PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_SINKS: tl.constexpr,
+                     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
+                     FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over B * Hkv
     off_b = (pid_bh // HKV).to(tl.int64)
@@ -519,34 +648,35 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + (off_b * H + off_h) * N
         delta_base = Delta + (off_b * H + off_h) * N
+        dq_base = DQ_ACC + (off_b * H + off_h) * N * HEAD_DIM
         if IS_CAUSAL:  # query blocks crossing the diagonal
-            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                             PRECISION, DOT_UPCAST, COUNT)
-        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                             PRECISION, INTERPRETED, COUNT, FUSED_DQ)
+        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                          full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
                                          stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                          False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                         PRECISION, DOT_UPCAST, COUNT)
+                                         PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         # query blocks crossing the window's far edge, and the sequence end
-        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+        dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                          full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
                                          stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                          True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
-                                         PRECISION, DOT_UPCAST, COUNT)
+                                         PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         if HAS_SINKS:  # a key block holding sinks is seen by every later query row
-            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              hi, sink_full, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
-            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, lse_base, delta_base,
+                                             BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
+            dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              sink_full, sink_end, offs_n, offs_d, stride_qn, stride_qd,
                                              stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                             BLOCK_M, PRECISION, DOT_UPCAST, COUNT)
+                                             BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
 
     dk = dk * sm_scale
     _store_rows(DK + off_b * stride_dkb + off_hk * stride_dkh + row0 * stride_dkn + rel * stride_dkn
@@ -556,39 +686,81 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Visits,
                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, offs_d, N,
                 HEAD_DIM, EVEN_D)
     if COUNT:
-        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_n, visits)
+        _count(Visits, visits, pid_n)
+
+
+@_jit
+def _bwd_dq_cast(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqn, stride_dqd, H, N, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """FUSED_DQ: dQ = sm_scale * DQ_ACC (the fp32 sum of the dK/dV programs' atomic adds,
+    [B, H, N, HEAD_DIM] contiguous), in dQ's dtype and strides."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    rel = tl.arange(0, BLOCK_M)[:, None]
+    acc = tl.load(DQ_ACC + (pid_bh.to(tl.int64) * N + row0) * HEAD_DIM + rel * HEAD_DIM + offs_d[None, :],
+                  mask=mask, other=0.0)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
+             + offs_d[None, :] * stride_dqd, (acc * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW,
+                 SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
+    """One K/V tile of a query block's dQ: the body of _bwd_dq_inner's loop."""
+    cols = start_n + offs_n
+    kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    qk = _mm(q, kt, PRECISION, INTERPRETED)
+    s = qk * qk_scale - lse[:, None]
+    if MASKED:
+        s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
+    p = tl.math.exp2(s)
+    dp = _mm(do, vt, PRECISION, INTERPRETED)
+    ds = p * (dp - delta[:, None])
+    dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, INTERPRETED)
+    if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
+        if MASKED:
+            visits += 65537
+        else:
+            visits += 1
+    return dq, visits
 
 
 @_jit
 def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SINKS: tl.constexpr,
+                  HAS_SINKS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr):
+                  PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
     row0 = start.to(tl.int64)
     kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vt_ptrs = v_base + row0 * stride_vn + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-        qk = _mm(q, kt, PRECISION, DOT_UPCAST)
-        s = qk * qk_scale - lse[:, None]
-        if MASKED:
-            s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
-        p = tl.math.exp2(s)
-        dp = _mm(do, vt, PRECISION, DOT_UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, DOT_UPCAST)
-        kt_ptrs += BLOCK_N * stride_kn
-        vt_ptrs += BLOCK_N * stride_vn
-        if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
-            if MASKED:
-                visits += 65537
-            else:
-                visits += 1
+    if INTERPRETED:  # a while loop: see "Loops" in the module docstring
+        start_n = start
+        while start_n < end:
+            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
+                                      offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                      HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
+            kt_ptrs += BLOCK_N * stride_kn
+            vt_ptrs += BLOCK_N * stride_vn
+            start_n += BLOCK_N
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
+                                      offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
+                                      HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
+            kt_ptrs += BLOCK_N * stride_kn
+            vt_ptrs += BLOCK_N * stride_vn
     return dq, visits
 
 
@@ -604,9 +776,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
-                   PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, COUNT: tl.constexpr,
+                   PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
@@ -636,30 +808,30 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo * 0, sink_full,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, sink_full, sink_end,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
-                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
     if HAS_WINDOW:
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo, full_lo,
                                    offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                                   BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                                   BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_lo, full_hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                               BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_hi, hi,
                                offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
-                               BLOCK_N, PRECISION, DOT_UPCAST, COUNT)
+                               BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq = dq * sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N,
                 HEAD_DIM, EVEN_D)
     if COUNT:
-        tl.atomic_add(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+        _count(Visits, visits, pid_m)
 
 
 # ---------------------------------------------------------------------------------------
@@ -678,15 +850,58 @@ def _config(bm, bn, warps, stages):
 
 
 def _space(kind):
-    """The autotuning space of one kernel: (BLOCK_M, BLOCK_N, warps, stages) tuples."""
+    """The candidate configurations of one kernel: (BLOCK_M, BLOCK_N, warps, stages) tuples.
+    For 16-bit inputs and D <= 128 autotuning picks among those of NO_SPILL only (_prune)."""
     if kind == "fwd":  # the tutorial's space: the query tile is BLOCK_M, keys stream by BLOCK_N
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dkdv":  # the key tile (BLOCK_N) stays, query blocks (BLOCK_M) stream
-        return [(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
+        return [(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
     if kind == "dq":  # like the forward
         return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4) for w in (4, 8)]
     raise ValueError(kind)
 
+
+# The configurations of _space that spill no registers on sm_90 (Hopper) for fp16 and bf16
+# inputs, by head-dim tile BLOCK_D (<= 64, and 128 for 65 <= D <= 128). Measured on the CPU
+# with triton 3.6 (the GPU image's) and 3.9, both of which must agree, by
+#   python benchmarks/kernel_stats.py --arch sm_90 --head-dim 64,128 --dtype bf16 --which all
+# (results/kernels/space-*.txt; fp16 compiles to the same registers). Everything else in
+# _space spills there, and a spilled register is a local-memory round trip on every tile:
+#   dK/dV keeps four [BLOCK_N, BLOCK_D] tiles per program (K, V and the fp32 dK, dV
+#     accumulators): at D=128 only 8 warps with 16-row query tiles fit in 255 registers, and
+#     just (252-255 registers; 2 of the 5 such configs spill 12-28 B under triton 3.9)
+#     (the former default, 32x128 with 4 warps, spilled 3.5 KB per thread);
+#   the forward and dQ at D=128 need 8 warps for 128-row query tiles (the former forward
+#     default, 128x64 with 4 warps, spilled 1.1 KB; dQ 128x32 with 4 warps 252 B).
+# Pruning by shared memory (SMEM_LIMIT) and sequence length still applies on top.
+NO_SPILL = {
+    "fwd": {
+        64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
+             if not (bm == 128 and bn >= 64 and w == 4)],
+        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+             + [(64, 128, 8, s) for s in (2, 3)] + [(128, bn, 8, s) for bn in (32, 64) for s in (2, 3, 4)],
+    },
+    "dkdv": {
+        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)]
+            + [(32, 64, 4, 2), (32, 64, 4, 3)] + [(32, 64, 8, s) for s in (2, 3, 4)]
+            + [(32, 128, 8, s) for s in (2, 3, 4)],
+        128: [(16, 64, 8, 2), (16, 64, 8, 3), (16, 128, 8, 3)],
+    },
+    # dK/dV with the fused dQ: the dQ tile and its atomic adds on top. At D=128 only 16x64 with
+    # 8 warps is spill-free, and only with triton 3.6 (3.9 spills 32-76 B there): so by default
+    # (FUSED_DQ "auto") D=128 takes the separate dQ kernel, and these are for FUSED_DQ=1.
+    "dkdv_fused": {
+        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)]
+            + [(32, bn, 8, s) for bn in (64, 128) for s in (2, 3, 4)],
+        128: [(16, 64, 8, s) for s in (2, 3, 4)],
+    },
+    "dq": {
+        64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)
+             if not (bm == 128 and bn == 64 and w == 4)],
+        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+             + [(128, bn, 8, s) for bn in (32, 64) for s in (2, 3, 4)],
+    },
+}
 
 # fp32 with input_precision="ieee" has no tensor cores: tl.dot becomes FMAs held in registers,
 # where big tiles spill and each config takes tens of seconds to compile. It is tuned over
@@ -696,9 +911,51 @@ FP32_IEEE_SPACE = {
     "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
     "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
 }
-# Used when autotuning is off (or while counting visits on a GPU), and under the interpreter.
-DEFAULT_CONFIGS = {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (128, 32, 4, 3)}
+# Used when autotuning is off (or while counting visits on a GPU): for 16-bit inputs with
+# D <= 128, from NO_SPILL (big query tiles on two warpgroups, K/V tiles of 128 keys in dK/dV);
+# for D > 128 (BLOCK_D 256), smaller tiles that fit in shared memory.
+DEFAULT_CONFIGS = {"fwd": (128, 64, 8, 3), "dkdv": (16, 128, 8, 3), "dq": (128, 64, 8, 2)}
+FUSED_DKDV_DEFAULT_128 = (16, 64, 8, 3)  # FUSED_DQ=1 at D=128 (triton 3.6: 255 registers, no spill)
+WIDE_DEFAULT_CONFIGS = {"fwd": (64, 64, 4, 2), "dkdv": (16, 64, 8, 2), "dq": (64, 64, 4, 2)}
 INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+# The GPU check's space (benchmarks/gpu_check.sh sets CTXBENCH_TRITON_SPACE=check): a few
+# configs from NO_SPILL, so autotuning there compiles little (see its compile estimate).
+CHECK_SPACE = {
+    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "dkdv": [(16, 128, 8, 3), (16, 64, 8, 2)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3)],
+}
+SPACE = os.environ.get("CTXBENCH_TRITON_SPACE", "full")
+
+
+def default_config(kind, fma, block_d, fused=False):
+    """The config `kind` runs with when autotuning is off (fma: fp32 with IEEE products;
+    fused: dK/dV with the fused dQ)."""
+    if fma:
+        return FP32_IEEE_SPACE[kind][0]
+    if kind == "dkdv" and fused and 64 < block_d <= 128:
+        return FUSED_DKDV_DEFAULT_128
+    return DEFAULT_CONFIGS[kind] if block_d <= 128 else WIDE_DEFAULT_CONFIGS[kind]
+
+
+def fused_dq(block_d, element_size=2):
+    """Whether the backward fuses dQ into the dK/dV kernel (FUSED_DQ: "auto", "1" or "0").
+    "auto": for 16-bit inputs with D <= 64 (see Backward in the module docstring; fp32's
+    fused dK/dV spills 57 KB per thread on sm_90 as FMAs, D=64)."""
+    if str(FUSED_DQ) not in ("auto", "1", "0", "True", "False"):
+        raise ValueError(f"CTXBENCH_TRITON_FUSED_DQ must be auto, 1 or 0 (got {FUSED_DQ!r})")
+    if str(FUSED_DQ) == "auto":
+        return block_d <= 64 and element_size == 2
+    return str(FUSED_DQ) in ("1", "True")
+
+
+def _tuning_space(kind):
+    """The configs the autotuner of `kind` is built with (before pruning)."""
+    if SPACE == "check":
+        return list(CHECK_SPACE[kind])
+    if SPACE != "full":
+        raise ValueError(f"CTXBENCH_TRITON_SPACE must be 'full' or 'check' (got {SPACE!r})")
+    return _space(kind)
 
 
 def _stationary_and_streamed(kind, bm, bn):
@@ -708,9 +965,10 @@ def _stationary_and_streamed(kind, bm, bn):
 def _smem_estimate(kind, bm, bn, stages, block_d, size):
     """Shared memory of a 16-bit config: two streamed tiles (K, V or Q, dO) per pipeline stage
     plus the resident tiles (Q in the forward; K, V or Q, dO in the backward kernels), and
-    up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. With triton 3.9 on sm_90 this
-    is exact for the forward and dQ kernels and at most 2 KiB high for dK/dV (checked with
-    tests/test_triton.py's compile helper), so no config kept by pruning fails to launch."""
+    up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. On sm_90 (triton 3.6 and 3.9)
+    this is exact for the forward and dQ kernels and an upper bound for dK/dV, whose small
+    query tiles the compiler does not always multi-buffer (tests/test_triton.py's slow sm_90
+    tests check both), so no config kept by pruning fails to launch."""
     stay, stream = _stationary_and_streamed(kind, bm, bn)
     resident = 1 if kind == "fwd" else 2
     rows = 2048 if kind == "dkdv" else 0
@@ -724,16 +982,25 @@ def _prune(kind):
         block_d = int(args["BLOCK_D"])
         size = args["Q"].element_size()
         fma = size == 4 and args.get("PRECISION", "ieee") == "ieee"
+        # 16-bit, D <= 128: of the candidates (_space), only the measured spill-free ones;
+        # a config from elsewhere (a test's, say) was not measured and meets the other rules
+        table = NO_SPILL["dkdv_fused" if kind == "dkdv" and args.get("FUSED_DQ") else kind]
+        no_spill = set(table[64 if block_d <= 64 else 128]) if size == 2 and block_d <= 128 else None
+        candidates = set(_space(kind))
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            t = (bm, bn, c.num_warps, c.num_stages)
             if fma:
-                if (bm, bn, c.num_warps, c.num_stages) in FP32_IEEE_SPACE[kind]:
+                if t in FP32_IEEE_SPACE[kind]:
                     kept.append(c)
                 continue
+            if no_spill is not None and t in candidates and t not in no_spill:
+                continue  # spills registers on sm_90 (see NO_SPILL)
             stay, stream = _stationary_and_streamed(kind, bm, bn)
-            # 8 warps only pay off on big tiles (the tutorial's rule, relaxed to 64x128)
-            if c.num_warps == 8 and bm * bn < 64 * 128:
+            # beyond the measured lists (fp32 on tf32, D > 128): 8 warps only pay off on big
+            # tiles (the tutorial's rule, relaxed to 64x128)
+            if no_spill is None and c.num_warps == 8 and bm * bn < 64 * 128:
                 continue
             # no tile much longer than the sequence
             cap = max(32, triton.next_power_of_2(n))
@@ -742,21 +1009,27 @@ def _prune(kind):
             if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size) > SMEM_LIMIT:
                 continue
             kept.append(c)
-        if not kept:  # keep the smallest rather than nothing
-            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        if not kept:  # keep the smallest rather than nothing (spill-free where measured)
+            pool = [c for c in configs if no_spill is None or
+                    (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in no_spill] or configs
+            kept = [min(pool, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
         return kept
     return prune
 
 
+def _make_tuner(kind, configs, **kwargs):
+    """The autotuner of kernel `kind` over `configs` ((BLOCK_M, BLOCK_N, warps, stages) tuples)."""
+    return triton.autotune(
+        configs=[_config(*t) for t in configs], key=TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune(kind)},
+        # the fused dQ accumulates with atomics: zero it before each timed config (and the run)
+        reset_to_zero=["DQ_ACC"] if kind == "dkdv" else None, **kwargs,
+    )(_PLAIN[kind])
+
+
 if triton is not None:
-    _TUNED = {
-        kind: triton.autotune(
-            configs=[_config(*t) for t in _space(kind)], key=TUNE_KEY,
-            prune_configs_by={"early_config_prune": _prune(kind)},
-        )(fn)
-        for kind, fn in (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel))
-    }
     _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+    _TUNED = {kind: _make_tuner(kind, _tuning_space(kind)) for kind in _PLAIN}
 
 _LAST: dict = {}
 _DUMMY: dict = {}
@@ -767,12 +1040,12 @@ def _fma(q, meta):
     return q.dtype == torch.float32 and meta["PRECISION"] == "ieee"
 
 
-def _fixed_config(kind, fma):
+def _fixed_config(kind, fma, block_d, fused=False):
     """The config to launch `kind` with, or None to autotune."""
     if interpreted():
         return INTERPRETER_CONFIGS[kind]
     if COUNT_VISITS or not AUTOTUNE:
-        return FP32_IEEE_SPACE[kind][0] if fma else DEFAULT_CONFIGS[kind]
+        return default_config(kind, fma, block_d, fused)
     return None
 
 
@@ -782,7 +1055,7 @@ def _describe(bm, bn, warps, stages):
 
 def _launch(kind, grid_rows, grid_cols, args, meta):
     """Launch kernel `kind`; returns (BLOCK_M, BLOCK_N, description of the config used)."""
-    fixed = _fixed_config(kind, _fma(args[0], meta))
+    fixed = _fixed_config(kind, _fma(args[0], meta), meta["BLOCK_D"], meta.get("FUSED_DQ", False))
     if fixed is None:
         tuned = _TUNED[kind]
         axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
@@ -842,14 +1115,21 @@ def _common(q, k, v, causal, window, scale, sinks):
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
                 PRECISION=precision,
-                DOT_UPCAST=interpreted() and q.dtype == torch.bfloat16, COUNT=bool(COUNT_VISITS))
+                INTERPRETED=interpreted(), COUNT=bool(COUNT_VISITS))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keys = (_pow2(N), _pow2(w) if has_window else 0)
     return meta, w, s, sm_scale, keys, precision_name
 
 
 def _visit_buffer(rows, cols, device):
-    return torch.zeros(rows * cols, dtype=torch.int32, device=device)
+    """COUNT_VISITS: visits [rows, cols], then launch ranks [rows, cols], then a counter."""
+    return torch.zeros(2 * rows * cols + 1, dtype=torch.int32, device=device)
+
+
+def _record(kind, buffer, rows, bm, bn):
+    size = (buffer.numel() - 1) // 2
+    last_visits[kind] = (buffer[:size].view(rows, -1), bm, bn)
+    last_order[kind] = buffer[size:2 * size].view(rows, -1)
 
 
 def attention_forward(q, k, v, causal, window, scale, sinks=0):
@@ -862,14 +1142,14 @@ def attention_forward(q, k, v, causal, window, scale, sinks=0):
         return o, lse
     visits = None
     if COUNT_VISITS:
-        bm = _fixed_config("fwd", _fma(q, meta))[0]
+        bm = _fixed_config("fwd", _fma(q, meta), meta["BLOCK_D"])[0]
         visits = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
     args = (q, k, v, o, lse, visits if visits is not None else _dummy(q.device),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Hq, N, w, s, sm_scale * LOG2E, n_bucket, w_bucket)
     bm, bn, desc = _launch("fwd", N, B * Hq, args, meta)
     if visits is not None:
-        last_visits["fwd"] = (visits.view(B * Hq, -1), bm, bn)
+        _record("fwd", visits, B * Hq, bm, bn)
     _LAST.clear()  # a backward, if one follows, adds its configs
     _LAST.update(interpreted=interpreted(), config=desc, precision=precision_name)
     return o, lse
@@ -893,23 +1173,38 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
     qk_scale = sm_scale * LOG2E
     dummy = _dummy(q.device)
 
+    fused = fused_dq(meta["BLOCK_D"], q.element_size())
+    meta_kv = dict(meta, FUSED_DQ=fused)
     vis_kv = vis_q = None
     if COUNT_VISITS:
-        bn = _fixed_config("dkdv", _fma(q, meta))[1]
-        bm = _fixed_config("dq", _fma(q, meta))[0]
+        bn = _fixed_config("dkdv", _fma(q, meta), meta["BLOCK_D"], fused)[1]
         vis_kv = _visit_buffer(B * Hkv, triton.cdiv(N, bn), q.device)
-        vis_q = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
-    args = (q, k, v, do, lse, delta, dk, dv, vis_kv if vis_kv is not None else dummy,
+        if not fused:
+            bm = _fixed_config("dq", _fma(q, meta), meta["BLOCK_D"])[0]
+            vis_q = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
+    # FUSED_DQ: the dK/dV programs add dS K into an fp32 dQ (5 matmuls per tile pair in all);
+    # otherwise a dQ kernel recomputes S, P and dP per query block (7).
+    dq_acc = torch.zeros((B, Hq, N, D), dtype=torch.float32, device=q.device) if fused else dummy
+    args = (q, k, v, do, lse, delta, dk, dv, dq_acc, vis_kv if vis_kv is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             Hkv, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
-    kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta)
-    args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            Hq, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
-    q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
+    kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta_kv)
+    if fused:
+        _bwd_dq_cast[(triton.cdiv(N, pre_bm), B * Hq)](
+            dq_acc, dq, *dq.stride(), Hq, N, sm_scale,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
+        q_desc = "fused into dkdv (fp32 atomic adds), then scaled and cast"
+    else:
+        args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                Hq, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
+        q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
     if COUNT_VISITS:
-        last_visits["dkdv"] = (vis_kv.view(B * Hkv, -1), kv_bm, kv_bn)
-        last_visits["dq"] = (vis_q.view(B * Hq, -1), q_bm, q_bn)
+        _record("dkdv", vis_kv, B * Hkv, kv_bm, kv_bn)
+        last_visits.pop("dq", None)
+        last_order.pop("dq", None)
+        if not fused:
+            _record("dq", vis_q, B * Hq, q_bm, q_bn)
     _LAST.update(interpreted=interpreted(), bwd_config=f"dkdv: {kv_desc}; dq: {q_desc}")
     return dq, dk, dv
 

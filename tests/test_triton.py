@@ -3,25 +3,35 @@
 The kernels run in Triton's interpreter, so shapes are small. What is checked:
 * forward and gradients (dq, dk, dv) against the float64 reference, over every value of
   every axis (N, D, GQA, mask, dtype), combined pairwise rather than as a full product;
+  seeds come from each case's name (zlib.crc32, the same in every process) and are printed;
+* planted logits above 100 (deterministic), which fail without the online softmax's
+  max-subtraction, its rescaling between key blocks, or masking before the maximum;
 * block skipping: the key/query blocks each program visits, and the ones it masks, equal
   what the mask implies (computed here from the mask convention, not from the kernel);
+  causal query blocks start heaviest first;
 * non-contiguous inputs and gradients; registration, check() and info().
-A slow test compiles the kernels for sm_90 (Hopper) with the ptxas that ships with triton,
-no GPU needed: `pytest -m slow tests/test_triton.py`.
+Slow tests compile the kernels for sm_90 (Hopper) with the ptxas that ships with triton, no
+GPU needed, through benchmarks/kernel_stats.py: every kernel compiles, uses wgmma, fits in
+shared memory and, for D <= 128 in fp16/bf16, spills no registers: `pytest -m slow
+tests/test_triton.py -k sm90`.
+
+The GPU image runs triton 3.6; the job that runs these tests (interpreter and sm_90 compile)
+under triton 3.6 and under the current version, each in a venv of its own:
+    benchmarks/triton_versions.sh                 # both versions, interpreter + compile tests
+    benchmarks/triton_versions.sh --no-compile    # the interpreter tests only
 """
 
 import os
 
-# Kernels must run interpreted here; this has to precede any triton import. When run as a
-# script (the sm_90 compile helper below), kernels are compiled instead.
-os.environ["TRITON_INTERPRET"] = "0" if __name__ == "__main__" else "1"
+# Kernels must run interpreted here; this has to precede any triton import.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import zlib  # noqa: E402
 import sys  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +56,8 @@ AXES = {
     "heads": [(4, 4), (4, 1)],
     "mask": ["none", "causal", "w1", "w5", "wN", "w5s3", "w1s20"],
     "dtype": ["float32", "bfloat16"],
+    # the backward's dQ: fused into dK/dV (atomic adds, 5 matmuls) or its own kernel (7)
+    "dq": ["fused", "separate"],
 }
 
 
@@ -77,7 +89,16 @@ def _window(mask: str, n: int) -> tuple[bool, int | None, int]:
             "wN": (True, n + 7, 0), "w5s3": (True, 5, 3), "w1s20": (True, 1, 20)}[mask]
 
 
-def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None, sinks=0):
+def _seed(label: str) -> int:
+    """A seed that is the same in every process (unlike hash(), which str hashing randomises),
+    set and printed, so a failing case reruns with the same inputs."""
+    seed = zlib.crc32(label.encode()) % 2**31
+    print(f"seed {seed} for {label}")
+    torch.manual_seed(seed)
+    return seed
+
+
+def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None, sinks=0, label=""):
     """Run triton forward + backward and compare out, dq, dk, dv with float64 autograd."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks)
@@ -91,11 +112,13 @@ def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol
     ref.backward(dout.double())
     tol = TOLERANCE[str(q.dtype).removeprefix("torch.")] if tol is None else tol
     got = {"out": (out, ref), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
+    tols = tol if isinstance(tol, dict) else dict.fromkeys(got, tol)
     for name, (x, r) in got.items():
+        tol = tols[name]
         assert x.shape == r.shape, name
-        assert torch.isfinite(x.float()).all(), name
+        assert torch.isfinite(x.float()).all(), f"{label} {name}: not finite"
         rel, _ = errors(x, r.detach())
-        assert rel < tol, f"{name}: relative L2 error {rel:.3g} >= {tol}"
+        assert rel < tol, f"{label} {name}: relative L2 error {rel:.3g} >= {tol}"
 
 
 def test_pairwise_cases_cover_every_pair():
@@ -106,24 +129,87 @@ def test_pairwise_cases_cover_every_pair():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()).replace(" ", ""))
-def test_forward_and_gradients_match_reference(case):
-    # a seed fixed by the case (hash() of a str changes between processes), printed on failure
-    seed = zlib.crc32("-".join(map(str, case.values())).encode())
-    print(f"seed={seed}")
-    torch.manual_seed(seed)
+def test_forward_and_gradients_match_reference(monkeypatch, case):
+    """dQ is forced down the path the case names (FUSED_DQ), so both backward paths meet every
+    value of every other axis."""
+    label = "-".join(str(v) for v in case.values()).replace(" ", "")
+    label = f"{label} seed={_seed(label)}"
+    monkeypatch.setattr(ta, "FUSED_DQ", "1" if case["dq"] == "fused" else "0")
     n, d, (hq, hkv), dtype = case["n"], case["d"], case["heads"], DTYPES[case["dtype"]]
     causal, window, sinks = _window(case["mask"], n)
     batch = 2 if n <= 17 else 1
     q = torch.randn(batch, hq, n, d, dtype=dtype)
     k = torch.randn(batch, hkv, n, d, dtype=dtype)
     v = torch.randn(batch, hkv, n, d, dtype=dtype)
-    _check_against_reference(q, k, v, causal, window, sinks=sinks)
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
+    assert ("fused into dkdv" in ta._info()["bwd_config"]) == (case["dq"] == "fused"), ta._info()
 
 
 def test_float16_and_explicit_scale():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 40, 32, dtype=torch.float16) for _ in range(3))
     _check_against_reference(q, k, v, True, None, scale=0.3)
+
+
+def _planted_logits(n: int, d: int, dtype: torch.dtype):
+    """q, k, v (B=1, Hq=2, Hkv=1) whose logits q.k (scale 1) are known, deterministic, and far
+    beyond what exp() survives in fp32 (|logit| > 88 overflows or underflows it):
+
+    * rows i % 4 == 0: every key scores about +120 (a common component), so exp(logit)
+      overflows unless the row maximum is subtracted;
+    * rows i % 4 == 1: every key scores about -120, so exp(logit) underflows to 0 (0/0);
+    * rows i % 4 == 2: one visible key (i - 3 - (i % 7), or i) scores +110 and then a later one
+      (i itself) +150, so the running maximum jumps by 40 between key blocks and the earlier
+      sum must be rescaled by exp(-40);
+    * rows i % 4 == 3: key i + 1 (hidden by a causal mask) scores +200: a mask not applied
+      before the maximum would put all the weight there.
+    Keys get orthogonal directions (u_j, j < d - 1) to plant exact scores; the last axis is
+    the common component. Values are random; the scores' small remainder is noise."""
+    g = torch.Generator().manual_seed(11)
+    basis, _ = torch.linalg.qr(torch.randn(d - 1, d - 1, generator=g, dtype=torch.float64))
+    u = torch.zeros(n, d, dtype=torch.float64)
+    u[:, : d - 1] = basis[torch.arange(n) % (d - 1)]  # key j's direction (repeats every d-1 keys)
+    k = 0.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    k[:, : d - 1] += 10.0 * u[:, : d - 1]
+    k[:, d - 1] = 10.0  # the common component
+    q = 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            q[i, d - 1] += 12.0
+        elif kind == 1:
+            q[i, d - 1] -= 12.0
+        elif kind == 2:
+            early = max(0, i - 3 - i % 7)
+            q[i] += 11.0 * u[early] + 15.0 * u[i] if early % (d - 1) != i % (d - 1) else 15.0 * u[i]
+        elif i + 1 < n:
+            q[i] += 20.0 * u[i + 1]
+    v = torch.randn(n, d, generator=g, dtype=torch.float64)
+    q2 = torch.stack([q, q.flip(0)])[None]  # two query heads sharing one kv head (GQA)
+    return q2.to(dtype), k[None, None].to(dtype), v[None, None].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mask", ["none", "causal", "w5", "w5s3"])
+def test_planted_large_logits(mask, dtype):
+    """Deterministic logits above 100 (see _planted_logits), at N <= 512 so the interpreter
+    runs triton: the max-subtraction of the online softmax, its rescaling between blocks and
+    masking before the maximum are each needed to pass (checked by removing each)."""
+    n, d = 150, 32
+    q, k, v = _planted_logits(n, d, DTYPES[dtype])
+    logits = (q[0, 0].double() @ k[0, 0].double().T)
+    assert logits.abs().max() > 100 and (logits.amax(1) > 100).sum() > n // 4
+    causal, window, sinks = _window(mask, n)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(q.dtype)
+    tol = TOLERANCE[dtype]
+    if dtype == "bfloat16":
+        # Saturated rows have a true dS of about 0, so the bf16 rounding of O (in Delta) and of
+        # P dominates their dq and dk: torch SDPA's bf16 dq is 2.1e-2 off here, triton's 4.6e-2
+        # (mask none). The forward and dv keep the bf16 tolerance; a missing max-subtraction
+        # shows as inf/NaN whatever the tolerance.
+        tol = {"out": tol, "dv": tol, "dq": 8e-2, "dk": 4e-2}
+    _check_against_reference(q, k, v, causal, window, scale=1.0, dout=dout, sinks=sinks, tol=tol,
+                             label=f"planted logits mask={mask} {dtype}")
 
 
 def test_window_only_implies_causal():
@@ -174,7 +260,8 @@ def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 
     masked: visited, and the tile is not entirely visible. The streamed side of the tile
     (keys in the forward and dQ kernels, queries in dK/dV) must also lie inside the sequence,
     since a tile crossing N needs bounds masks; positions past N on the resident side are
-    ignored (their rows are never stored).
+    ignored in the forward and dQ kernels (their rows are never stored), not in dK/dV (whose
+    dS for padding keys would reach the fused dQ).
     With sinks, the kernels visit the window's band as without sinks and mask its tiles as
     for the window alone (a sink key can make a band edge tile fully visible: that tile is
     masked anyway, at most a few per program); the tiles visited only for their sinks are
@@ -186,8 +273,8 @@ def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 
     vis = Mask.of(causal, window, sinks).visible(rows, cols)
     vis = torch.ones(size_q, size_k, dtype=torch.bool) if vis is None else vis
     inside = (rows[:, None] < n) & (cols[None, :] < n)
-    if streamed_queries:
-        full_ok = (vis | (cols[None, :] >= n)) & (rows[:, None] < n)
+    if streamed_queries:  # dK/dV: its keys' dS also feeds dQ, so neither side may cross N
+        full_ok = vis & inside
     else:
         full_ok = (vis | (rows[:, None] >= n)) & (cols[None, :] < n)
     visited = (vis & inside).view(nq, bq, nk, bk).any(dim=3).any(dim=1)
@@ -213,8 +300,10 @@ VISIT_MASKS = [(False, None, 0), (True, None, 0), (True, 1, 0), (True, 5, 0), (T
                          ids=lambda b: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*b[0], *b[1], *b[2]))
 @pytest.mark.parametrize("n", [50, 64])
 def test_block_visits_match_mask(monkeypatch, blocks, n):
+    """(n=50 with the separate dQ kernel, n=64 with dQ fused into dK/dV.)"""
     (fm, fn), (km, kn), (qm, qn) = blocks
     monkeypatch.setattr(ta, "COUNT_VISITS", True)
+    monkeypatch.setattr(ta, "FUSED_DQ", "0" if n == 50 else "1")
     monkeypatch.setattr(ta, "INTERPRETER_CONFIGS",
                         {"fwd": (fm, fn, 4, 1), "dkdv": (km, kn, 4, 1), "dq": (qm, qn, 4, 1)})
     torch.manual_seed(5)
@@ -234,10 +323,12 @@ def test_block_visits_match_mask(monkeypatch, blocks, n):
         assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "fwd visits " + label
         assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "fwd masked " + label
 
-        counts, bm, bn = ta.last_visits["dq"]
-        visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
-        assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "dq visits " + label
-        assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "dq masked " + label
+        assert ("dq" in ta.last_visits) == (n == 50)  # the dQ kernel runs only when not fused
+        if "dq" in ta.last_visits:
+            counts, bm, bn = ta.last_visits["dq"]
+            visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
+            assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "dq visits " + label
+            assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "dq masked " + label
 
         counts, bm, bn = ta.last_visits["dkdv"]
         visited, masked = _tile_stats(n, bm, bn, causal, window, True, sinks)
@@ -249,6 +340,36 @@ def test_block_visits_match_mask(monkeypatch, blocks, n):
         q64, k64, v64 = (t.detach().double() for t in (q, k, v))
         ref = reference_attention(q64, k64, v64, Mask.of(causal, window, sinks))
         assert errors(out, ref)[0] < TOLERANCE["float32"], label
+
+
+@pytest.mark.parametrize("causal,window,sinks", [(True, None, 0), (True, 5, 3), (False, None, 0)])
+def test_heaviest_query_blocks_start_first(monkeypatch, causal, window, sinks):
+    """Under a causal mask, forward and dQ programs start in order of decreasing work (the
+    last query block, which sees the most keys, first); dK/dV programs start with key block 0,
+    which the most queries see. The interpreter runs programs in launch order, and each
+    records its launch rank (COUNT_VISITS)."""
+    monkeypatch.setattr(ta, "COUNT_VISITS", True)
+    monkeypatch.setattr(ta, "FUSED_DQ", "0")  # so the dQ kernel runs (and starts heaviest first)
+    torch.manual_seed(7)
+    n, D = 100, 16
+    q = torch.randn(1, 2, n, D, requires_grad=True)
+    k, v = (torch.randn(1, 1, n, D, requires_grad=True) for _ in range(2))
+    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
+    out.backward(torch.randn_like(out))
+    for kind in ("fwd", "dq", "dkdv"):
+        counts, _, _ = ta.last_visits[kind]
+        order = ta.last_order[kind]
+        work = counts & 0xFFFF
+        assert order.unique().numel() == order.numel(), kind  # every program ran once
+        for head in range(order.shape[0]):
+            steps = order[head].diff()
+            if kind != "dkdv" and (causal or window):
+                assert (steps < 0).all(), f"{kind}: the last query block must start first: {order[head]}"
+            else:
+                assert (steps > 0).all(), f"{kind}: blocks must start in index order: {order[head]}"
+            if window is None:  # causal or none: started in order of non-increasing work
+                started = work[head][order[head].argsort()]
+                assert (started.diff() <= 0).all(), f"{kind}: work in start order {started.tolist()}"
 
 
 def test_window_skips_blocks():
@@ -326,13 +447,53 @@ def test_autotune_space_and_pruning():
                     assert tuples == ta.FP32_IEEE_SPACE[kind]
                 elif n == 1:
                     assert all(min(bm, bn) <= 32 for bm, bn, _, _ in tuples)
+                if dtype != torch.float32 and d <= 128:  # only configs that spill nothing on sm_90
+                    assert set(tuples) <= set(ta.NO_SPILL[kind][64 if d <= 64 else 128]), (kind, n, d)
+        # the spill-free lists, the defaults and the GPU check's list are all in the space
+        space = set(ta._space(kind))
+        for block_d in (64, 128):
+            assert ta.NO_SPILL[kind][block_d] and set(ta.NO_SPILL[kind][block_d]) <= space
+            assert ta.default_config(kind, False, block_d) in ta.NO_SPILL[kind][block_d]
+        assert set(ta.CHECK_SPACE[kind]) <= set(ta.NO_SPILL[kind][128])
+        if kind == "dkdv":  # the fused dQ's own spill-free lists and defaults
+            for block_d in (64, 128):
+                fused = ta.NO_SPILL["dkdv_fused"][block_d]
+                assert fused and set(fused) <= space
+                assert ta.default_config(kind, False, block_d, True) in fused
+                args = {"N": 4096, "Q": torch.empty(0, dtype=torch.bfloat16)}
+                kept = ta._prune(kind)(configs, args, BLOCK_D=block_d, PRECISION="tf32", FUSED_DQ=True)
+                assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} \
+                    <= set(fused)
+            assert ta.fused_dq(64) and not ta.fused_dq(128) and not ta.fused_dq(64, 4)  # "auto"
+        assert ta.default_config(kind, False, 256) in space
+        assert ta.default_config(kind, True, 64) == ta.FP32_IEEE_SPACE[kind][0]
+        # the wide (D > 128) defaults fit in shared memory
+        bm, bn, _, stages = ta.default_config(kind, False, 256)
+        assert ta._smem_estimate(kind, bm, bn, stages, 256, 2) <= ta.SMEM_LIMIT
 
 
-def test_autotuned_launch_path(monkeypatch):
+def test_check_space_selected_by_environment():
+    """CTXBENCH_TRITON_SPACE=check (benchmarks/gpu_check.sh) builds the autotuners over
+    CHECK_SPACE only; anything but full/check is refused."""
+    code = ("import ctxbench.kernels.triton_attention as t; "
+            "print([[(c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps, c.num_stages) for c in t._TUNED[k].configs]"
+            " == t.CHECK_SPACE[k] for k in ('fwd', 'dkdv', 'dq')])")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CTXBENCH_TRITON_SPACE="check"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[True, True, True]"
+    out = subprocess.run([sys.executable, "-c", "import ctxbench.kernels.triton_attention"],
+                         env=dict(os.environ, CTXBENCH_TRITON_SPACE="bogus"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "CTXBENCH_TRITON_SPACE" in out.stderr
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_autotuned_launch_path(monkeypatch, fused):
     """The GPU control flow (autotuner, pruning, grid from the chosen config, best_config into
     info) on the interpreter: small spaces, and a stand-in for do_bench (triton's needs a
-    GPU driver) that runs each config and makes the last one the fastest."""
-    import triton
+    GPU driver) that runs each config and makes the last one the fastest. With the fused dQ,
+    every timed run adds into the dQ accumulator: the autotuner must zero it each time."""
 
     def fake_do_bench(kernel_call, quantiles=None, **kw):
         kernel_call()
@@ -345,19 +506,19 @@ def test_autotuned_launch_path(monkeypatch):
     tuned = {}
     for kind, configs in space.items():
         fake_do_bench.calls = 0
-        tuned[kind] = triton.autotune(configs=[ta._config(*c) for c in configs], key=ta.TUNE_KEY,
-                                      prune_configs_by={"early_config_prune": ta._prune(kind)},
-                                      do_bench=fake_do_bench)(ta._PLAIN[kind])
+        tuned[kind] = ta._make_tuner(kind, configs, do_bench=fake_do_bench)
     monkeypatch.setattr(ta, "_TUNED", tuned)
-    monkeypatch.setattr(ta, "_fixed_config", lambda kind, fma: None)  # take the autotuning branch
+    monkeypatch.setattr(ta, "_fixed_config", lambda *args: None)  # take the autotuning branch
+    monkeypatch.setattr(ta, "FUSED_DQ", fused)
     torch.manual_seed(6)
     q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.bfloat16) for _ in range(3))
     fake_do_bench.calls = 0
     _check_against_reference(q, k, v, True, 7)
     info = ta._info()
     assert info["config"] == "BLOCK_M=32 BLOCK_N=16 warps=4 stages=1"
-    assert info["bwd_config"] == ("dkdv: BLOCK_M=16 BLOCK_N=32 warps=4 stages=1; "
-                                  "dq: BLOCK_M=32 BLOCK_N=16 warps=4 stages=1")
+    dq = ("fused into dkdv (fp32 atomic adds), then scaled and cast" if fused == "1"
+          else "BLOCK_M=32 BLOCK_N=16 warps=4 stages=1")
+    assert info["bwd_config"] == f"dkdv: BLOCK_M=16 BLOCK_N=32 warps=4 stages=1; dq: {dq}"
     assert tuned["fwd"].best_config.kwargs == {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
@@ -397,134 +558,105 @@ def test_without_triton_module_imports_and_refuses(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# Compiling for Hopper (sm_90) without a GPU
+# Compiling for Hopper (sm_90) without a GPU: benchmarks/kernel_stats.py compiles every kernel
+# of one forward + backward as launched, down to a cubin with the ptxas that ships with triton,
+# and reports each one's registers, spills, shared memory and wgmma count.
 # ---------------------------------------------------------------------------------------
 
-def _sm90_compile(dtype: str, head_dim: int, mask: str, which: str) -> list[dict]:
-    """Compile every kernel of one forward+backward exactly as launched, for sm_90.
-
-    which: "default" (the configs used without autotuning), "pruned" (those the autotuner
-    tries at N=1024) or "all" (the whole autotuning space).
-
-    The wrappers run on CPU tensors with the launches captured; each launch's arguments go
-    through triton's own binder (so stride 1 and divisibility specialise as on a GPU) and
-    triton.compile with a CUDA 9.0 target, down to a cubin via the bundled ptxas.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    captured = []
-
-    class _Capture:
-        def __getitem__(self, grid):
-            return lambda *args, **meta: captured.append(("pre", args, meta))
-
-    plain = dict(ta._PLAIN, pre=ta._bwd_preprocess)
-    saved = ta._launch, ta._bwd_preprocess
-    ta._launch = lambda kind, rows, cols, args, meta: (captured.append((kind, args, meta)) or (0, 0, ""))
-    ta._bwd_preprocess = _Capture()
-    try:
-        dt = DTYPES[dtype]
-        causal, window = mask != "none", (300 if mask in ("window", "sinks") else None)
-        sinks = 4 if mask == "sinks" else 0
-        q = torch.randn(2, 4, 1024, head_dim, dtype=dt)
-        k, v = (torch.randn(2, 2, 1024, head_dim, dtype=dt) for _ in range(2))
-        o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks)
-        ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks)
-    finally:
-        ta._launch, ta._bwd_preprocess = saved
-
-    results = []
-    for kind, args, meta in captured:
-        meta = dict(meta)
-        if kind == "pre":
-            configs = [(None, None, meta.pop("num_warps"), 1)]
-        elif which == "default":
-            fma = ta._fma(args[0], meta)
-            configs = [ta.FP32_IEEE_SPACE[kind][0] if fma else ta.DEFAULT_CONFIGS[kind]]
-        elif which == "pruned":
-            kept = ta._prune(kind)([ta._config(*c) for c in ta._space(kind)], {"N": 1024, "Q": args[0]}, **meta)
-            configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-        else:
-            configs = ta._space(kind)
-        for bm, bn, warps, stages in configs:
-            kw = dict(meta, num_warps=warps, num_stages=stages)
-            if bm is not None:
-                kw.update(BLOCK_M=bm, BLOCK_N=bn)
-            fn = plain[kind]
-            row = dict(kind=kind, config=ta._describe(bm, bn, warps, stages), dtype=dtype, head_dim=head_dim, mask=mask)
-            try:
-                binder = create_function_from_signature(fn.signature, fn.params, backend)
-                bound, spec, options = binder(*args, **kw)
-                options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, options)
-                kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                        options=options.__dict__)
-                ptx = kernel.asm["ptx"]
-                row.update(ok=True, shared=kernel.metadata.shared,
-                           mma="wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma"))
-                if bm is not None:
-                    row["estimate"] = ta._smem_estimate(kind, bm, bn, stages, meta["BLOCK_D"], args[0].element_size())
-            except Exception as exc:  # noqa: BLE001 - reported, the test decides
-                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
-            results.append(row)
-    return results
+KERNEL_STATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                            "kernel_stats.py")
 
 
-def _run_sm90(*argv: str) -> list[dict]:
+def _run_sm90(dtype: str, head_dim: int, mask: str, which: str, **env_vars: str) -> list[dict]:
+    """kernel_stats' rows (one per kernel and configuration) for one dtype, head dim and mask.
+    which: "default" (the configs used without autotuning), "tuned" (those the autotuner
+    tries at N=1024), "check" (the GPU check's fixed list)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, timeout=1800)
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1", **env_vars)
+    cmd = [sys.executable, KERNEL_STATS, "--arch", "sm_90", "--dtype", dtype, "--head-dim", str(head_dim),
+           "--mask", mask, "--which", which, "--n", "1024", "--json"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode == 3:
         pytest.skip(out.stdout.strip() or "this triton has no AOT binder API")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert rows and out.returncode in (0, 1), out.stderr[-3000:]
+    return rows
+
+
+def _spilling(rows: list[dict]) -> list[str]:
+    return [f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['mask']} {r['config']}: {r['regs']} registers, "
+            f"{r['spill']} B spilled" for r in rows if r["spill"]]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_compiles_for_sm90(dtype):
     """The default configs compile for Hopper for every mask and head-dim family: tensor
-    cores (wgmma) for 16-bit inputs, FMAs for IEEE fp32, within the shared memory limit.
+    cores (wgmma) for 16-bit inputs, FMAs for IEEE fp32, within the shared memory limit; for
+    16-bit inputs and D <= 128 they do not spill registers.
     (fp32 kernels take 5-40 s each to compile on a small CPU: fewer head dims and masks there.)"""
     rows = []
-    for head_dim in ((16, 80) if dtype == "float32" else (16, 64, 80, 128)):
+    for head_dim in ((16, 80) if dtype == "float32" else (16, 64, 80, 128, 256)):
         for mask in ("none", "causal", "window") + (() if dtype == "float32" else ("sinks",)):
-            rows += _run_sm90(dtype, str(head_dim), mask, "default")
+            rows += _run_sm90(dtype, head_dim, mask, "default")
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
     for r in rows:
-        if r["kind"] != "pre":
+        if r["kernel"] in ("fwd", "dkdv", "dq"):
             assert r["mma"] == ("fma" if dtype == "float32" else "wgmma"), r
             assert r["shared"] <= ta.SMEM_LIMIT, r
+    if dtype != "float32":
+        assert not _spilling([r for r in rows if r["head_dim"] <= 128]), _spilling(rows)
+    _check_matmuls_per_tile(rows)
+
+
+def _check_matmuls_per_tile(rows: list[dict], fused: bool | None = None) -> None:
+    """From the compiled TTIR: the forward does 2 matmuls per tile, the backward 5 per tile
+    pair with the fused dQ (FlashAttention-2's count) and 7 with the separate dQ kernel."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["head_dim"], r["mask"]), {})[r["kernel"]] = r["mma_per_tile"]
+    for (head_dim, mask), mma in groups.items():
+        size = 4 if rows[0]["dtype"] == "fp32" else 2
+        use_fused = ta.fused_dq(max(16, 1 << (head_dim - 1).bit_length()), size) if fused is None else fused
+        assert mma["fwd"] == 2, (head_dim, mask, mma)
+        assert ("dq" in mma) != use_fused and ("dq_cast" in mma) == use_fused, (head_dim, mask, mma)
+        assert mma["dkdv"] + mma.get("dq", 0) == (5 if use_fused else 7), (head_dim, mask, mma)
+        assert mma.get("pre", 0) == mma.get("dq_cast", 0) == 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,head_dim,mask", [("bfloat16", 128, "window"), ("float16", 256, "causal")])
+def test_fused_backward_at_d128_compiles_for_sm90():
+    """CTXBENCH_TRITON_FUSED_DQ=1 takes the 5-matmul backward at D=128 too (off by default
+    there: see NO_SPILL["dkdv_fused"]); it compiles to wgmma with 5 matmuls per tile pair,
+    and under triton 3.6 (the GPU image's) its default config does not spill."""
+    import triton
+
+    rows = _run_sm90("bfloat16", 128, "causal", "default", CTXBENCH_TRITON_FUSED_DQ="1")
+    assert all(r["ok"] for r in rows), rows
+    _check_matmuls_per_tile(rows, fused=True)
+    if triton.__version__.startswith("3.6"):
+        assert not _spilling(rows), _spilling(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,head_dim,mask", [("bfloat16", 128, "window"), ("float16", 128, "sinks"),
+                                                 ("bfloat16", 64, "causal"), ("float16", 80, "none"),
+                                                 ("bfloat16", 32, "causal"), ("float16", 256, "causal")])
 def test_autotune_space_compiles_for_sm90(dtype, head_dim, mask):
-    """Every config the autotuner tries compiles and fits in shared memory, and the pruning
-    estimate of shared memory is what the compiler allocates (so no config is lost to a
-    launch failure or wrongly pruned)."""
-    rows = _run_sm90(dtype, str(head_dim), mask, "pruned")
+    """Every config the autotuner can pick compiles and fits in shared memory; the pruning
+    estimate of shared memory bounds what the compiler allocates (so no kept config fails to
+    launch), exactly for the forward and dQ kernels (so none is wrongly pruned there; dK/dV's
+    pipelining of the LSE/Delta rows, and the fused dQ's, vary, so the estimate is an upper
+    bound for it); and for D <= 128 none spills registers (see NO_SPILL and _prune)."""
+    rows = _run_sm90(dtype, head_dim, mask, "tuned")
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
     for r in rows:
-        if r["kind"] != "pre":
+        if r["kernel"] in ("fwd", "dkdv", "dq"):
             assert r["shared"] <= ta.SMEM_LIMIT, r
-            slack = 2048 if r["kind"] == "dkdv" else 0
-            assert r["estimate"] - slack <= r["shared"] <= r["estimate"], r
-
-
-if __name__ == "__main__":
-    # python tests/test_triton.py DTYPE HEAD_DIM MASK default|pruned|all -> a JSON line per kernel
-    try:
-        from triton.runtime.jit import create_function_from_signature  # noqa: F401
-        assert hasattr(ta._fwd_kernel, "_pack_args")
-    except (ImportError, AssertionError):
-        print("this triton has no create_function_from_signature/_pack_args")
-        sys.exit(3)
-    for row in _sm90_compile(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]):
-        print(json.dumps(row), flush=True)
+            assert r["shared"] <= r["smem_estimate"], r
+            if r["kernel"] != "dkdv":
+                assert r["shared"] == r["smem_estimate"], r
+    if head_dim <= 128:
+        assert not _spilling(rows), _spilling(rows)
