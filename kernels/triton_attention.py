@@ -862,44 +862,50 @@ def _space(kind):
 
 
 # The configurations of _space that spill no registers on sm_90 (Hopper) for fp16 and bf16
-# inputs, by head-dim tile BLOCK_D (<= 64, and 128 for 65 <= D <= 128). Measured on the CPU
-# with triton 3.6 (the GPU image's) and 3.9, both of which must agree, by
-#   python benchmarks/kernel_stats.py --arch sm_90 --head-dim 64,128 --dtype bf16 --which all
-# (results/kernels/space-*.txt; fp16 compiles to the same registers). Everything else in
-# _space spills there, and a spilled register is a local-memory round trip on every tile:
+# inputs, by head-dim tile BLOCK_D (<= 64, and 128 for 65 <= D <= 128), for every mask (none,
+# causal, window, window + sinks: the window and sink masks add registers), with triton 3.6,
+# the version the GPU image runs. Measured on the CPU by
+#   python benchmarks/kernel_stats.py --arch sm_90 --head-dim 64,128 --dtype bf16 \
+#       --mask none,causal,window,sinks --which all|tuned
+# (results/kernels/; fp16 compiles to the same registers). The rest of _space spills for at
+# least one mask, and a spilled register is a local-memory round trip on every tile:
 #   dK/dV keeps four [BLOCK_N, BLOCK_D] tiles per program (K, V and the fp32 dK, dV
-#     accumulators): at D=128 only 8 warps with 16-row query tiles fit in 255 registers, and
-#     just (252-255 registers; 2 of the 5 such configs spill 12-28 B under triton 3.9)
-#     (the former default, 32x128 with 4 warps, spilled 3.5 KB per thread);
+#     accumulators): at D=128 only 8 warps with 16-row query tiles and 64-key blocks fit in 255
+#     registers (16x128 spills 8 B with a window, 132 B with sinks; the former default, 32x128
+#     with 4 warps, spilled 3.5 KB per thread);
 #   the forward and dQ at D=128 need 8 warps for 128-row query tiles (the former forward
-#     default, 128x64 with 4 warps, spilled 1.1 KB; dQ 128x32 with 4 warps 252 B).
+#     default, 128x64 with 4 warps, spilled 1.1 KB; dQ 128x32 with 4 warps 252 B), and 64x64
+#     tiles with 4 warps spill with sinks at 4 stages (forward) or at any (dQ);
+#   the fused dK/dV at D=64 (dQ's tile and atomics on top) keeps 16-row query tiles on 8 warps.
+# triton 3.9 allocates differently: with sinks at D=128 every dK/dV config of the list spills
+# 80-132 B there, and a few forward/dQ configs spill 8-156 B with a window or sinks
+# (tests/test_triton.py's slow sm_90 tests hold 3.6 to zero and other versions to a bound).
 # Pruning by shared memory (SMEM_LIMIT) and sequence length still applies on top.
 NO_SPILL = {
     "fwd": {
         64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
-             if not (bm == 128 and bn >= 64 and w == 4)],
-        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
+             if not (bm == 128 and bn >= 64 and w == 4) and (bm, bn, w, s) not in ((64, 128, 4, 2), (64, 128, 4, 4))],
+        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4) if (bn, w, s) != (64, 4, 4)]
              + [(64, 128, 8, s) for s in (2, 3)] + [(128, bn, 8, s) for bn in (32, 64) for s in (2, 3, 4)],
     },
-    "dkdv": {
-        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)]
-            + [(32, 64, 4, 2), (32, 64, 4, 3)] + [(32, 64, 8, s) for s in (2, 3, 4)]
-            + [(32, 128, 8, s) for s in (2, 3, 4)],
-        128: [(16, 64, 8, 2), (16, 64, 8, 3), (16, 128, 8, 3)],
+    "dkdv": {  # the separate dQ kernel's dK/dV (FUSED_DQ=0 at D <= 64; the default at D=128)
+        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4) if (w, s) != (4, 4)]
+            + [(16, 128, 8, s) for s in (2, 3, 4)]
+            + [(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3)],
+        128: [(16, 64, 8, 2), (16, 64, 8, 3)],
     },
-    # dK/dV with the fused dQ: the dQ tile and its atomic adds on top. At D=128 only 16x64 with
-    # 8 warps is spill-free, and only with triton 3.6 (3.9 spills 32-76 B there): so by default
-    # (FUSED_DQ "auto") D=128 takes the separate dQ kernel, and these are for FUSED_DQ=1.
+    # dK/dV with the fused dQ (the default for 16-bit D <= 64). At D=128 only 16x64 with 8 warps
+    # is spill-free, and not with sinks (28-136 B with triton 3.6, 32-76 B more with 3.9): so by
+    # default (FUSED_DQ "auto") D=128 takes the separate dQ kernel, and these are for FUSED_DQ=1.
     "dkdv_fused": {
-        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)]
-            + [(32, bn, 8, s) for bn in (64, 128) for s in (2, 3, 4)],
+        64: [(16, 64, 8, s) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)],
         128: [(16, 64, 8, s) for s in (2, 3, 4)],
     },
     "dq": {
         64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)
              if not (bm == 128 and bn == 64 and w == 4)],
-        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)]
-             + [(128, bn, 8, s) for bn in (32, 64) for s in (2, 3, 4)],
+        128: [(64, 32, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(64, 64, 8, s) for s in (2, 3, 4)]
+             + [(128, 32, 8, s) for s in (2, 3, 4)] + [(128, 64, 8, 2)],
     },
 }
 
@@ -912,18 +918,20 @@ FP32_IEEE_SPACE = {
     "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
 }
 # Used when autotuning is off (or while counting visits on a GPU): for 16-bit inputs with
-# D <= 128, from NO_SPILL (big query tiles on two warpgroups, K/V tiles of 128 keys in dK/dV);
+# D <= 128, from NO_SPILL (big query tiles on two warpgroups; 16-row query tiles in dK/dV);
 # for D > 128 (BLOCK_D 256), smaller tiles that fit in shared memory.
-DEFAULT_CONFIGS = {"fwd": (128, 64, 8, 3), "dkdv": (16, 128, 8, 3), "dq": (128, 64, 8, 2)}
-FUSED_DKDV_DEFAULT_128 = (16, 64, 8, 3)  # FUSED_DQ=1 at D=128 (triton 3.6: 255 registers, no spill)
+DEFAULT_CONFIGS = {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (128, 64, 8, 2)}
+# the fused dK/dV at D <= 64: 128-key blocks (fewer dQ atomics per query row than 64)
+FUSED_DKDV_DEFAULT_64 = (16, 128, 8, 3)
+FUSED_DKDV_DEFAULT_128 = (16, 64, 8, 3)  # FUSED_DQ=1 at D=128 (triton 3.6: no spill but with sinks)
 WIDE_DEFAULT_CONFIGS = {"fwd": (64, 64, 4, 2), "dkdv": (16, 64, 8, 2), "dq": (64, 64, 4, 2)}
 INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
 # The GPU check's space (benchmarks/gpu_check.sh sets CTXBENCH_TRITON_SPACE=check): a few
 # configs from NO_SPILL, so autotuning there compiles little (see its compile estimate).
 CHECK_SPACE = {
     "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-    "dkdv": [(16, 128, 8, 3), (16, 64, 8, 2)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 3)],
+    "dkdv": [(16, 64, 8, 3), (16, 64, 8, 2)],
+    "dq": [(128, 64, 8, 2), (64, 32, 4, 3)],
 }
 SPACE = os.environ.get("CTXBENCH_TRITON_SPACE", "full")
 
@@ -933,8 +941,8 @@ def default_config(kind, fma, block_d, fused=False):
     fused: dK/dV with the fused dQ)."""
     if fma:
         return FP32_IEEE_SPACE[kind][0]
-    if kind == "dkdv" and fused and 64 < block_d <= 128:
-        return FUSED_DKDV_DEFAULT_128
+    if kind == "dkdv" and fused and block_d <= 128:
+        return FUSED_DKDV_DEFAULT_64 if block_d <= 64 else FUSED_DKDV_DEFAULT_128
     return DEFAULT_CONFIGS[kind] if block_d <= 128 else WIDE_DEFAULT_CONFIGS[kind]
 
 

@@ -583,9 +583,19 @@ def _run_sm90(dtype: str, head_dim: int, mask: str, which: str, **env_vars: str)
     return rows
 
 
+# Spill bytes per thread allowed under a triton other than 3.6 (the GPU image's version, held
+# to zero): 3.9 allocates registers differently and spills up to 156 B in some window/sink
+# configs of NO_SPILL (see its comment); more than this would be a regression of the kernel.
+OTHER_TRITON_SPILL_BOUND = 256
+
+
 def _spilling(rows: list[dict]) -> list[str]:
+    """The rows that spill more than this triton version is allowed to (see above)."""
+    import triton
+
+    bound = 0 if triton.__version__.startswith("3.6") else OTHER_TRITON_SPILL_BOUND
     return [f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['mask']} {r['config']}: {r['regs']} registers, "
-            f"{r['spill']} B spilled" for r in rows if r["spill"]]
+            f"{r['spill']} B spilled (triton {triton.__version__})" for r in rows if (r["spill"] or 0) > bound]
 
 
 @pytest.mark.slow
