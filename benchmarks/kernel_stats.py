@@ -239,8 +239,9 @@ def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, 
                        config=ta._describe(*config) if config[0] is not None else f"warps={config[2]}",
                        default=config == default, triton=triton.__version__, arch=f"sm_{capability}")
             if kind in ta._PLAIN and dtype != torch.float32:  # what pruning assumes the kernel needs
+                extra = {"fused": True} if kind == "dkdv" and meta.get("FUSED_DQ") else {}  # older files lack it
                 row["smem_estimate"] = ta._smem_estimate(kind, config[0], config[1], config[3], meta["BLOCK_D"],
-                                                         args[0].element_size())
+                                                         args[0].element_size(), **extra)
             row.update(compile_one(ta, plain[kind], args, meta, config, capability))
             yield row
 

@@ -970,17 +970,20 @@ def _stationary_and_streamed(kind, bm, bn):
     return (bn, bm) if kind == "dkdv" else (bm, bn)
 
 
-def _smem_estimate(kind, bm, bn, stages, block_d, size):
-    """Shared memory of a 16-bit config: two streamed tiles (K, V or Q, dO) per pipeline stage
-    plus the resident tiles (Q in the forward; K, V or Q, dO in the backward kernels), and
-    up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. On sm_90 (triton 3.6 and 3.9)
-    this is exact for the forward and dQ kernels and an upper bound for dK/dV, whose small
-    query tiles the compiler does not always multi-buffer (tests/test_triton.py's slow sm_90
-    tests check both), so no config kept by pruning fails to launch."""
+def _smem_estimate(kind, bm, bn, stages, block_d, size, fused=False):
+    """Shared memory of a 16-bit config, in bytes: two streamed tiles (K, V or Q, dO) per
+    pipeline stage plus the resident tiles (Q in the forward; K, V or Q, dO in the backward
+    kernels), and up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. The fused dQ
+    (fused) adds K once more as the dS K operand, an fp32 [BLOCK_M, BLOCK_D] staging tile for
+    its atomic adds and 128 B per stage. On sm_90 (triton 3.6 and 3.9) this is exact for the forward and dQ
+    kernels and an upper bound for dK/dV (at most 2.5 KiB high from 64 KiB up;
+    tests/test_triton.py's slow sm_90 tests check both), so no config kept by pruning fails
+    to launch."""
     stay, stream = _stationary_and_streamed(kind, bm, bn)
     resident = 1 if kind == "fwd" else 2
     rows = 2048 if kind == "dkdv" else 0
-    return (2 * stages * stream + resident * stay) * block_d * size + rows
+    extra = stay * block_d * size + bm * block_d * 4 + 128 * stages if kind == "dkdv" and fused else 0
+    return (2 * stages * stream + resident * stay) * block_d * size + rows + extra
 
 
 def _prune(kind):
@@ -992,7 +995,8 @@ def _prune(kind):
         fma = size == 4 and args.get("PRECISION", "ieee") == "ieee"
         # 16-bit, D <= 128: of the candidates (_space), only the measured spill-free ones;
         # a config from elsewhere (a test's, say) was not measured and meets the other rules
-        table = NO_SPILL["dkdv_fused" if kind == "dkdv" and args.get("FUSED_DQ") else kind]
+        fused = kind == "dkdv" and bool(args.get("FUSED_DQ"))
+        table = NO_SPILL["dkdv_fused" if fused else kind]
         no_spill = set(table[64 if block_d <= 64 else 128]) if size == 2 and block_d <= 128 else None
         candidates = set(_space(kind))
         kept = []
@@ -1014,7 +1018,7 @@ def _prune(kind):
             cap = max(32, triton.next_power_of_2(n))
             if stay > max(64, cap) or stream > cap:
                 continue
-            if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size) > SMEM_LIMIT:
+            if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size, fused) > SMEM_LIMIT:
                 continue
             kept.append(c)
         if not kept:  # keep the smallest rather than nothing (spill-free where measured)

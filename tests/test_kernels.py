@@ -59,8 +59,14 @@ def mask_args(mask: str, n: int) -> tuple[bool, int | None]:
     return True, {"window1": 1, "window3": 3, "windowN": n + 5}[mask]
 
 
-def cpu_impls() -> list:
-    return [impl for name, impl in sorted(all_impls().items()) if "cpu" in impl.devices]
+def cpu_impls(triton_slow: bool = False) -> list:
+    """Every implementation that runs on the CPU. triton_slow: triton's cases are marked slow
+    (its interpreter takes seconds per case; tests/test_triton.py covers the same axes with
+    its own pairwise cases in the default suite)."""
+    impls = [impl for name, impl in sorted(all_impls().items()) if "cpu" in impl.devices]
+    if not triton_slow:
+        return impls
+    return [pytest.param(i, marks=pytest.mark.slow, id=i.name) if i.name == "triton" else i for i in impls]
 
 
 def new_seed() -> int:
@@ -92,7 +98,7 @@ def run_or_skip(impl, cell: Cell, q, k, v, causal, window, scale=None) -> torch.
         pytest.skip(str(exc))
 
 
-@pytest.mark.parametrize("impl", cpu_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("impl", cpu_impls(triton_slow=True), ids=lambda i: i.name)
 @pytest.mark.parametrize("n,d,heads,mask,dtype,b", pairwise_cases(),
                          ids=lambda x: str(x) if not isinstance(x, tuple) else f"{x[0]}/{x[1]}")
 def test_matches_reference(impl, n, d, heads, mask, dtype, b):
@@ -333,8 +339,8 @@ def test_plans_with_sinks_are_exact(n, window, sinks, block_q, block_k):
     assert _blockwise.visited_pairs(plan) <= m.visible_pairs(n) + n * block_q
 
 
-def sink_impls() -> list:
-    return [impl for impl in cpu_impls() if impl.sinks]
+def sink_impls(triton_slow: bool = False) -> list:
+    return [p for p, impl in zip(cpu_impls(triton_slow), cpu_impls()) if impl.sinks]
 
 
 def test_sinks_are_declared():
@@ -349,7 +355,7 @@ def test_sinks_are_declared():
             assert impl.sinks or "attention sinks" in reason
 
 
-@pytest.mark.parametrize("impl", sink_impls(), ids=lambda i: i.name)
+@pytest.mark.parametrize("impl", sink_impls(triton_slow=True), ids=lambda i: i.name)
 @pytest.mark.parametrize("n,window,sinks,dtype", [(1, 1, 1, "float32"), (150, 16, 4, "float32"),
                                                   (300, 40, 1, "float32"), (300, 7, 100, "float32"),
                                                   (129, 16, 4, "bfloat16"), (64, 100, 4, "float32")])

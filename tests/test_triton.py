@@ -656,9 +656,9 @@ def test_fused_backward_at_d128_compiles_for_sm90():
 def test_autotune_space_compiles_for_sm90(dtype, head_dim, mask):
     """Every config the autotuner can pick compiles and fits in shared memory; the pruning
     estimate of shared memory bounds what the compiler allocates (so no kept config fails to
-    launch), exactly for the forward and dQ kernels (so none is wrongly pruned there; dK/dV's
-    pipelining of the LSE/Delta rows, and the fused dQ's, vary, so the estimate is an upper
-    bound for it); and for D <= 128 none spills registers (see NO_SPILL and _prune)."""
+    launch), exactly for the forward and dQ kernels (so none is wrongly pruned there) and within
+    4 KiB for dK/dV from 64 KiB up (the compiler lays out its LSE/Delta rows and the fused dQ's
+    staging in varying ways); and for D <= 128 none spills registers (see NO_SPILL and _prune)."""
     rows = _run_sm90(dtype, head_dim, mask, "tuned")
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
@@ -668,5 +668,7 @@ def test_autotune_space_compiles_for_sm90(dtype, head_dim, mask):
             assert r["shared"] <= r["smem_estimate"], r
             if r["kernel"] != "dkdv":
                 assert r["shared"] == r["smem_estimate"], r
+            elif r["shared"] >= 65536:  # a close bound where SMEM_LIMIT can bind (a loose one
+                assert r["smem_estimate"] - r["shared"] <= 4096, r  # would prune usable configs)
     if head_dim <= 128:
         assert not _spilling(rows), _spilling(rows)
