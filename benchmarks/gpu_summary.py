@@ -22,8 +22,9 @@ def load(out: str) -> pd.DataFrame:
     frames = []
     for path in sorted(glob.glob(os.path.join(out, "*", "results.csv"))):
         df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        df["run"] = os.path.basename(os.path.dirname(path))
-        if df["run"].iloc[0:1].str.endswith("-fuseddq").any():
+        run = os.path.basename(os.path.dirname(path))
+        df["run"] = run
+        if run.endswith("-fuseddq"):
             # gpu_check.sh's stage with CTXBENCH_TRITON_FUSED_DQ=1: triton's other backward
             df["impl"] = df["impl"].replace({"triton": "triton_fuseddq"})
         frames.append(df)
