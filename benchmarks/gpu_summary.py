@@ -81,6 +81,12 @@ def goals(p: pd.DataFrame) -> None:
         if t and f and n >= 8192:
             print(f"causal fwd+bwd N={n}: triton (default backward) {t:.3f} ms, with dQ fused into dK/dV "
                   f"{f:.3f} ms -> the fused backward is {t / f:.2f}x as fast")
+    for n in sorted(p["n"].unique()):
+        f = lat("sdpa_flash", "causal", "fwd", n)
+        others = [(e, lat(e, "causal", "fwd", n)) for e in ("flex", "flashinfer", "xformers")]
+        if f and n >= 8192 and any(x for _, x in others):
+            print(f"causal fwd N={n}, other engines against sdpa_flash ({f:.3f} ms): "
+                  + ", ".join(f"{e} {x:.3f} ms ({f / x:.2f}x its speed)" for e, x in others if x))
     nmax = int(p["n"].max())
     for mode in ("fwd", "fwd+bwd"):
         causal, window = lat("triton", "causal", mode, nmax), lat("triton", "window", mode, nmax)

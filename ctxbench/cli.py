@@ -147,7 +147,8 @@ def list_cmd() -> None:
         table.add_column(col)
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
     for name, impl in sorted(impls.items()):
-        table.add_row(name, ",".join(sorted(impl.devices)), ",".join(short[d] for d in registry.DTYPES if d in impl.dtypes),
+        devices = ",".join(d if impl.in_default_sweep(d) else f"{d} (when named)" for d in sorted(impl.devices))
+        table.add_row(name, devices, ",".join(short[d] for d in registry.DTYPES if d in impl.dtypes),
                       ",".join(m for m in registry.MASKS if m in impl.masks),
                       ",".join(m for m in registry.MODES if m in impl.modes),
                       "yes" if impl.gqa else "no", "yes" if impl.sinks else "no", "yes" if impl.exact else "approx",

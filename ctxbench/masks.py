@@ -116,7 +116,17 @@ class Mask:
         if self.kind == "none":
             return None
         p = rows[:, None] + self.q_offset if self.q_offset else rows[:, None]
-        j = cols[None, :]
+        return self.sees(p, cols[None, :])
+
+    def sees(self, p, j):
+        """Whether the query at position p sees the key at position j, elementwise: p and j are
+        integer tensors of broadcastable shapes (or ints; positions, not rows: p = q_offset + row).
+
+        The rule itself, stated once: visible() calls it on a grid, FlexAttention's mask_mod
+        (kernels/flex.py) on the indices flex_attention traces it with.
+        """
+        if self.kind == "none":
+            return j >= 0  # every position is visible
         ok = j <= p
         if self.window is not None:
             band = j > p - self.window

@@ -1,8 +1,11 @@
-"""Measurement of one cell inside a worker: error check, peak memory, latency.
+"""Measurement of one cell inside a worker: setup, first call, error check, peak memory, latency.
 
-Order matters: the error check and memory run come first (one call each) so that an
-implementation that is wrong or runs out of memory is found before the timing loop, and
-the timing loop runs on a warmed-up implementation. Every number in a CSV row that is
+Order matters. The implementation's setup step (per-shape work: masks, plans, block masks)
+is timed alone (setup_ms); then its first call (compilation, autotuning and lazy caches
+happen there: first_call_ms), so that neither lands in latency_ms or in the memory reading.
+The error check and memory run come next (one call each) so that an implementation that is
+wrong or runs out of memory is found before the timing loop, and the timing loop runs on a
+warmed-up implementation. Every number in a CSV row that is
 measured (not configured) is produced by `measure_cell` below.
 """
 
@@ -19,7 +22,7 @@ from ctxbench.flops import attention_flops, device_peak_tflops
 from ctxbench.plan import Cell, Settings
 from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.reference import TOLERANCE, errors, reference_attention, sample_rows
-from ctxbench.registry import Impl
+from ctxbench.registry import Impl, Runner
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Gradients are checked only up to this length: the float64 reference backward is O(N^2).
@@ -45,25 +48,24 @@ def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tenso
     return q, k, v, dout
 
 
-def make_step(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def make_step(run: Runner, mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               dout: torch.Tensor) -> Callable[[], Any]:
-    """The function the timing loop calls for the cell's mode.
+    """The function the timing loop calls for the cell's mode, around the prepared run(q, k, v).
 
     bwd times only the backward: one forward is kept and its graph retained, and the
     gradients are dropped before each call so accumulation is not timed.
     """
-    mask = cell.attention_mask
-    if cell.mode == "fwd":
+    if mode == "fwd":
         def fwd() -> torch.Tensor:
             with torch.no_grad():
-                return impl.call(q, k, v, mask)
+                return run(q, k, v)
         return fwd
-    if cell.mode == "fwd+bwd":
+    if mode == "fwd+bwd":
         def fwd_bwd() -> None:
             q.grad = k.grad = v.grad = None
-            impl.call(q, k, v, mask).backward(dout)
+            run(q, k, v).backward(dout)
         return fwd_bwd
-    out = impl.call(q, k, v, mask)
+    out = run(q, k, v)
 
     def bwd() -> None:
         q.grad = k.grad = v.grad = None
@@ -124,16 +126,21 @@ def repeats(estimate_ms: float, s: Settings) -> int:
     return int(min(s.max_repeats, max(s.min_repeats, math.ceil(s.rep_ms / max(estimate_ms, 1e-3)))))
 
 
-def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
-    """Warm up for s.warmup_ms (at least one call), then time repeats with perf_counter (ms)."""
+def time_cpu(step: Callable[[], Any], s: Settings, warmed_ms: float = 0.0) -> dict[str, Any]:
+    """Warm up until s.warmup_ms (ms) have been spent, then time repeats with perf_counter (ms).
+
+    warmed_ms: time (ms) the same step has already run in this cell (the memory run), which
+    counts towards the warm-up; with none, at least one warm-up call is made.
+    """
     warm: list[float] = []
     start = time.perf_counter()
-    while not warm or ((time.perf_counter() - start) * 1e3 < s.warmup_ms and len(warm) < 20):
+    while (not warm and warmed_ms <= 0) or (
+            warmed_ms + (time.perf_counter() - start) * 1e3 < s.warmup_ms and len(warm) < 20):
         t0 = time.perf_counter()
         step()
         warm.append((time.perf_counter() - t0) * 1e3)
     samples = []
-    for _ in range(repeats(min(warm), s)):
+    for _ in range(repeats(min(warm) if warm else warmed_ms, s)):
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -141,9 +148,10 @@ def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
 
 
 def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
-    """CUDA events around each call, with L2 flushed before each (as triton.testing.do_bench)."""
+    """CUDA events around each call, with L2 flushed before each (as triton.testing.do_bench).
+    The step has had its first call already (measure_cell): compilation and autotuning are
+    never in these timings."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
-    step()  # first call: compilation and autotuning happen here, never in timed runs
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     n_warm = 0
@@ -162,6 +170,51 @@ def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
         ends[i].record()
     torch.cuda.synchronize()
     return quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+
+# ---------------------------------------------------------------- setup and first call
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _held_bytes(device: str) -> int | None:
+    """Bytes this process holds now: allocated CUDA memory, or the resident set on the CPU."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    kib = status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def timed_prepare(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[Runner, dict[str, Any]]:
+    """Run the implementation's setup step alone: (run, {setup_ms, setup_mem_bytes}).
+
+    setup_ms: wall time of the setup step (ms; 0 for a plain function, which has none).
+    setup_mem_bytes: what the setup step keeps allocated for the calls (bytes: CUDA memory
+    allocated, or resident-set growth on the CPU, which also counts code and caches it loads).
+    """
+    gc.collect()
+    _sync(cell.device)
+    before = _held_bytes(cell.device)
+    t0 = time.perf_counter()
+    run = impl.prepare(q, k, v, cell.attention_mask)
+    _sync(cell.device)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    after = _held_bytes(cell.device)
+    held = None if before is None or after is None else max(0, after - before)
+    return run, {"setup_ms": setup_ms if impl.setup else 0.0, "setup_mem_bytes": held if impl.setup else 0}
+
+
+def timed_first_call(once: Callable[[], Any], device: str) -> float:
+    """Wall time (ms) of the first call, where JIT compilation (torch.compile, Triton),
+    autotuning and lazily built caches happen; first_call_ms - latency_ms is their cost."""
+    _sync(device)
+    t0 = time.perf_counter()
+    once()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 # ---------------------------------------------------------------- the cell
@@ -184,11 +237,12 @@ def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: to
             "out_dtype_ok": out.dtype == q.dtype}
 
 
-def check_grads(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def check_grads(run: Runner, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 dout: torch.Tensor) -> float:
-    """Relative L2 error of (dq, dk, dv) against float64 autograd of the reference."""
+    """Relative L2 error of (dq, dk, dv) from the prepared run(q, k, v) against float64
+    autograd of the reference."""
     q.grad = k.grad = v.grad = None
-    impl.call(q, k, v, cell.attention_mask).backward(dout)
+    run(q, k, v).backward(dout)
     got = [t.grad.double().flatten() for t in (q, k, v)]
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref = reference_attention(q64, k64, v64, cell.attention_mask)
@@ -235,35 +289,39 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
     needs_grad = cell.mode != "fwd"
     q, k, v, dout = make_inputs(cell, s.seed, needs_grad)
-    mask = cell.attention_mask
+    run, row = timed_prepare(impl, cell, q, k, v)
 
     def once() -> torch.Tensor:
         if needs_grad:
             q.grad = k.grad = v.grad = None
-            out = impl.call(q, k, v, mask)
+            out = run(q, k, v)
             out.backward(dout)
             return out.detach()
         with torch.no_grad():
-            return impl.call(q, k, v, mask)
+            return run(q, k, v)
 
-    if cell.device == "cuda":
-        # Compilation and autotuning (which allocate benchmark buffers of their own) happen
-        # on the first call: keep them out of the memory reading as well as the timings.
-        once()
-        torch.cuda.synchronize()
+    # Compilation and autotuning (which allocate benchmark buffers of their own) happen on
+    # the first call: keep them out of the memory reading as well as the timings.
+    row["first_call_ms"] = timed_first_call(once, cell.device)
+    t0 = time.perf_counter()
     mem_bytes, mem_method, out = peak_memory(once, cell.device)
-    row: dict[str, Any] = {"peak_mem_bytes": mem_bytes, "mem_method": mem_method}
+    mem_call_ms = (time.perf_counter() - t0) * 1e3
+    row.update({"peak_mem_bytes": mem_bytes, "mem_method": mem_method})
     row.update(check_output(impl, cell, q, k, v, out, s))
     del out
     dtype_ok = row.pop("out_dtype_ok")
     if needs_grad and cell.n <= GRAD_CHECK_MAX_LEN:
-        row["grad_err_rel_l2"] = check_grads(impl, cell, q, k, v, dout)
+        row["grad_err_rel_l2"] = check_grads(run, cell, q, k, v, dout)
     status, message = verdict(row["err_rel_l2"], row["err_tolerance"], cell.dtype, dtype_ok,
                               grad_err=row.get("grad_err_rel_l2"))
     gc.collect()
 
-    step = make_step(impl, cell, q, k, v, dout)
-    timing = time_cuda(step, s) if cell.device == "cuda" else time_cpu(step, s)
+    step = make_step(run, cell.mode, q, k, v, dout)
+    if cell.device == "cuda":
+        timing = time_cuda(step, s)
+    else:
+        # the memory run was this very step in fwd and fwd+bwd: it counts as warm-up
+        timing = time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0)
     row.update(timing)
     row.update(throughput(cell, timing["latency_ms"]))
     row["status"], row["message"] = status, message

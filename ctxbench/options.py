@@ -212,7 +212,8 @@ def validate_impls(names: list[str], specs: list[str]) -> list[str]:
 
 def resolve_impls(names: list[str], specs: list[str], config: Config, world: int = 1) -> list[str]:
     """The implementations to sweep: named ones, --impl specs, or every one that declares
-    support for `config` (distributed ones only under torchrun, where they run alone)."""
+    support for `config` and is in the default sweep of its device (distributed ones only
+    under torchrun, where they run alone)."""
     from ctxbench import registry
 
     chosen = validate_impls(names, specs)
@@ -221,7 +222,8 @@ def resolve_impls(names: list[str], specs: list[str], config: Config, world: int
         # limit) still yields rows saying why, which is worth seeing.
         probe = Cell.of(config, "", 1)
         chosen = [name for name, impl in registry.all_impls().items()
-                  if impl.declared_reason(probe) is None and impl.distributed == (world > 1)]
+                  if impl.declared_reason(probe) is None and impl.distributed == (world > 1)
+                  and impl.in_default_sweep(config.device)]
         if not chosen:
             fail(f"no registered implementation supports this configuration ({config.device}, {config.dtype}, "
                  f"mask={config.mask}); see `ctxbench list`")

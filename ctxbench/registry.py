@@ -14,6 +14,19 @@ Every implementation follows one contract::
 * scale defaults to 1/sqrt(D); softmax statistics are kept in fp32 whatever the dtype.
 * out is [B, Hq, N, D] in q's dtype.
 
+Work done once per shape (a block mask, a plan, a mask tensor, a page table) stays out of the
+timed call with a setup step, in the spirit of tritonbench's backends: declare ``setup=True``
+and the function becomes the setup step. It takes the same arguments once per cell and
+returns the function to time, called as ``run(q, k, v)`` with tensors of the shapes, dtypes
+and device it was prepared for (their values may change, e.g. from layer to layer)::
+
+    @register("mine", setup=True)
+    def mine(q, k, v, *, causal, window, scale):
+        bias = build_bias(q.shape[-2], causal, window)      # once: recorded as setup_ms
+        return lambda q, k, v: my_kernel(q, k, v, bias, scale)   # timed: latency_ms
+
+Plain functions (``setup=False``, the default) are called directly and need nothing else.
+
 Implementations declare what they can do with ``@register``; the harness never asks one
 for anything it has not declared (such a cell is recorded as ``unsupported``). Users add
 their own without editing ctxbench: ``--impl package.module:function`` on the command line
@@ -44,6 +57,8 @@ MASKS = ("none", "causal", "window")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 AttentionFn = Callable[..., Any]
+# What a setup step returns and the harness times: run(q, k, v) -> out.
+Runner = Callable[[Any, Any, Any], Any]
 
 
 class Unsupported(Exception):
@@ -75,6 +90,11 @@ class Impl:
     # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
     # its shard of the sequence (ctxbench.sharded measures such cells; launch with torchrun).
     distributed: bool = False
+    # Whether fn is a setup step that returns the function to time (see the module docstring).
+    setup: bool = False
+    # Devices on which a sweep that names no implementation includes it (None: every device it
+    # declares); elsewhere it runs only when named (--impls), e.g. where it is impractically slow.
+    default_devices: frozenset[str] | None = None
     description: str = ""
     source: str = ""
     # Optional run-time checks: check(cell) -> None when the cell can run, else the reason.
@@ -83,17 +103,39 @@ class Impl:
     info: Callable[[], dict] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
 
-    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
-             scale: float | None = None) -> Any:
-        """Run the implementation under `mask` (ctxbench.masks.Mask), through the contract above.
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
+                scale: float | None = None) -> Runner:
+        """The function to time for these shapes under `mask` (ctxbench.masks.Mask): run(q, k, v).
 
-        The mask's offset is not an argument of the contract: bottom-right alignment fixes it
-        at Lk - Lq, so a mask that says otherwise is refused rather than silently ignored.
+        A setup implementation does its per-shape work here (the harness records its cost as
+        setup_ms); a plain one is only bound to its arguments. The mask's offset is not an
+        argument of the contract: bottom-right alignment fixes it at Lk - Lq, so a mask that
+        says otherwise is refused rather than silently ignored.
         """
         if mask.q_offset != k.shape[-2] - q.shape[-2]:
             raise ValueError(f"{mask.describe()} does not match {q.shape[-2]} queries against {k.shape[-2]} keys "
                              "(queries are aligned to the last keys: q_offset must be Lk - Lq)")
-        return self.fn(q, k, v, scale=scale, **mask.contract_kwargs())
+        kwargs = mask.contract_kwargs()
+        fn = self.fn
+        if self.setup:
+            run = fn(q, k, v, scale=scale, **kwargs)
+            if not callable(run):
+                raise TypeError(f"{self.name} declares setup=True but its setup step returned "
+                                f"{type(run).__name__}, not the function to time (run(q, k, v) -> out)")
+            return run
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+            return fn(q, k, v, scale=scale, **kwargs)
+        return run
+
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
+             scale: float | None = None) -> Any:
+        """Run the implementation once under `mask`: its setup (if any), then the call."""
+        return self.prepare(q, k, v, mask, scale)(q, k, v)
+
+    def in_default_sweep(self, device: str) -> bool:
+        """Whether a sweep on `device` that names no implementation includes this one."""
+        return device in self.devices and (self.default_devices is None or device in self.default_devices)
 
     def unsupported_reason(self, cell: Any) -> str | None:
         """Why this implementation can't run `cell` (a ctxbench.plan.Cell), or None if it can:
@@ -139,6 +181,8 @@ def register(
     exact: bool = True,
     sinks: bool = False,
     distributed: bool = False,
+    setup: bool = False,
+    default_devices: Iterable[str] | None = None,
     description: str = "",
     check: Callable[[Any], str | None] | None = None,
     info: Callable[[], dict] | None = None,
@@ -147,6 +191,10 @@ def register(
 
     >>> @register("mine", devices=["cpu"], masks=["none", "causal"])
     ... def mine(q, k, v, *, causal, window, scale): ...
+
+    setup=True: the function is a setup step returning run(q, k, v) (see the module docstring).
+    default_devices: where a sweep naming no implementation includes it (default: every device
+    it declares); on its other devices it runs only when named.
     """
     for label, values, allowed in (("devices", devices, DEVICES), ("dtypes", dtypes, DTYPES),
                                    ("masks", masks, MASKS), ("modes", modes, MODES)):
@@ -158,7 +206,8 @@ def register(
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
             masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
-            distributed=distributed, description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
+            distributed=distributed, setup=setup,
+            default_devices=None if default_devices is None else frozenset(default_devices), description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )
         _REGISTRY[name] = impl

@@ -39,6 +39,8 @@ KERNEL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("latency (median)", "latency_ms", human_ms),
     ("TFLOP/s at the median latency", "tflops", lambda x: f"{x:.3g}"),
     ("peak memory above the inputs", "peak_mem_bytes", human_bytes),
+    ("setup step, once per cell (not in the latency)", "setup_ms", human_ms),
+    ("first call: compilation, autotuning (not in the latency)", "first_call_ms", human_ms),
     ("relative L2 error vs float64", "err_rel_l2", lambda x: f"{x:.1e}"),
     ("status", "status", str),
 )

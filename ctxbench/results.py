@@ -25,6 +25,8 @@ KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme":
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
     "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
+    "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
+    "first_call_ms",                                   # ms; compilation and autotuning happen in it
     "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
     "peak_mem_bytes", "mem_method",                    # bytes above the inputs; how it was read
     "err_rel_l2", "err_max_abs", "err_rows", "err_tolerance", "grad_err_rel_l2",

@@ -95,9 +95,11 @@ def measure_sharded_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
 
     mask = cell.attention_mask  # of the global sequence; the implementation applies it to its shard
 
+    run = impl.prepare(ql, kl, vl, mask)
+
     def once() -> torch.Tensor:
         with torch.no_grad():
-            return impl.call(ql, kl, vl, mask)
+            return run(ql, kl, vl)
 
     out = once()
     expected = (cell.batch, cell.heads, hi - lo, cell.head_dim)

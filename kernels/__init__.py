@@ -3,4 +3,15 @@
 Importing this package registers every built-in with ctxbench.registry.
 """
 
-from ctxbench.kernels import chunked, flash_attn, naive, ring_attention, sdpa, sliding_window, triton_attention  # noqa: F401
+from ctxbench.kernels import (  # noqa: F401
+    chunked,
+    flash_attn,
+    flashinfer_attention,
+    flex,
+    naive,
+    ring_attention,
+    sdpa,
+    sliding_window,
+    triton_attention,
+    xformers_attention,
+)

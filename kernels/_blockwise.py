@@ -76,34 +76,35 @@ def visited_pairs(plan: list[QueryBlock], rows_per_position: int = 1) -> int:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock], *,
-              mask: Mask, scale: float | None) -> torch.Tensor:
+              mask: Mask, scale: float | None, bias: MaskBias | None = None) -> torch.Tensor:
     """Exact attention over the tiles of `plan`; q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
 
     The plan must cover every pair `mask` makes visible exactly once per query block; hidden
-    pairs inside a tile marked `masked` are removed here (Mask.visible).
+    pairs inside a tile marked `masked` are removed here (Mask.visible), with `bias` when a
+    setup step built it (MaskBias.for_plan), else with biases built during this call.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _Attention.apply(q, k, v, plan, mask, scale)
+    return _Attention.apply(q, k, v, plan, mask, scale, MaskBias(mask, q.device) if bias is None else bias)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, mask, scale):  # type: ignore[override]
-        out, lse = _forward(q, k, v, plan, mask, scale)
+    def forward(ctx, q, k, v, plan, mask, scale, bias):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, bias, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.mask, ctx.scale = plan, mask, scale
+        ctx.plan, ctx.bias, ctx.scale = plan, bias, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.plan, ctx.mask, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.plan, ctx.bias, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
-class _MaskBias:
-    """Additive masks (0 where visible, -inf where hidden) for the masked tiles of one call.
+class MaskBias:
+    """Additive masks (0 where visible, -inf where hidden) for the masked tiles of a plan.
 
     A tile's mask depends only on its shape and on the offset between its first query and
     first key, so a plan's edge tiles share a handful of masks: build each once, and apply
@@ -113,6 +114,16 @@ class _MaskBias:
     def __init__(self, mask: Mask, device: torch.device) -> None:
         self.mask, self.device = mask, device
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @classmethod
+    def for_plan(cls, plan: list[QueryBlock], mask: Mask, device: torch.device) -> "MaskBias":
+        """Every masked tile's bias built now (a setup step's work), none left for the calls."""
+        bias = cls(mask, device)
+        for blk in plan:
+            for tile in blk.tiles:
+                if tile.masked:
+                    bias(blk.start, blk.end, tile)
+        return bias
 
     def __call__(self, q_start: int, q_end: int, tile: Tile) -> torch.Tensor:
         """Float32 [rows, keys] bias for queries [q_start, q_end) against the tile's keys."""
@@ -131,7 +142,7 @@ class _MaskBias:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock],
-             mask: Mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             mask_bias: MaskBias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, N, D] in q's dtype, lse [B, Hkv, group, N] fp32: log2 of each row's
     softmax denominator in the base-2 units of the scaled scores, for the backward pass)."""
     B, Hq, N, D = q.shape
@@ -146,7 +157,6 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[Query
     out = torch.empty(B, Hkv, G, N, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
     qscale = scale * LOG2E
-    mask_bias = _MaskBias(mask, q.device)
     # One flat buffer reused for every score tile: allocating a fresh multi-MB tile per step
     # costs page faults on the CPU allocator.
     max_tile = max((G * (b.end - b.start) * (t.end - t.start) for b in plan for t in b.tiles), default=0)
@@ -178,7 +188,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[Query
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-              dout: torch.Tensor, plan: list[QueryBlock], mask: Mask,
+              dout: torch.Tensor, plan: list[QueryBlock], mask_bias: MaskBias,
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention's backward: recompute P per tile from lse, accumulate dQ, dK, dV in fp32."""
     B, Hq, N, D = q.shape
@@ -194,7 +204,6 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     dk = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
     qscale = scale * LOG2E
-    mask_bias = _MaskBias(mask, q.device)
     for blk in plan:
         nq = blk.end - blk.start
         R = G * nq

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, sink_tiles
+from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles
 from ctxbench.masks import Mask
-from ctxbench.registry import register
+from ctxbench.registry import Runner, register
 
 # Score-tile budget in fp32 elements for all (batch, head) pairs together: 1M elements =
 # 4 MiB, the two cores' L2 caches here. Tuned on a 2-core AVX-512 CPU (see
@@ -73,12 +73,16 @@ def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
     return blocks
 
 
-@register("chunked", sinks=True,
+@register("chunked", sinks=True, setup=True,
           description="blockwise online softmax (FlashAttention in PyTorch); O(N*block) memory")
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-            window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
-    """Exact attention over query blocks x key blocks; q [B, Hq, N, D], k/v [B, Hkv, N, D]."""
+            window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
+    """Exact attention over query blocks x key blocks; q [B, Hq, N, D], k/v [B, Hkv, N, D].
+
+    Setup: the block plan and the edge tiles' masks, once per shape."""
     mask = Mask.of(causal, window, sinks)
     B, Hq, N, _ = q.shape
     block_q, block_k = block_sizes(N, B * Hq)
-    return attention(q, k, v, plan(N, mask, block_q, block_k), mask=mask, scale=scale)
+    blocks = plan(N, mask, block_q, block_k)
+    bias = MaskBias.for_plan(blocks, mask, q.device)
+    return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)

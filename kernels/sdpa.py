@@ -4,6 +4,10 @@
 (`sdpa_flash`, `sdpa_efficient`, `sdpa_cudnn`, `sdpa_math`), pinned with
 torch.nn.attention.sdpa_kernel: a backend that refuses a shape raises Unsupported, and the
 cell is recorded as unsupported instead of silently running on another backend.
+
+Every one is a setup implementation (ctxbench.registry): SDPA has no window argument, so a
+window (and its sink columns) goes in as an Lq x Lk boolean mask, which the setup step builds
+once per cell instead of on every timed call.
 """
 
 from __future__ import annotations
@@ -13,41 +17,48 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ctxbench.masks import Mask
-from ctxbench.registry import Unsupported, register
+from ctxbench.registry import Runner, Unsupported, register
 
 
-def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> torch.Tensor:
+def _prepare(q: torch.Tensor, k: torch.Tensor, mask: Mask, scale: float | None,
+             backend: SDPBackend | None = None) -> Runner:
+    """run(q, k, v) calling SDPA under `mask`, pinned to `backend` when one is given."""
     gqa = q.shape[1] != k.shape[1]
     # SDPA's is_causal aligns queries top-left, ours bottom-right: the same only at offset 0.
     if mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=gqa)
-    # SDPA has no window argument: the band (and the sink columns) go in as a boolean mask
-    # (Lq x Lk bytes, shared by every batch and head), which also rules out the flash and
-    # cudnn backends.
-    ok = mask.visible(torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=scale, enable_gqa=gqa)
+        kwargs = {"is_causal": mask.causal}
+    else:
+        # The band (and the sink columns) as a boolean mask: Lq x Lk bytes, shared by every
+        # batch and head, and what rules out the flash and cudnn backends.
+        rows, cols = torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device)
+        kwargs = {"attn_mask": mask.visible(rows, cols)}
 
-
-@register("sdpa", sinks=True, description="torch SDPA, backend chosen by PyTorch")
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-         window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
-    """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
-    return _call(q, k, v, Mask.of(causal, window, sinks), scale)
-
-
-def _pinned(backend: SDPBackend):
-    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-             window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
-        mask = Mask.of(causal, window, sinks)
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **kwargs)
         try:
             with sdpa_kernel([backend]):
-                return _call(q, k, v, mask, scale)
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **kwargs)
         except RuntimeError as exc:
             # PyTorch says "No available kernel" (with the reasons as warnings) when the
             # pinned backend rejects the inputs.
             if "No available kernel" in str(exc):
                 raise Unsupported(f"SDPA backend {backend.name} refused this shape/dtype/mask") from exc
             raise
+    return run
+
+
+@register("sdpa", sinks=True, setup=True, description="torch SDPA, backend chosen by PyTorch")
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+         window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
+    """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
+    return _prepare(q, k, Mask.of(causal, window, sinks, k.shape[-2] - q.shape[-2]), scale)
+
+
+def _pinned(backend: SDPBackend):
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+             window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
+        return _prepare(q, k, Mask.of(causal, window, sinks, k.shape[-2] - q.shape[-2]), scale, backend)
     attn.__name__ = attn.__qualname__ = f"sdpa_{backend.name.lower()}"
     return attn
 
@@ -60,5 +71,5 @@ _BACKENDS = {
 }
 
 for _name, (_backend, _dtypes, _masks) in _BACKENDS.items():
-    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks, sinks="window" in _masks,
+    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks, sinks="window" in _masks, setup=True,
              description=f"torch SDPA pinned to the {_backend.name} backend")(_pinned(_backend))

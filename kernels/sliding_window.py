@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import QueryBlock, Tile, attention, sink_tiles
+from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles
 from ctxbench.masks import Mask
-from ctxbench.registry import register
+from ctxbench.registry import Runner, register
 
 # fp32 elements of one score tile for all (batch, head) pairs: 4 MiB, the L2 caches of the
 # CPU this was tuned on (as in chunked).
@@ -72,14 +72,18 @@ def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
     return blocks
 
 
-@register("sliding_window", masks=["window"], sinks=True,
+@register("sliding_window", masks=["window"], sinks=True, setup=True,
           description="computes only the W-wide band of keys per query block (plus sinks); O(N*W) time and memory")
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
-    """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required."""
+                   window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
+    """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required.
+
+    Setup: the band's tile plan and the edge tiles' masks, once per shape."""
     mask = Mask.of(causal, window, sinks)
     if mask.window is None:
         raise ValueError("sliding_window needs a window (it declares masks=['window'] only)")
     B, Hq, N, _ = q.shape
     block_q, block_k = block_sizes(N, mask.window, B * Hq)
-    return attention(q, k, v, plan(N, mask, block_q, block_k), mask=mask, scale=scale)
+    blocks = plan(N, mask, block_q, block_k)
+    bias = MaskBias.for_plan(blocks, mask, q.device)
+    return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)

@@ -20,7 +20,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert lines[0].startswith("gpu_check estimate: compiling the ") and "kernels it launches" in lines[0], lines
     stages = [ln.split(":")[0].removeprefix("== ") for ln in lines[1:-1]]
     assert stages == ["causal-fwd-long", "check1", "check2", "check3", "check4", "causal-fwdbwd-long",
-                      "window-fwd-long", "window-fwdbwd-long", "causal-fwdbwd-long-fuseddq", "causal-fwd-short",
+                      "engines-check", "engines-fwd-long", "window-fwd-long", "window-fwdbwd-long", "causal-fwdbwd-long-fuseddq", "causal-fwd-short",
                       "math"], lines
     assert all(" s since start" in ln for ln in lines[1:-1]), lines
     # The last dry-run stage cannot finish within its budget: it is stopped, and says so,
@@ -33,7 +33,15 @@ def test_gpu_check_dry_run(tmp_path):
     # Every implementation that ran a check agreed with the float64 reference.
     assert set(checks["status"]) <= {"ok", "unsupported"}, checks[["impl", "status", "message"]]
     assert {"triton", "chunked", "naive", "sdpa", "sliding_window"} <= set(checks[checks["status"] == "ok"]["impl"])
-    perf = df[~df["run"].str.startswith("check")]
+    # flex, flashinfer and xformers have stages of their own: on the CPU flashinfer and xformers are
+    # unsupported (CUDA only) and flex runs forward only, compiled
+    engines = df[df["run"].str.startswith("engines")]
+    assert set(engines[engines["impl"].isin(["flashinfer", "xformers"])]["status"]) == {"unsupported"}
+    flex = engines[engines["impl"] == "flex"].set_index("mode")
+    assert flex.loc["fwd+bwd", "status"] == "unsupported" and "forward-only" in flex.loc["fwd+bwd", "message"]
+    assert set(engines[(engines["impl"] == "flex") & (engines["mode"] == "fwd")]["status"]) == {"ok"}
+    assert "flex" not in set(checks["impl"])
+    perf = df[~df["run"].str.startswith(("check", "engines"))]
     assert set(perf["mode"]) == {"fwd", "fwd+bwd"} and set(perf["mask"]) == {"causal", "window"}
     assert (perf[perf["impl"] == "triton"]["status"] == "ok").all()
     assert (perf[perf["impl"] == "triton_fuseddq"]["status"] == "ok").all() and "triton_fuseddq" in set(perf["impl"])

@@ -59,14 +59,18 @@ def mask_args(mask: str, n: int) -> tuple[bool, int | None]:
     return True, {"window1": 1, "window3": 3, "windowN": n + 5}[mask]
 
 
-def cpu_impls(triton_slow: bool = False) -> list:
-    """Every implementation that runs on the CPU. triton_slow: triton's cases are marked slow
-    (its interpreter takes seconds per case; tests/test_triton.py covers the same axes with
-    its own pairwise cases in the default suite)."""
+# Implementations whose every case costs seconds here, with the tests that cover them by default.
+SLOW_ON_CPU = {"triton": "its interpreter; tests/test_triton.py has pairwise cases of its own",
+               "flex": "torch.compile per shape and mask; tests/test_flex.py"}
+
+
+def cpu_impls(compiled_slow: bool = False) -> list:
+    """Every implementation that runs on the CPU. compiled_slow: the cases of SLOW_ON_CPU's
+    implementations are marked slow (`pytest -m slow` runs them)."""
     impls = [impl for name, impl in sorted(all_impls().items()) if "cpu" in impl.devices]
-    if not triton_slow:
+    if not compiled_slow:
         return impls
-    return [pytest.param(i, marks=pytest.mark.slow, id=i.name) if i.name == "triton" else i for i in impls]
+    return [pytest.param(i, marks=pytest.mark.slow, id=i.name) if i.name in SLOW_ON_CPU else i for i in impls]
 
 
 def new_seed() -> int:
@@ -93,12 +97,12 @@ def run_or_skip(impl, cell: Cell, q, k, v, causal, window, scale=None) -> torch.
     if reason is not None:
         pytest.skip(reason)
     try:
-        return impl.fn(q, k, v, causal=causal, window=window, scale=scale)
+        return impl.call(q, k, v, Mask.of(causal, window), scale)
     except Unsupported as exc:
         pytest.skip(str(exc))
 
 
-@pytest.mark.parametrize("impl", cpu_impls(triton_slow=True), ids=lambda i: i.name)
+@pytest.mark.parametrize("impl", cpu_impls(compiled_slow=True), ids=lambda i: i.name)
 @pytest.mark.parametrize("n,d,heads,mask,dtype,b", pairwise_cases(),
                          ids=lambda x: str(x) if not isinstance(x, tuple) else f"{x[0]}/{x[1]}")
 def test_matches_reference(impl, n, d, heads, mask, dtype, b):
@@ -229,7 +233,7 @@ def test_sliding_window_work_is_linear_in_n_times_w(monkeypatch):
     work = {}
     for n in (2048, 4096):
         q, k, v = random_qkv(new_seed(), 1, 1, 1, n, 16, torch.float32)
-        sliding_mod.sliding_window(q, k, v, causal=True, window=w, scale=None)
+        all_impls()["sliding_window"].call(q, k, v, Mask("window", w))
         block_q, _ = sliding_mod.block_sizes(n, w, 1)
         work[n] = _blockwise.visited_pairs(plans[-1])
         assert Mask("window", w).visible_pairs(n) <= work[n] <= n * (w + block_q)
@@ -271,12 +275,12 @@ def test_chunked_memory_is_not_quadratic():
     q, k, v = random_qkv(new_seed(), 1, 1, 1, n, d, torch.float32)
     quadratic = n * n * 4  # one fp32 score matrix: 256 MiB
     try:
-        naive_growth = _peak_rss_growth(lambda: all_impls()["naive"].fn(q, k, v, causal=True, window=None))
+        naive_growth = _peak_rss_growth(lambda: all_impls()["naive"].call(q, k, v, Mask("causal")))
     except OSError as exc:  # clear_refs not writable in this sandbox
         pytest.skip(f"cannot reset VmHWM: {exc}")
     # The measurement must be able to see an N x N allocation at all, or the check below is moot.
     assert naive_growth >= quadratic / 2, f"measurement broken: naive grew only {naive_growth / 2**20:.0f} MiB"
-    growth = _peak_rss_growth(lambda: chunked_mod.chunked(q, k, v, causal=True, window=None))
+    growth = _peak_rss_growth(lambda: all_impls()["chunked"].call(q, k, v, Mask("causal")))
     assert growth < quadratic / 16, f"chunked peak grew {growth / 2**20:.1f} MiB at N={n}"
 
 
@@ -295,7 +299,7 @@ def test_gradients_match_float64_autograd(name, n, mask):
     q, k, v = random_qkv(seed, 2, 4, 2, n, 24, torch.float32, q_scale=2.0)
     dout = torch.randn(2, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    impl.fn(*leaves, causal=causal, window=window, scale=None).backward(dout)
+    impl.call(*leaves, Mask.of(causal, window)).backward(dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     reference_attention(*ref_leaves, Mask.of(causal, window)).backward(dout.double())
     for label, got, want in zip("qkv", leaves, ref_leaves):
@@ -305,7 +309,7 @@ def test_gradients_match_float64_autograd(name, n, mask):
 
 def test_gradients_in_bfloat16_have_input_dtype():
     q, k, v = (t.requires_grad_() for t in random_qkv(new_seed(), 1, 2, 1, 50, 16, torch.bfloat16))
-    chunked_mod.chunked(q, k, v, causal=True, window=None).float().sum().backward()
+    all_impls()["chunked"].call(q, k, v, Mask("causal")).float().sum().backward()
     assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
@@ -313,14 +317,14 @@ def test_gradients_in_bfloat16_have_input_dtype():
 def test_sliding_window_refuses_a_missing_window():
     q, k, v = random_qkv(new_seed(), 1, 1, 1, 8, 8, torch.float32)
     with pytest.raises(ValueError):
-        sliding_mod.sliding_window(q, k, v, causal=True, window=None)
+        all_impls()["sliding_window"].call(q, k, v, Mask("causal"))
     assert all_impls()["sliding_window"].masks == frozenset({"window"})
 
 
 def test_scale_default_is_inverse_sqrt_d():
     q, k, v = random_qkv(new_seed(), 1, 2, 2, 20, 36, torch.float32)
-    a = chunked_mod.chunked(q, k, v, causal=False, window=None)
-    b = chunked_mod.chunked(q, k, v, causal=False, window=None, scale=1 / math.sqrt(36))
+    a = all_impls()["chunked"].call(q, k, v, Mask("none"))
+    b = all_impls()["chunked"].call(q, k, v, Mask("none"), 1 / math.sqrt(36))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -339,8 +343,8 @@ def test_plans_with_sinks_are_exact(n, window, sinks, block_q, block_k):
     assert _blockwise.visited_pairs(plan) <= m.visible_pairs(n) + n * block_q
 
 
-def sink_impls(triton_slow: bool = False) -> list:
-    return [p for p, impl in zip(cpu_impls(triton_slow), cpu_impls()) if impl.sinks]
+def sink_impls(compiled_slow: bool = False) -> list:
+    return [p for p, impl in zip(cpu_impls(compiled_slow), cpu_impls()) if impl.sinks]
 
 
 def test_sinks_are_declared():
@@ -355,7 +359,7 @@ def test_sinks_are_declared():
             assert impl.sinks or "attention sinks" in reason
 
 
-@pytest.mark.parametrize("impl", sink_impls(triton_slow=True), ids=lambda i: i.name)
+@pytest.mark.parametrize("impl", sink_impls(compiled_slow=True), ids=lambda i: i.name)
 @pytest.mark.parametrize("n,window,sinks,dtype", [(1, 1, 1, "float32"), (150, 16, 4, "float32"),
                                                   (300, 40, 1, "float32"), (300, 7, 100, "float32"),
                                                   (129, 16, 4, "bfloat16"), (64, 100, 4, "float32")])
@@ -363,7 +367,7 @@ def test_sinks_match_reference(impl, n, window, sinks, dtype):
     hq, hkv, d = 4, 2, 32
     seed = new_seed()
     q, k, v = random_qkv(seed, 2, hq, hkv, n, d, DTYPES[dtype], q_scale=3.0)
-    out = impl.fn(q, k, v, causal=True, window=window, scale=None, sinks=sinks)
+    out = impl.call(q, k, v, Mask("window", window, sinks))
     ref = reference_attention(q, k, v, Mask("window", window, sinks))
     rel, _ = errors(out, ref)
     assert rel <= TOLERANCE[dtype], f"{impl.name} seed={seed} N={n} W={window} S={sinks} {dtype}: {rel:.2e}"
@@ -379,7 +383,7 @@ def test_sink_gradients_match_float64_autograd(name):
     q, k, v = random_qkv(seed, 1, 4, 2, n, 24, torch.float32, q_scale=2.0)
     dout = torch.randn(1, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    impl.fn(*leaves, causal=True, window=window, scale=None, sinks=sinks).backward(dout)
+    impl.call(*leaves, Mask("window", window, sinks)).backward(dout)
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     reference_attention(*ref_leaves, Mask("window", window, sinks)).backward(dout.double())
     for label, got, want in zip("qkv", leaves, ref_leaves):

@@ -8,6 +8,7 @@ import torch
 
 import lm_helpers as H
 from ctxbench import lm
+from ctxbench.masks import Mask
 from ctxbench.model_attention import PaddingUnsupported, attention_name, make_attention_function
 from ctxbench.plan import Cell
 from ctxbench.registry import Impl, all_impls
@@ -101,7 +102,7 @@ def test_sinks_reach_the_kernel_only_when_positive():
 
     def with_sinks(q, k, v, *, causal, window, scale=None, sinks=0):
         seen.append((causal, window, sinks))
-        return all_impls()["naive"].fn(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks)
+        return all_impls()["naive"].call(q, k, v, Mask.of(causal, window, sinks), scale)
 
     q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     module = torch.nn.Module()
