@@ -105,7 +105,7 @@ def _info() -> dict:
 # MKL's) and compiles for about 20 s per mask and shape, which would add minutes to the
 # default sweep and nothing that sdpa's rows do not already say.
 @register("flex", sinks=True, setup=True, check=_check, info=_info, default_devices=["cuda"],
-          description="torch FlexAttention, compiled; block mask built once per shape (block skipping)")
+          description="torch FlexAttention, compiled (forward only on the CPU); block mask built once per shape")
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
          scale: float | None = None, sinks: int = 0) -> Runner:
     """flex_attention with the mask as a BlockMask; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]."""

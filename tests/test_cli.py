@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from ctxbench.cli import main
 from ctxbench.env import ENV_FIELDS
 from ctxbench.results import COLUMNS, read_results
 from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
@@ -161,6 +162,16 @@ def test_interrupted_sweep_resumes_without_repeating_or_losing_cells(tmp_path):
 
 # ---------------------------------------------------------------- --resume with configuration flags
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished two-length run of sdpa, shared by the tests that must leave it untouched."""
+    out = tmp_path_factory.mktemp("finished")
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", *SMALL, "--lengths", "32,64", "--impls", "sdpa", "--out", str(out), "--run-id", "r"])
+    assert exc.value.code == 0
+    return str(out / "r")
+
+
 @pytest.fixture
 def small_run(tmp_path, capsys):
     """A finished two-length run of sdpa (what --resume continues)."""
@@ -183,11 +194,12 @@ def small_run(tmp_path, capsys):
     (["--impls", "naive"], ["--impls leaves out sdpa", "only gain implementations", "--impls sdpa,naive"]),
     (["--run-id", "other"], ["--run-id names a new run"]),
 ])
-def test_resume_refuses_flags_that_would_change_the_run(small_run, capsys, args, fragments):
+def test_resume_refuses_flags_that_would_change_the_run(finished_run, capsys, args, fragments):
     """A flag given with --resume is refused in one line unless it extends the run; the run is untouched."""
-    before = open(os.path.join(small_run, "meta.json")).read()
-    _bad(["sweep", "--resume", small_run, *args], capsys, *fragments)
-    assert open(os.path.join(small_run, "meta.json")).read() == before
+    files = ("meta.json", "results.csv")
+    before = [open(os.path.join(finished_run, f)).read() for f in files]
+    _bad(["sweep", "--resume", finished_run, *args], capsys, *fragments)
+    assert [open(os.path.join(finished_run, f)).read() for f in files] == before
 
 
 def test_resume_extends_lengths_and_impls_and_records_it(small_run, capsys):

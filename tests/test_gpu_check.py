@@ -6,10 +6,13 @@ import os
 import subprocess
 
 import pandas as pd
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--dry-run"],

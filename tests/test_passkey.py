@@ -134,6 +134,8 @@ def sweep(spec: SweepSpec, run_dir: str) -> tuple[list[dict[str, str]], str]:
     return rows, out.getvalue()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' tiny forward passes, on a shared CPU
     config = Config(device="cpu", mask="window", window=32, sinks=2)
@@ -196,6 +198,8 @@ def oom_at_256(q, k, v, *, causal, window, scale=None):
 """
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, tmp_path, monkeypatch, capsys):
     """`ctxbench passkey --impl mod:fn --impls sdpa` where fn calls os.abort() (the issue's
     reproduction, which used to kill the whole command with status 134): abort() inside the

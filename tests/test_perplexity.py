@@ -174,6 +174,8 @@ def test_strided_scheme_counts(tiny):
 TINY_SWEEP = ["sweep", "--device", "cpu", "--heads", "2", "--head-dim", "16", "--rep-ms", "5", "--lengths", "32,64"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sweep_records_perplexity_rows(tiny, tmp_path, capsys):
     code, out, err = run_cli([*TINY_SWEEP, "--impls", "sdpa,chunked", "--model", tiny[0], "--text", tiny[1],
                               "--ppl-tokens", "64", "--ppl-max-len", "32", "--rope", "default,linear:2",

@@ -96,6 +96,8 @@ def _truncate(run_dir: str, keep: int) -> None:
         f.writelines(lines[:1 + keep])
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("first,then", [("local", "ray"), ("ray", "local")])
 def test_resume_across_executors(cluster, tmp_path, capsys, first, then):
     extra = ["--impls", "naive,sdpa", "--lengths", "32,64,96"]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from sweep_helpers import rows_by_cell
 
 
@@ -29,6 +30,8 @@ def torchrun(args: list[str], cwd: str, timeout: float = 240) -> subprocess.Comp
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_ring_sweep_under_torchrun(tmp_path):
     for run, extra in (("causal", ["--mask", "causal"]), ("window", ["--window", "24"])):
         out = torchrun(["sweep", "--impls", "ring", "--lengths", "37,101,512", "--heads", "4", "--kv-heads", "2",

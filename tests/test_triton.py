@@ -189,7 +189,7 @@ def _planted_logits(n: int, d: int, dtype: torch.dtype):
     return q2.to(dtype), k[None, None].to(dtype), v[None, None].to(dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=[pytest.mark.slow, pytest.mark.ci])])
 @pytest.mark.parametrize("mask", ["none", "causal", "w5", "w5s3"])
 def test_planted_large_logits(mask, dtype):
     """Deterministic logits above 100 (see _planted_logits), at N <= 512 so the interpreter
@@ -296,9 +296,11 @@ VISIT_MASKS = [(False, None, 0), (True, None, 0), (True, 1, 0), (True, 5, 0), (T
                (True, 5, 3), (True, 1, 20), (True, 20, 17), (True, 8, 40)]
 
 
-@pytest.mark.parametrize("blocks", VISIT_CONFIGS,
+# the default suite runs the first configuration at N=50; the other five cases run in CI (-m ci)
+@pytest.mark.parametrize("blocks", [VISIT_CONFIGS[0]] + [pytest.param(b, marks=[pytest.mark.slow, pytest.mark.ci])
+                                                         for b in VISIT_CONFIGS[1:]],
                          ids=lambda b: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*b[0], *b[1], *b[2]))
-@pytest.mark.parametrize("n", [50, 64])
+@pytest.mark.parametrize("n", [50, pytest.param(64, marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_block_visits_match_mask(monkeypatch, blocks, n):
     """(n=50 with the separate dQ kernel, n=64 with dQ fused into dK/dV.)"""
     (fm, fn), (km, kn), (qm, qn) = blocks
