@@ -1,5 +1,5 @@
-"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench list`, `ctxbench report` and
-`ctxbench compare`.
+"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench list`, `ctxbench report`,
+`ctxbench compare` and `ctxbench kv`.
 
 The CLI declares each flag once (OPTIONS below), turns what click parsed into one
 ctxbench.options.Options, and hands it to ctxbench.options.resolve, the one validation of
@@ -32,6 +32,9 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "lengths": click.option("--lengths", default=default("lengths"),
                             help="explicit comma-separated lengths (tokens) instead of powers of two"),
     "batch": click.option("--batch", type=int, default=default("batch"), show_default=True),
+    "query_len": click.option("--query-len", type=int, default=default("query_len"),
+                              help="query tokens per sequence against N keys, aligned to the last keys (1: decode; "
+                                   "default: N, prefill)"),
     "heads": click.option("--heads", type=int, default=default("heads"), show_default=True, help="query heads"),
     "kv_heads": click.option("--kv-heads", type=int, default=default("kv_heads"), help="key/value heads (default: --heads)"),
     "head_dim": click.option("--head-dim", type=int, default=default("head_dim"), show_default=True),
@@ -101,7 +104,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                                  "cluster)"),
 }
 
-SWEEP_FLAGS = ("min_len", "max_len", "lengths", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
+SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
                "mode", "device", "impl_names", "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit",
                "rep_ms", "check_rows", "seed", "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len",
                "ppl_tokens", "ppl_scheme", "ppl_stride", "model_path", "text_path", "rope", "executor", "address")
@@ -330,6 +333,55 @@ def compare_cmd(baseline: str, current: str, max_slowdown: float, max_memory_gro
         fail(str(exc))
     click.echo(comparison.markdown(), nl=False)
     return comparison.exit_code
+
+
+@cli.command("kv")
+@click.argument("model")
+@click.option("--gpu-memory", default="80GiB", show_default=True,
+              help="GPU memory in bytes with a unit: GiB, GB, MiB or MB (e.g. 80GiB, 141GB, 24GiB)")
+@click.option("--dtype", default="bf16", show_default=True,
+              help="element type of the KV cache and the weights: bf16, fp16, fp32 or fp8 (1 byte)")
+@click.option("--lengths", default=None,
+              help="context lengths in tokens, e.g. 4096,32768 (default: powers of two 1024..1048576)")
+@click.option("--utilization", type=float, default=0.9, show_default=True,
+              help="share of the GPU memory the engine may use (like vLLM's gpu_memory_utilization)")
+@click.option("--params", default=None,
+              help="parameter count of the weights, e.g. 671e9 or 8.03B (default: computed from the config)")
+def kv_cmd(model: str, gpu_memory: str, dtype: str, lengths: str | None, utilization: float,
+           params: str | None) -> None:
+    """KV-cache bytes per sequence of MODEL (a preset, a config.json, or a folder holding one)
+    at each context length, and what fits in one GPU after the weights."""
+    from ctxbench import kv_memory
+    from ctxbench.options import parse_dtype, parse_lengths
+
+    # fp8 is a KV-cache and weight format, not a dtype the sweeps run: only this command takes it
+    dtype_name = "fp8" if dtype.strip().lower() in ("fp8", "float8") else None
+    if dtype_name is None:
+        try:
+            dtype_name = parse_dtype(dtype)
+        except UsageError:
+            fail(f"unsupported --dtype {dtype!r}; choose bf16, fp16, fp32 or fp8")
+    if not 0 < utilization <= 1:
+        fail(f"--utilization must be in (0, 1] (got {utilization:g}); it is the share of GPU memory to use")
+    try:
+        gpu_bytes = kv_memory.parse_bytes(gpu_memory)
+    except ValueError as exc:
+        fail(f"--gpu-memory {exc}")
+    try:
+        count = kv_memory.parse_params(params) if params is not None else None
+    except ValueError as exc:
+        fail(f"--params {exc}")
+    wanted = parse_lengths(lengths) if lengths is not None else kv_memory.DEFAULT_LENGTHS
+    try:
+        name, config = kv_memory.load_config(model)  # its messages name the file
+    except kv_memory.ConfigError as exc:
+        fail(str(exc))
+    try:
+        shape = kv_memory.shape_of(config, name, count)
+    except kv_memory.ConfigError as exc:
+        fail(f"{model}: {exc}")
+    result = kv_memory.fit(shape, gpu_bytes, kv_memory.DTYPE_BYTES[dtype_name], wanted, utilization)
+    click.echo(kv_memory.report(result, dtype_name))
 
 
 def main(argv: list[str] | None = None) -> None:

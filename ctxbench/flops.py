@@ -1,4 +1,5 @@
-"""Mask-aware FLOP counts and device peaks, the denominators of TFLOP/s and %-of-peak."""
+"""Mask-aware FLOP and byte counts and device peaks: the numerators and denominators of TFLOP/s,
+%-of-peak, GB/s and %-of-bandwidth."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ DEVICE_PEAK_TFLOPS = {
 }
 
 
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def attention_flops(batch: int, heads: int, n: int, head_dim: int, mask: Mask, mode: str, *,
                     n_k: int | None = None) -> float:
     """FLOPs of one call: 4 * B * Hq * D * (visible query-key pairs), times the mode factor.
@@ -26,6 +30,16 @@ def attention_flops(batch: int, heads: int, n: int, head_dim: int, mask: Mask, m
     head does its own two matmuls.
     """
     return 4.0 * batch * heads * head_dim * mask.visible_pairs(n, n_k) * MODE_FACTOR[mode]
+
+
+def attention_bytes(batch: int, heads: int, kv_heads: int, n_q: int, n_k: int, head_dim: int, mask: Mask,
+                    dtype: str) -> int:
+    """The minimum memory traffic of one forward call (bytes): read Q and write O (Hq * n_q * D
+    each), and read once each K and V row that some query sees (Hkv * keys seen * D each), in
+    the dtype's size. Decode is bound by this, not by FLOPs: GB/s = bytes / time.
+    """
+    per_sequence = 2 * heads * n_q * head_dim + 2 * kv_heads * mask.keys_seen(n_q, n_k) * head_dim
+    return batch * per_sequence * DTYPE_BYTES[dtype]
 
 
 def device_peak_tflops(device_name: str, dtype: str) -> float | None:

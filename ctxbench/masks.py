@@ -1,8 +1,8 @@
 """The mask convention in one place: which (query, key) pairs are visible.
 
 Keys sit at positions 0 .. Lk-1. Query row i sits at position p = q_offset + i: q_offset is
-0 when queries and keys are the same sequence (Lq == Lk, every caller today), and Lk - Lq
-when the queries are the last Lq tokens (decoding against a cache): queries are aligned to
+0 when queries and keys are the same sequence (Lq == Lk: prefill), and Lk - Lq when the
+queries are the last Lq tokens (decoding or chunked prefill against a KV cache): queries are aligned to
 the bottom-right corner of the score matrix, as FlashAttention's causal mask is.
 
     none:    every pair is visible
@@ -73,12 +73,12 @@ class Mask:
         return cls("causal" if causal else "none", None, 0, q_offset)
 
     @classmethod
-    def named(cls, name: str, window: int | None = None, sinks: int = 0) -> "Mask":
+    def named(cls, name: str, window: int | None = None, sinks: int = 0, q_offset: int = 0) -> "Mask":
         """The mask of a sweep's mask column `name`: only 'window' keeps the window and sinks
         (a configuration may carry a window or sinks that its mask does not use)."""
         if name == "window":
-            return cls("window", window, sinks)
-        return cls(name)
+            return cls("window", window, sinks, q_offset)
+        return cls(name, q_offset=q_offset)
 
     # ------------------------------------------------------------------ the contract
 
@@ -150,6 +150,15 @@ class Mask:
             if self.sinks > 0:
                 pairs += _sum_clamped(a, b, 1 - self.window, min(self.sinks, n_k))
         return pairs
+
+    def keys_seen(self, n_q: int, n_k: int | None = None) -> int:
+        """How many of the n_k keys at least one of the n_q query rows sees: the K and V rows an
+        implementation must read at least once (the minimum traffic of ctxbench.flops)."""
+        n_k = n_q if n_k is None else n_k
+        if n_q <= 0 or n_k <= 0:
+            return 0
+        lo, hi = self.key_span(0, n_q, n_k)
+        return (hi - lo) + min(self.sinks, lo)
 
     # ------------------------------------------------------------------ blocks and tiles
 

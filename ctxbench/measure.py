@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ctxbench.flops import attention_flops, device_peak_tflops
+from ctxbench.flops import attention_bytes, attention_flops, device_peak_tflops
 from ctxbench.plan import Cell, Settings
 from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.reference import TOLERANCE, errors, reference_attention, sample_rows
@@ -39,12 +39,14 @@ def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tenso
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + cell.n)
     dtype = TORCH_DTYPES[cell.dtype]
 
-    def rand(heads: int) -> torch.Tensor:
-        t = torch.randn(cell.batch, heads, cell.n, cell.head_dim, generator=gen, dtype=torch.float32)
+    def rand(heads: int, length: int) -> torch.Tensor:
+        t = torch.randn(cell.batch, heads, length, cell.head_dim, generator=gen, dtype=torch.float32)
         return t.to(device=cell.device, dtype=dtype).requires_grad_(requires_grad)
 
-    q, k, v = rand(cell.heads), rand(cell.kv_heads), rand(cell.kv_heads)
-    dout = rand(cell.heads).detach()
+    # q and dout have the cell's Lq rows, k and v its n keys; at Lq = n the same draws as a
+    # square cell always had
+    q, k, v = rand(cell.heads, cell.q_len), rand(cell.kv_heads, cell.n), rand(cell.kv_heads, cell.n)
+    dout = rand(cell.heads, cell.q_len).detach()
     return q, k, v, dout
 
 
@@ -222,12 +224,13 @@ def timed_first_call(once: Callable[[], Any], device: str) -> float:
 def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, s: Settings) -> dict[str, Any]:
     """Relative L2 and max-abs error of `out` on a random subset of rows vs the float64 reference."""
-    expected = (cell.batch, cell.heads, cell.n, cell.head_dim)
+    expected = (cell.batch, cell.heads, cell.q_len, cell.head_dim)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{impl.name} returned {shape}, expected a tensor of shape {expected}")
     gen = torch.Generator().manual_seed(s.seed + cell.n)
-    rows = sample_rows(cell.n, s.check_rows, gen)
+    rows = sample_rows(cell.q_len, s.check_rows, gen)
+    # the reference holds rows x n float64 scores per head: a block of rows within the budget
     row_block = max(1, min(len(rows), REFERENCE_BUDGET_BYTES // (8 * cell.batch * cell.heads * cell.n)))
     with torch.no_grad():
         ref = reference_attention(q.detach(), k.detach(), v.detach(), cell.attention_mask, rows=rows,
@@ -274,14 +277,29 @@ def verdict(err_rel_l2: float, tolerance: float, dtype: str, dtype_ok: bool,
     return ("wrong" if problems else "ok"), "; ".join(problems)
 
 
-def throughput(cell: Cell, latency_ms: float, devices: int = 1) -> dict[str, Any]:
-    """flops (mask-aware FLOPs of one call), tflops at latency_ms, and on CUDA peak_fraction
-    (of `devices` GPUs' dense peak)."""
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.attention_mask, cell.mode)
-    row: dict[str, Any] = {"flops": flops, "tflops": flops / (latency_ms * 1e-3) / 1e12}
+def throughput(cell: Cell, latency_ms: float, s: Settings, devices: int = 1) -> dict[str, Any]:
+    """The rates of one call at latency_ms (ms):
+
+    flops (mask-aware FLOPs), tflops, and on CUDA peak_fraction (of `devices` GPUs' dense
+    peak); forward cells also bytes_moved (the minimum traffic, bytes: ctxbench.flops), gbps
+    (GB/s, 1e9 bytes) and bw_fraction (of the run's device bandwidth, s.bandwidth_gbps, which
+    the sweep measured or looked up once: ctxbench.bandwidth), with that bandwidth beside it.
+    """
+    mask = cell.attention_mask
+    flops = attention_flops(cell.batch, cell.heads, cell.q_len, cell.head_dim, mask, cell.mode, n_k=cell.n)
+    seconds = latency_ms * 1e-3
+    row: dict[str, Any] = {"flops": flops, "tflops": flops / seconds / 1e12}
     if cell.device == "cuda":
         peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
         row["peak_fraction"] = row["tflops"] / (peak * devices) if peak else None
+    if cell.mode == "fwd":  # the backward's traffic has no such simple minimum
+        moved = attention_bytes(cell.batch, cell.heads, cell.kv_heads, cell.q_len, cell.n, cell.head_dim, mask,
+                                cell.dtype)
+        row.update(bytes_moved=moved, gbps=moved / seconds / 1e9)
+        if s.bandwidth_gbps:
+            row["bw_fraction"] = row["gbps"] / (s.bandwidth_gbps * devices)
+    row.update(device_bw_gbps=s.bandwidth_gbps, device_bw_probe_gbps=s.bandwidth_probe_gbps,
+               device_bw_source=s.bandwidth_source or None)
     return row
 
 
@@ -323,6 +341,6 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
         # the memory run was this very step in fwd and fwd+bwd: it counts as warm-up
         timing = time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0)
     row.update(timing)
-    row.update(throughput(cell, timing["latency_ms"]))
+    row.update(throughput(cell, timing["latency_ms"], s))
     row["status"], row["message"] = status, message
     return row

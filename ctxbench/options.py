@@ -55,6 +55,7 @@ class Options:
     max_len: int | None = None          # tokens (sweep: SWEEP_MAX_LEN; passkey: PASSKEY_MAX_LEN)
     lengths: str | None = None          # "1024,2048": tokens, instead of powers of two
     batch: int = 1
+    query_len: int | None = None        # query tokens against n keys (None: n, prefill; 1: decode)
     heads: int = 8                      # query heads
     kv_heads: int | None = None         # key/value heads (None: = heads)
     head_dim: int = 64
@@ -220,7 +221,7 @@ def resolve_impls(names: list[str], specs: list[str], config: Config, world: int
     if not chosen:
         # Declared capabilities only: a run-time check (e.g. the Triton interpreter's length
         # limit) still yields rows saying why, which is worth seeing.
-        probe = Cell.of(config, "", 1)
+        probe = Cell.of(config, "", (config.query_len or 0) + 1)  # more keys than queries when Lq is set
         chosen = [name for name, impl in registry.all_impls().items()
                   if impl.declared_reason(probe) is None and impl.distributed == (world > 1)
                   and impl.in_default_sweep(config.device)]
@@ -270,6 +271,8 @@ def check_numbers(o: Options) -> None:
         if value is not None and (value < 0 or (value == 0 and flag != "--ppl-max-len")):
             fail(f"{flag} must be a positive integer (got {value})"
                  + (" or 0 for no perplexity" if flag == "--ppl-max-len" else ""))
+    if o.query_len is not None and o.query_len <= 0:
+        fail(f"--query-len must be a positive number of query tokens (got {o.query_len}); 1 is decode")
     if o.address is not None and o.executor != "ray":
         fail("--address is the Ray cluster's address; it needs --executor ray")
 
@@ -294,7 +297,10 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     check_device(device)
     dtype = parse_dtype(o.dtype) if o.dtype else ("bfloat16" if device == "cuda" else "float32")
     lengths = lengths_of(o, PASSKEY_MAX_LEN[device] if passkey else SWEEP_MAX_LEN)
-    config = Config(batch=o.batch, heads=o.heads, kv_heads=o.heads if o.kv_heads is None else o.kv_heads,
+    if o.query_len is not None and o.query_len > lengths[0]:
+        fail(f"--query-len {o.query_len} is above the KV length {lengths[0]} (the shortest of the sweep); the "
+             f"queries are the last tokens of each sequence: raise --min-len (or --lengths) to at least {o.query_len}")
+    config = Config(batch=o.batch, query_len=o.query_len, heads=o.heads, kv_heads=o.heads if o.kv_heads is None else o.kv_heads,
                     head_dim=o.head_dim, dtype=dtype, mask=mask, window=window, mode=o.mode, device=device,
                     allow_interpreter=o.allow_interpreter, sinks=sinks, ppl_scheme=o.ppl_scheme)
     names = impl_names(o)
@@ -307,7 +313,8 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
         impls = validate_impls(names or ["sdpa"], list(o.impl_specs))  # --impl adds to the default sdpa
         return replace(spec, passkey=passkey_plan(o, config, impls, lengths, ropes))
     impls = resolve_impls(names, list(o.impl_specs), config, world)
-    ppl_max_len = PPL_MAX_LEN[device] if o.ppl_max_len is None else o.ppl_max_len
+    # Perplexity measures the model's prefill: a decode sweep (--query-len) has none unless asked.
+    ppl_max_len = (0 if o.query_len is not None else PPL_MAX_LEN[device]) if o.ppl_max_len is None else o.ppl_max_len
     ppl = perplexity_plan(config, impls, explicit=bool(names or o.impl_specs), lengths=lengths,
                           max_len=ppl_max_len, ropes=ropes, model_path=o.model_path, text_path=o.text_path)
     return replace(spec, impls=impls, ppl=ppl)

@@ -45,6 +45,9 @@ class Config:
     sinks: int = 0
     # How perplexity cells cut the corpus: "truncated" or "strided" (ctxbench.perplexity).
     ppl_scheme: str = "truncated"
+    # Query tokens per sequence against n keys (decode: 1; chunked prefill: a few hundred);
+    # None: as many as keys (prefill, the square Lq = Lk). The queries are the last tokens.
+    query_len: int | None = None
 
     @property
     def attention_mask(self) -> Mask:
@@ -78,6 +81,17 @@ class Cell(Config):
         return cls(**{**asdict(config), **fields_}, impl=impl, n=n)
 
     @property
+    def q_len(self) -> int:
+        """Query tokens per sequence (Lq): query_len, or n for a square (prefill) cell."""
+        return self.n if self.query_len is None else self.query_len
+
+    @property
+    def attention_mask(self) -> Mask:
+        """The mask of this cell's Lq x n score matrix: the configuration's, with the queries
+        aligned to the last keys (q_offset = n - Lq, bottom-right, as FlashAttention's)."""
+        return Mask.named(self.mask, self.window, self.sinks, q_offset=self.n - self.q_len)
+
+    @property
     def key(self) -> tuple:
         """Identity of the cell in a results CSV (all configuration fields, as strings)."""
         return tuple(_key_str(getattr(self, f)) for f in KEY_FIELDS)
@@ -89,6 +103,8 @@ class Cell(Config):
             return f"ppl {self.impl} N={self.n}{rope}"
         if self.task == "passkey":
             return f"passkey {self.impl} N={self.n} d={self.depth:g}" + (f" #{self.trial}" if self.trial else "") + rope
+        if self.query_len is not None:
+            return f"{self.impl} Lq={self.query_len} N={self.n}"
         return f"{self.impl} N={self.n}"
 
 
@@ -132,7 +148,7 @@ class PerplexityPlan:
         if n > self.max_len:
             return []
         base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                       dtype=self.dtype, mode="fwd")
+                       dtype=self.dtype, mode="fwd", query_len=None)
         return [Cell.of(base, impl, n, task="perplexity", rope=rope) for impl in self.impls for rope in self.ropes]
 
 
@@ -156,7 +172,7 @@ class PasskeyPlan:
         """The passkey cells at length n: implementation x RoPE variant x depth x trial, one
         forward pass of n tokens each (batch 1, forward only)."""
         base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                       dtype=self.dtype, mode="fwd")
+                       dtype=self.dtype, mode="fwd", query_len=None)
         return [Cell.of(base, impl, n, task="passkey", rope=rope, depth=float(depth), trial=trial)
                 for impl in self.impls for rope in self.ropes for depth in self.depths for trial in range(self.trials)]
 
@@ -195,6 +211,12 @@ class Settings:
     text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
     ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
     ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
+    # The device's memory bandwidth (GB/s), the denominator of bw_fraction, and what a probe
+    # measured and where the denominator comes from (ctxbench.bandwidth): filled in once per
+    # run by the sweep, so a resumed run divides by the same figure. None: not known.
+    bandwidth_gbps: float | None = None
+    bandwidth_probe_gbps: float | None = None
+    bandwidth_source: str = ""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 It is deliberately the plainest possible math (scores, mask, softmax, weighted sum) in
 float64, on a chosen subset of query rows so that checking a 32K-token run stays O(N) in
-memory: rows x N scores per head, never N x N.
+memory: rows x N scores per head, never N x N; K and V are read in blocks of keys, so that a
+decode cell at a million keys is checked without a float64 copy of its cache.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ def reference_attention(
     scale: float | None = None,
     rows: torch.Tensor | None = None,
     row_block: int = 256,
+    key_block: int | None = None,
 ) -> torch.Tensor:
     """Attention in float64 under `mask` for query rows `rows` (all rows when None).
 
     q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]. rows are query row indices (position
     mask.q_offset + row, as Mask.visible says). Returns float64 [B, Hq, len(rows), D].
-    Rows are processed `row_block` at a time, so peak extra memory is
-    B * Hq * row_block * Lk * 8 bytes.
+    Rows are processed `row_block` at a time and keys `key_block` at a time (default: K and V
+    blocks of about 64 MiB in float64), so peak extra memory is about
+    B * Hq * row_block * Lk * 8 bytes of scores plus one key block: a decode cell at 1M keys
+    never holds K or V in float64 whole.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -40,20 +44,27 @@ def reference_attention(
     if rows is None:
         rows = torch.arange(Lq, device=q.device)
     rows = rows.to(q.device)
-    # Expanding K/V over the group is fine here: the reference is about clarity, not speed.
-    k64 = k.double().repeat_interleave(group, dim=1)
-    v64 = v.double().repeat_interleave(group, dim=1)
-    cols = torch.arange(Lk, device=q.device)
+    if key_block is None:
+        key_block = max(1, (64 * 2**20) // (8 * B * Hkv * D))
     out = torch.empty(B, Hq, len(rows), D, dtype=torch.float64, device=q.device)
     for start in range(0, len(rows), row_block):
         r = rows[start:start + row_block]
-        qr = q[:, :, r, :].double()
-        s = torch.matmul(qr, k64.transpose(-1, -2)) * scale
-        ok = mask.visible(r, cols)
+        # the `group` query heads of a kv head as one block of rows: [B, Hkv, group * rows, D]
+        qr = q[:, :, r, :].double().reshape(B, Hkv, group * len(r), D)
+        s = torch.empty(B, Hkv, group * len(r), Lk, dtype=torch.float64, device=q.device)
+        for ks in range(0, Lk, key_block):
+            kb = k[:, :, ks:ks + key_block].double()
+            s[..., ks:ks + kb.shape[2]] = torch.matmul(qr, kb.transpose(-1, -2)) * scale
+        ok = mask.visible(r, torch.arange(Lk, device=q.device))
         if ok is not None:
-            s = s.masked_fill(~ok, float("-inf"))
+            s.view(B, Hkv, group, len(r), Lk).masked_fill_(~ok, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        out[:, :, start:start + len(r), :] = torch.matmul(p, v64)
+        del s
+        o = torch.zeros(B, Hkv, group * len(r), D, dtype=torch.float64, device=q.device)
+        for ks in range(0, Lk, key_block):
+            vb = v[:, :, ks:ks + key_block].double()
+            o += torch.matmul(p[..., ks:ks + vb.shape[2]], vb)
+        out[:, :, start:start + len(r), :] = o.view(B, Hq, len(r), D)
     return out
 
 

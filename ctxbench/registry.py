@@ -4,15 +4,19 @@ Every implementation follows one contract::
 
     out = attn(q, k, v, *, causal: bool, window: int | None, scale: float | None[, sinks: int])
 
-* q is [B, Hq, N, D]; k and v are [B, Hkv, N, D] with Hq % Hkv == 0. Query head h
+* q is [B, Hq, Lq, D]; k and v are [B, Hkv, Lk, D] with Hq % Hkv == 0. Query head h
   reads kv head h // (Hq // Hkv) (grouped-query attention).
-* window=W: query i sees keys j with i - W < j <= i (W keys, itself included). A window
-  implies causal. This is transformers' ``sliding_window`` convention.
+* Lq = Lk (prefill) for every implementation; Lq < Lk (decode, chunked prefill against a KV
+  cache) only for those that declare ``kv_cache=True``. The queries are the last Lq tokens:
+  query i sits at position p = Lk - Lq + i (bottom-right alignment, as FlashAttention >= 2.1
+  and transformers' KV cache; not SDPA's is_causal, which is top-left).
+* causal: query i sees keys j <= p. window=W: also p - W < j (W keys, itself included). A
+  window implies causal. This is transformers' ``sliding_window`` convention.
 * sinks=S (attention sinks, StreamingLLM; only with a window, only to implementations that
   declare ``sinks=True``, and passed as a keyword only when S > 0): query i also sees keys
-  j < S, i.e. j <= i and (i - W < j or j < S).
+  j < S, i.e. j <= p and (p - W < j or j < S).
 * scale defaults to 1/sqrt(D); softmax statistics are kept in fp32 whatever the dtype.
-* out is [B, Hq, N, D] in q's dtype.
+* out is [B, Hq, Lq, D] in q's dtype.
 
 Work done once per shape (a block mask, a plan, a mask tensor, a page table) stays out of the
 timed call with a setup step, in the spirit of tritonbench's backends: declare ``setup=True``
@@ -87,6 +91,9 @@ class Impl:
     exact: bool = True
     # Whether the function takes `sinks=S` (attention sinks beside a window).
     sinks: bool = False
+    # Whether it takes fewer queries than keys (Lq < Lk, aligned bottom-right): decode and
+    # chunked prefill against a KV cache.
+    kv_cache: bool = False
     # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
     # its shard of the sequence (ctxbench.sharded measures such cells; launch with torchrun).
     distributed: bool = False
@@ -147,7 +154,7 @@ class Impl:
 
     def declared_reason(self, cell: Any) -> str | None:
         """Why `cell` is outside what this implementation declares (devices, dtypes, masks,
-        modes, GQA, sinks), or None; its run-time check is not consulted."""
+        modes, GQA, sinks, fewer queries than keys), or None; its run-time check is not consulted."""
         if cell.device not in self.devices:
             return f"{self.name} does not run on {cell.device} (declares {', '.join(sorted(self.devices))})"
         if cell.dtype not in self.dtypes:
@@ -161,6 +168,10 @@ class Impl:
         sinks = getattr(cell, "attn_sinks", 0)
         if sinks > 0 and not self.sinks:
             return f"{self.name} does not support attention sinks (sinks={sinks})"
+        q_len = getattr(cell, "q_len", cell.n)
+        if q_len != cell.n and not self.kv_cache:
+            return (f"{self.name} does not support fewer queries than keys ({q_len} queries against {cell.n} keys; "
+                    "it does not declare kv_cache=True)")
         return None
 
 
@@ -180,6 +191,7 @@ def register(
     gqa: bool = True,
     exact: bool = True,
     sinks: bool = False,
+    kv_cache: bool = False,
     distributed: bool = False,
     setup: bool = False,
     default_devices: Iterable[str] | None = None,
@@ -193,6 +205,7 @@ def register(
     ... def mine(q, k, v, *, causal, window, scale): ...
 
     setup=True: the function is a setup step returning run(q, k, v) (see the module docstring).
+    kv_cache=True: it takes Lq < Lk queries, aligned to the last keys (see the module docstring).
     default_devices: where a sweep naming no implementation includes it (default: every device
     it declares); on its other devices it runs only when named.
     """
@@ -206,7 +219,7 @@ def register(
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
             masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
-            distributed=distributed, setup=setup,
+            kv_cache=kv_cache, distributed=distributed, setup=setup,
             default_devices=None if default_devices is None else frozenset(default_devices), description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )

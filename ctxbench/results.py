@@ -16,11 +16,11 @@ from ctxbench.plan import KEY_FIELDS
 
 STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
 
-CONFIG_COLUMNS = ("impl", "n", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
+CONFIG_COLUMNS = ("impl", "n", "query_len", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
                   "sinks", "mode", "device", "allow_interpreter", "ppl_scheme",
                   "depth", "trial")  # passkey cells: the key's depth (fraction of the filler) and trial
 # Key columns added after the first release, with the value every row of an older run has.
-KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
+KEY_DEFAULTS = {"query_len": "", "task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
                 "trial": ""}
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
@@ -28,6 +28,10 @@ MEASURE_COLUMNS = (
     "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
     "first_call_ms",                                   # ms; compilation and autotuning happen in it
     "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
+    # forward cells: the minimum traffic of one call (bytes: Q, the K and V some query sees, O),
+    # GB/s at the median and its fraction of the device bandwidth; that bandwidth (GB/s), what
+    # the run's probe measured (GB/s) and where the bandwidth comes from (ctxbench.bandwidth)
+    "bytes_moved", "gbps", "bw_fraction", "device_bw_gbps", "device_bw_probe_gbps", "device_bw_source",
     "peak_mem_bytes", "mem_method",                    # bytes above the inputs; how it was read
     "err_rel_l2", "err_max_abs", "err_rows", "err_tolerance", "grad_err_rel_l2",
     "impl_info",                                       # JSON the implementation reports (config chosen, ...)

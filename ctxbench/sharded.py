@@ -153,7 +153,7 @@ def measure_sharded_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
                            "err_rel_l2": rel, "err_max_abs": max_abs, "err_rows": len(rows),
                            "err_tolerance": TOLERANCE[cell.dtype]}
     row.update(quantiles(samples))
-    row.update(throughput(cell, row["latency_ms"], devices=world))
+    row.update(throughput(cell, row["latency_ms"], s, devices=world))
     row["status"], row["message"] = verdict(rel, TOLERANCE[cell.dtype], cell.dtype, dtype_ok)
     return row
 

@@ -21,8 +21,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from ctxbench import registry
 from ctxbench.env import environment
 from ctxbench.executor import Executor, LocalExecutor
-from ctxbench.flops import attention_flops
-from ctxbench.formatting import safe_name
+from ctxbench.flops import attention_bytes, attention_flops
+from ctxbench.formatting import first_line, safe_name
 from ctxbench.plan import Cell, Settings, SweepSpec
 from ctxbench.results import ResultsWriter, read_results, row_key
 
@@ -30,6 +30,7 @@ from ctxbench.results import ResultsWriter, read_results, row_key
 STOP_STATUSES = ("oom", "timeout")
 # Rough throughput for progress weights only (FLOP/s); the ETA adapts to measured speed.
 _ROUGH_RATE = {"cpu": 5e10, "cuda": 2e14}
+_ROUGH_BYTES_PER_S = {"cpu": 5e9, "cuda": 2e12}
 _WORKER_START_S = 2.0
 
 
@@ -45,8 +46,13 @@ def _weight(cell: Cell, settings: Settings) -> float:
         return _WORKER_START_S + windows * cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
     if cell.task == "passkey":  # one forward pass of n tokens; the model stays loaded between trials
         return 0.1 + cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
-    flops = attention_flops(cell.batch, cell.heads, cell.n, cell.head_dim, cell.attention_mask, cell.mode)
-    return _WORKER_START_S + settings.rep_ms / 1e3 + 5 * flops / _ROUGH_RATE.get(cell.device, 5e10)
+    mask = cell.attention_mask
+    flops = attention_flops(cell.batch, cell.heads, cell.q_len, cell.head_dim, mask, cell.mode, n_k=cell.n)
+    moved = attention_bytes(cell.batch, cell.heads, cell.kv_heads, cell.q_len, cell.n, cell.head_dim, mask,
+                            cell.dtype)
+    # decode is bound by bytes, prefill by FLOPs; making the inputs costs about as much again
+    seconds = max(flops / _ROUGH_RATE.get(cell.device, 5e10), moved / _ROUGH_BYTES_PER_S.get(cell.device, 5e9))
+    return _WORKER_START_S + settings.rep_ms / 1e3 + 5 * seconds
 
 
 def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], argv: list[str],
@@ -107,6 +113,8 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     done = {row_key(r) for r in rows}
 
     env = environment(spec.config.device)
+    if spec.impls and spec.settings.bandwidth_gbps is None:
+        spec = with_bandwidth(spec, console)
     impls = {name: registry.resolve(name) for name in spec.all_impls()}
     # Keyed by (impl, task): a model that runs out of memory says nothing about the kernel alone.
     stopped: dict[tuple[str, str], tuple[str, int]] = {}
@@ -181,6 +189,32 @@ def run_sweep(spec: SweepSpec, run_dir: str, *, console: Console, argv: list[str
     return rows
 
 
+def with_bandwidth(spec: SweepSpec, console: Console) -> SweepSpec:
+    """The spec with the device's memory bandwidth in its settings (ctxbench.bandwidth), probed
+    once per run here, with the workers' environment: in this process on the CPU (same thread
+    count), in a child process on CUDA (this process keeps no CUDA context). A failed probe
+    leaves bw_fraction empty and says why."""
+    from dataclasses import replace
+
+    try:
+        if spec.config.device == "cuda":
+            import subprocess
+
+            done = subprocess.run([sys.executable, "-m", "ctxbench.bandwidth", "cuda"], capture_output=True,
+                                  text=True, timeout=120, check=True)
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            from ctxbench.bandwidth import probe
+
+            found = probe("cpu")
+    except Exception as exc:  # noqa: BLE001 - a missing denominator must not stop a sweep
+        console.print(f"[yellow]bandwidth probe failed ({first_line(str(exc)) or type(exc).__name__}); "
+                      "bw_fraction stays empty[/]")
+        return spec
+    console.print(f"[dim]device bandwidth: {found['bandwidth_gbps']:.1f} GB/s ({found['bandwidth_source']})[/]")
+    return replace(spec, settings=replace(spec.settings, **found))
+
+
 def _log_path(run_dir: str, cell: Cell) -> str:
     return os.path.join(run_dir, "logs", safe_name(cell.impl) + ".log")
 
@@ -205,6 +239,7 @@ def describe(spec: SweepSpec) -> list[str]:
     c, s = spec.config, spec.settings
     lines = []
     shape = (f"{c.device} {c.dtype} B={c.batch} Hq={c.heads} Hkv={c.kv_heads} D={c.head_dim} "
+             f"{f'Lq={c.query_len} ' if c.query_len is not None else ''}"
              f"mask={c.mask}{f' W={c.window}' if c.mask == 'window' else ''}"
              f"{f' sinks={c.sinks}' if c.attn_sinks else ''} mode={c.mode}")
     if spec.impls:

@@ -77,7 +77,7 @@ def visited_pairs(plan: list[QueryBlock], rows_per_position: int = 1) -> int:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock], *,
               mask: Mask, scale: float | None, bias: MaskBias | None = None) -> torch.Tensor:
-    """Exact attention over the tiles of `plan`; q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
+    """Exact attention over the tiles of `plan`; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
 
     The plan must cover every pair `mask` makes visible exactly once per query block; hidden
     pairs inside a tile marked `masked` are removed here (Mask.visible), with `bias` when a
@@ -143,16 +143,16 @@ class MaskBias:
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: list[QueryBlock],
              mask_bias: MaskBias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, N, D] in q's dtype, lse [B, Hkv, group, N] fp32: log2 of each row's
+    """(out [B, Hq, Lq, D] in q's dtype, lse [B, Hkv, group, Lq] fp32: log2 of each row's
     softmax denominator in the base-2 units of the scaled scores, for the backward pass)."""
     B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     BH = B * Hkv
     # fp32 copies of K and V (no-ops for fp32): O(N * D), and every tile then multiplies
     # in fp32 with fp32 accumulation whatever the input dtype.
-    kf = k.float().reshape(BH, N, D)
-    vf = v.float().reshape(BH, N, D)
+    kf = k.float().reshape(BH, Nk, D)
+    vf = v.float().reshape(BH, Nk, D)
     q5 = q.reshape(B, Hkv, G, N, D)
     out = torch.empty(B, Hkv, G, N, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, N, dtype=torch.float32, device=q.device)
@@ -192,17 +192,17 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention's backward: recompute P per tile from lse, accumulate dQ, dK, dV in fp32."""
     B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     BH = B * Hkv
-    kf = k.float().reshape(BH, N, D)
-    vf = v.float().reshape(BH, N, D)
+    kf = k.float().reshape(BH, Nk, D)
+    vf = v.float().reshape(BH, Nk, D)
     q5 = q.reshape(B, Hkv, G, N, D)
     do5 = dout.reshape(B, Hkv, G, N, D)
     o5 = out.reshape(B, Hkv, G, N, D)
     dq = torch.empty(B, Hkv, G, N, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(BH, N, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(BH, Nk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(BH, Nk, D, dtype=torch.float32, device=q.device)
     qscale = scale * LOG2E
     for blk in plan:
         nq = blk.end - blk.start
@@ -229,5 +229,72 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         dq[:, :, :, blk.start:blk.end] = dqb.view(B, Hkv, G, nq, D)
     dq.mul_(scale)
     dk.mul_(scale)
-    return (dq.view(B, Hq, N, D).to(q.dtype), dk.view(B, Hkv, N, D).to(k.dtype),
-            dv.view(B, Hkv, N, D).to(v.dtype))
+    return (dq.view(B, Hq, N, D).to(q.dtype), dk.view(B, Hkv, Nk, D).to(k.dtype),
+            dv.view(B, Hkv, Nk, D).to(v.dtype))
+
+
+# ---------------------------------------------------------------- split-K decode
+
+# fp32 elements of the score buffer of one batch of split-K chunks (all heads together): 16M
+# = 64 MiB, far below K and V at long lengths, which is what decode has to read.
+SPLIT_SCORES = 1 << 24
+
+
+def split_k(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: QueryBlock, *, scale: float | None,
+            bias: MaskBias) -> torch.Tensor:
+    """Forward-only attention of a few queries against many keys, split over the keys
+    (flash-decoding); q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
+
+    `block` is the single query block of a plan covering all Lq rows. One row of queries has
+    too little work to keep cores busy tile by tile, so instead of walking the tiles with a
+    running softmax, every tile is a split: each gets its own (max m_c, sum l_c, output o_c)
+    in one batched matmul over all the tiles of the same width, and the splits are merged
+    with the log-sum-exp rule  out = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c,
+    M = max_c m_c. Scores are computed as K Q^T ([keys, rows]: a tall-skinny product, which
+    the CPU's BLAS streams K through far faster than Q K^T), and the `group` query heads of a
+    kv head are the rows, so each K and V row is read once for all of them.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G, BH = Hq // Hkv, B * Hkv
+    R = G * Nq
+    kf = k.float().reshape(BH, Nk, D)
+    vf = v.float().reshape(BH, Nk, D)
+    qt = (q.reshape(B, Hkv, G, Nq, D).float() * (scale * LOG2E)).reshape(BH, R, D).transpose(1, 2)  # [BH, D, R]
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (m [BH,C,R], l [BH,C,R], o [BH,C,R,D])
+
+    def add(s: torch.Tensor, vt: torch.Tensor) -> None:
+        # s: [BH, C, keys, R] base-2 scores of C splits; vt: [BH, C, keys, D]
+        m = s.amax(dim=2, keepdim=True).clamp_min_(_NEG_BIG)  # a row with no visible key: p = 0
+        p = s.sub_(m).exp2_()
+        parts.append((m.squeeze(2), p.sum(dim=2), torch.matmul(p.transpose(2, 3), vt)))
+
+    tiles = list(block.tiles)
+    i = 0
+    while i < len(tiles):
+        t = tiles[i]
+        width = t.end - t.start
+        j = i
+        while (not t.masked and j + 1 < len(tiles) and not tiles[j + 1].masked
+               and tiles[j + 1].end - tiles[j + 1].start == width and tiles[j + 1].start == tiles[j].end):
+            j += 1
+        if t.masked:
+            s = torch.bmm(kf[:, t.start:t.end], qt)  # [BH, keys, R]
+            s.view(BH, width, G, Nq).add_(bias(block.start, block.end, t).t()[:, None, :])
+            add(s.unsqueeze(1), vf[:, t.start:t.end].unsqueeze(1))
+        else:
+            # tiles i..j: contiguous keys of one width, as C splits; batched so the scores stay small
+            per_batch = max(1, SPLIT_SCORES // (BH * width * R))
+            for a in range(i, j + 1, per_batch):
+                c = min(per_batch, j + 1 - a)
+                lo, hi = tiles[a].start, tiles[a].start + c * width
+                kc = kf[:, lo:hi].unflatten(1, (c, width))
+                add(torch.matmul(kc, qt.unsqueeze(1)), vf[:, lo:hi].unflatten(1, (c, width)))
+        i = j + 1
+    m = torch.cat([p[0] for p in parts], dim=1)  # [BH, splits, R]
+    l = torch.cat([p[1] for p in parts], dim=1)
+    o = torch.cat([p[2] for p in parts], dim=1)  # [BH, splits, R, D]
+    w = (m - m.amax(dim=1, keepdim=True)).exp2_()
+    out = (o * w.unsqueeze(-1)).sum(dim=1) / (l * w).sum(dim=1).unsqueeze(-1)  # [BH, R, D]
+    return out.view(B, Hkv, G, Nq, D).reshape(B, Hq, Nq, D).to(q.dtype)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles
+from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles, split_k
 from ctxbench.masks import Mask
 from ctxbench.registry import Runner, register
 
@@ -44,6 +44,11 @@ TILE_ELEMENTS = 1 << 20
 BLOCK_Q = 256
 BLOCK_K = 512
 MIN_BLOCK = 16
+# Split-K decode (see _blockwise.split_k): at most this many query rows per kv head (query
+# heads per kv head x Lq), at least this many keys, and keys per split.
+SPLIT_K_MAX_ROWS = 64
+SPLIT_K_MIN_KEYS = 1024
+SPLIT_K_BLOCK = 2048
 
 
 def block_sizes(n: int, rows_per_block_row: int) -> tuple[int, int]:
@@ -57,14 +62,15 @@ def block_sizes(n: int, rows_per_block_row: int) -> tuple[int, int]:
     return min(block_q, n), min(block_k, n)
 
 
-def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
-    """Query blocks of `block_q` rows, each with the grid key blocks (multiples of `block_k`)
-    it can see at least partly, clipped to the visible key span [lo, hi); with a window and
-    sinks, first the sink keys left of that span (unmasked)."""
+def plan(n: int, mask: Mask, block_q: int, block_k: int, n_k: int | None = None) -> list[QueryBlock]:
+    """Query blocks of `block_q` rows (of n), each with the grid key blocks (multiples of
+    `block_k`, of n_k keys: default n) it can see at least partly, clipped to the visible key
+    span [lo, hi); with a window and sinks, first the sink keys left of that span (unmasked)."""
+    n_k = n if n_k is None else n_k
     blocks = []
     for qs in range(0, n, block_q):
         qe = min(qs + block_q, n)
-        lo, hi = mask.key_span(qs, qe, n)
+        lo, hi = mask.key_span(qs, qe, n_k)
         tiles = sink_tiles(lo, mask.sinks, block_k)
         for ks in range(lo - lo % block_k, hi, block_k):
             a, b = max(ks, lo), min(ks + block_k, hi)
@@ -73,16 +79,37 @@ def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
     return blocks
 
 
-@register("chunked", sinks=True, setup=True,
-          description="blockwise online softmax (FlashAttention in PyTorch); O(N*block) memory")
+def uses_split_k(n_q: int, n_k: int, rows_per_query: int) -> bool:
+    """Whether a call of n_q queries against n_k keys, each query repeated `rows_per_query`
+    times in a tile (query heads per kv head), runs as split-K decode."""
+    return n_q * rows_per_query <= SPLIT_K_MAX_ROWS and n_k >= SPLIT_K_MIN_KEYS
+
+
+@register("chunked", sinks=True, kv_cache=True, setup=True,
+          description="blockwise online softmax (FlashAttention in PyTorch), split-K for decode; O(N*block) memory")
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
             window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
-    """Exact attention over query blocks x key blocks; q [B, Hq, N, D], k/v [B, Hkv, N, D].
+    """Exact attention over query blocks x key blocks; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D].
 
+    A few queries against many keys (decode: group * Lq <= SPLIT_K_MAX_ROWS rows per kv
+    head) run split-K in the forward (_blockwise.split_k); calls that need gradients always
+    take the blockwise path with its backward.
     Setup: the block plan and the edge tiles' masks, once per shape."""
-    mask = Mask.of(causal, window, sinks)
     B, Hq, N, _ = q.shape
-    block_q, block_k = block_sizes(N, B * Hq)
-    blocks = plan(N, mask, block_q, block_k)
+    Hkv, Nk = k.shape[1], k.shape[2]
+    mask = Mask.of(causal, window, sinks, Nk - N)
+    block_q, _ = block_sizes(N, B * Hq)
+    block_k = min(BLOCK_K, Nk)  # keys are cut on their own grid, whatever Lq is
+    blocks = plan(N, mask, block_q, block_k, Nk)
     bias = MaskBias.for_plan(blocks, mask, q.device)
-    return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)
+    if not uses_split_k(N, Nk, Hq // Hkv):
+        return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)
+    # split-K: one query block, its key tiles as the splits (SPLIT_K_BLOCK keys each)
+    decode_plan = plan(N, mask, N, min(SPLIT_K_BLOCK, Nk), Nk)
+    decode_bias = MaskBias.for_plan(decode_plan, mask, q.device)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)
+        return split_k(q, k, v, decode_plan[0], scale=scale, bias=decode_bias)
+    return run

@@ -14,7 +14,7 @@ from ctxbench.masks import Mask
 from ctxbench.registry import Runner, register
 
 
-@register("naive", sinks=True, setup=True, description="full N x N score matrix in fp32; O(N^2) memory baseline")
+@register("naive", sinks=True, kv_cache=True, setup=True, description="full N x N score matrix in fp32; O(N^2) memory baseline")
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
           window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
     """Attention with the whole [B, Hq, N, N] score matrix materialised.

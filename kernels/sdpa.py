@@ -8,6 +8,10 @@ cell is recorded as unsupported instead of silently running on another backend.
 Every one is a setup implementation (ctxbench.registry): SDPA has no window argument, so a
 window (and its sink columns) goes in as an Lq x Lk boolean mask, which the setup step builds
 once per cell instead of on every timed call.
+
+Fewer queries than keys (decode, chunked prefill): SDPA's is_causal=True aligns the queries
+top-left (query i sees keys j <= i), which is wrong against a KV cache; a causal cell with
+Lq < Lk passes torch.nn.attention.bias.causal_lower_right instead (query i sees j <= Lk - Lq + i).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from ctxbench.masks import Mask
 from ctxbench.registry import Runner, Unsupported, register
@@ -25,8 +30,12 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, mask: Mask, scale: float | None,
     """run(q, k, v) calling SDPA under `mask`, pinned to `backend` when one is given."""
     gqa = q.shape[1] != k.shape[1]
     # SDPA's is_causal aligns queries top-left, ours bottom-right: the same only at offset 0.
+    # For Lq < Lk, causal_lower_right says bottom-right without a mask tensor, which keeps the
+    # flash and efficient backends available (an explicit mask rules flash out).
     if mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
         kwargs = {"is_causal": mask.causal}
+    elif mask.kind == "causal":
+        kwargs = {"attn_mask": causal_lower_right(q.shape[2], k.shape[2])}
     else:
         # The band (and the sink columns) as a boolean mask: Lq x Lk bytes, shared by every
         # batch and head, and what rules out the flash and cudnn backends.
@@ -48,7 +57,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, mask: Mask, scale: float | None,
     return run
 
 
-@register("sdpa", sinks=True, setup=True, description="torch SDPA, backend chosen by PyTorch")
+@register("sdpa", sinks=True, kv_cache=True, setup=True, description="torch SDPA, backend chosen by PyTorch")
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
          window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
     """torch.nn.functional.scaled_dot_product_attention with PyTorch's own backend choice."""
@@ -71,5 +80,5 @@ _BACKENDS = {
 }
 
 for _name, (_backend, _dtypes, _masks) in _BACKENDS.items():
-    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks, sinks="window" in _masks, setup=True,
+    register(_name, devices=["cuda"], dtypes=_dtypes, masks=_masks, sinks="window" in _masks, kv_cache=True, setup=True,
              description=f"torch SDPA pinned to the {_backend.name} backend")(_pinned(_backend))

@@ -50,21 +50,23 @@ def block_sizes(n: int, window: int, rows_per_block_row: int) -> tuple[int, int]
     return min(block_q, n), BLOCK_K
 
 
-def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
-    """For each query block, the band of keys it can see under the window `mask`, cut at the
-    mask edges and into tiles of at most block_k keys; with sinks, first the sink keys left
-    of the band."""
-    window = mask.window
+def plan(n: int, mask: Mask, block_q: int, block_k: int, n_k: int | None = None) -> list[QueryBlock]:
+    """For each block of the n query rows, the band of the n_k keys (default n) it can see
+    under the window `mask`, cut at the mask edges and into tiles of at most block_k keys; with
+    sinks, first the sink keys left of the band. Queries sit at positions mask.q_offset + row
+    (the last n of n_k tokens), so a decode block reads only the last W keys."""
+    window, off = mask.window, mask.q_offset
     blocks = []
     for qs in range(0, n, block_q):
         qe = min(qs + block_q, n)
+        ps, pe = qs + off, qe + off  # the block's query positions [ps, pe)
         # Edges of block_q keys, not block_q - 1: the left edge starts one key early (at
-        # qs - W, hidden from every query of the block) and the diagonal tile includes key
-        # qs. One wasted column per row keeps tile widths multiples of block_q, which MKL
+        # ps - W, hidden from every query of the block) and the diagonal tile includes key
+        # ps. One wasted column per row keeps tile widths multiples of block_q, which MKL
         # multiplies markedly faster than odd widths such as 127.
-        left = max(0, qs - window)
-        full_lo = min(max(left, qe - window), qs)  # keys in [full_lo, qs) are seen by every query
-        cuts = [left] + list(range(full_lo, qs, block_k)) + [qs, qe]
+        left = max(0, ps - window)
+        full_lo = min(max(left, pe - window), ps)  # keys in [full_lo, ps) are seen by every query
+        cuts = [left] + list(range(full_lo, ps, block_k)) + [ps, pe]
         # a tile the window hides entirely (the left edge, when it holds no sink keys) is dropped
         band = [Tile(a, b, mask.needs_mask(qs, qe, a, b))
                 for a, b in zip(cuts, cuts[1:]) if mask.sees_any(qs, qe, a, b)]
@@ -72,18 +74,18 @@ def plan(n: int, mask: Mask, block_q: int, block_k: int) -> list[QueryBlock]:
     return blocks
 
 
-@register("sliding_window", masks=["window"], sinks=True, setup=True,
+@register("sliding_window", masks=["window"], sinks=True, kv_cache=True, setup=True,
           description="computes only the W-wide band of keys per query block (plus sinks); O(N*W) time and memory")
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                    window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
-    """Exact sliding-window attention; q [B, Hq, N, D], k/v [B, Hkv, N, D], window required.
+    """Exact sliding-window attention; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], window required.
 
     Setup: the band's tile plan and the edge tiles' masks, once per shape."""
-    mask = Mask.of(causal, window, sinks)
+    B, Hq, N, _ = q.shape
+    mask = Mask.of(causal, window, sinks, k.shape[2] - N)
     if mask.window is None:
         raise ValueError("sliding_window needs a window (it declares masks=['window'] only)")
-    B, Hq, N, _ = q.shape
     block_q, block_k = block_sizes(N, mask.window, B * Hq)
-    blocks = plan(N, mask, block_q, block_k)
+    blocks = plan(N, mask, block_q, block_k, k.shape[2])
     bias = MaskBias.for_plan(blocks, mask, q.device)
     return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)

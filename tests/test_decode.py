@@ -1,0 +1,226 @@
+"""Fewer queries than keys (decode, chunked prefill): the bottom-right convention, the
+implementations that declare it, the byte counts and bandwidth columns, and the CLI's checks.
+
+Every implementation is checked against the float64 reference (ctxbench.reference) on fresh
+random inputs; the reference itself is checked against a brute-force loop over (query, key)
+pairs written here from the convention's definition, independently of ctxbench.masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxbench import bandwidth, registry
+from ctxbench.flops import attention_bytes, attention_flops
+from ctxbench.masks import Mask
+from ctxbench.measure import make_inputs
+from ctxbench.plan import Cell, Config
+from ctxbench.reference import TOLERANCE, errors, reference_attention
+from sweep_helpers import only_run_dir, run_cli
+
+SEED = int.from_bytes(os.urandom(4), "little")
+SMALL = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--rep-ms", "5"]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    print(f"seed {SEED}")
+    return torch.Generator().manual_seed(SEED)
+
+
+def visible(i: int, j: int, n_q: int, n_k: int, kind: str, window: int | None, sinks: int) -> bool:
+    """The convention, from its definition: query i sits at position n_k - n_q + i."""
+    p = n_k - n_q + i
+    if kind == "none":
+        return True
+    if j > p:
+        return False
+    return kind == "causal" or p - window < j or j < sinks
+
+
+def brute_attention(q, k, v, kind, window, sinks):
+    """float64 attention, one (batch, head, query) at a time, from `visible` above."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            for i in range(Lq):
+                keys = [j for j in range(Lk) if visible(i, j, Lq, Lk, kind, window, sinks)]
+                s = torch.stack([q[b, h, i].double() @ k[b, kv, j].double() for j in keys]) / math.sqrt(D)
+                out[b, h, i] = torch.softmax(s, 0) @ v[b, kv, keys].double()
+    return out
+
+
+MASKS = [("none", None, 0), ("causal", None, 0), ("window", 5, 0), ("window", 4, 2), ("window", 40, 0)]
+
+
+@pytest.mark.parametrize("kind, window, sinks", MASKS)
+def test_reference_follows_the_bottom_right_convention(kind, window, sinks, gen):
+    q = torch.randn(2, 4, 3, 8, generator=gen)
+    k, v = torch.randn(2, 2, 2, 11, 8, generator=gen).unbind(0)
+    mask = Mask.named(kind, window, sinks, q_offset=11 - 3)
+    want = brute_attention(q, k, v, kind, window, sinks)
+    for key_block in (None, 1, 4):  # the reference reads keys in blocks; any block size is the same math
+        got = reference_attention(q, k, v, mask, key_block=key_block)
+        assert errors(got, want)[0] < 1e-12
+
+
+@pytest.mark.parametrize("kind, window, sinks", MASKS)
+def test_keys_seen_and_pairs_count_the_visible_keys(kind, window, sinks):
+    for n_q, n_k in [(1, 1), (1, 30), (3, 30), (7, 9), (30, 30)]:
+        mask = Mask.named(kind, window, sinks, q_offset=n_k - n_q)
+        grid = [[visible(i, j, n_q, n_k, kind, window, sinks) for j in range(n_k)] for i in range(n_q)]
+        assert mask.visible_pairs(n_q, n_k) == sum(map(sum, grid))
+        assert mask.keys_seen(n_q, n_k) == sum(any(grid[i][j] for i in range(n_q)) for j in range(n_k))
+
+
+def test_bytes_moved_by_hand():
+    # decode, B=1, Hq=32, Hkv=8, D=128, 131072 keys, fp32: Q and O are 32*128 values each,
+    # K and V 8*131072*128 each, 4 bytes a value
+    causal = Mask("causal", q_offset=131071)
+    assert attention_bytes(1, 32, 8, 1, 131072, 128, causal, "float32") == 4 * (2 * 32 * 128 + 2 * 8 * 131072 * 128)
+    # a window of 1024 keys reads 1024 of them; 4 sinks add 4; bf16 halves it all
+    window = Mask("window", 1024, 4, q_offset=131071)
+    assert attention_bytes(2, 32, 8, 1, 131072, 128, window, "bfloat16") == \
+        2 * 2 * (2 * 32 * 128 + 2 * 8 * 1028 * 128)
+    # 16 queries see 15 keys more than one (the last 16 positions), FLOPs count pairs
+    assert attention_flops(1, 32, 16, 128, Mask("causal", q_offset=1000 - 16), "fwd", n_k=1000) == \
+        4 * 32 * 128 * sum(1000 - 16 + i + 1 for i in range(16))
+
+
+def test_square_cells_are_unchanged_by_the_query_length():
+    """query_len = n is today's square cell: the same inputs, mask, FLOPs and bytes."""
+    square = Cell.of(Config(heads=4, kv_heads=2, head_dim=16), "sdpa", 64)
+    same = Cell.of(Config(heads=4, kv_heads=2, head_dim=16, query_len=64), "sdpa", 64)
+    assert same.q_len == square.q_len == 64
+    assert same.attention_mask == square.attention_mask == Mask("causal")
+    for a, b in zip(make_inputs(square, 3, False), make_inputs(same, 3, False)):
+        assert torch.equal(a, b)
+    decode = Cell.of(Config(heads=4, kv_heads=2, head_dim=16, query_len=2), "sdpa", 64)
+    q, k, v, dout = make_inputs(decode, 3, False)
+    assert q.shape == dout.shape == (1, 4, 2, 16) and k.shape == v.shape == (1, 2, 64, 16)
+    assert decode.attention_mask == Mask("causal", q_offset=62)
+
+
+# Shapes that take each path: chunked's split-K decode (group * Lq <= 64 rows, >= 1024 keys)
+# with one or several key tiles and masked edges, and its blockwise path (more rows, or short).
+CASES = [(1, 3000), (3, 2100), (16, 1500), (1, 700), (40, 1100), (300, 1200)]
+IMPL_MASKS = [Mask("causal"), Mask("none"), Mask("window", 600), Mask("window", 300, 5), Mask("window", 1),
+              Mask("window", 17, 40)]
+
+
+@pytest.mark.parametrize("name", ["naive", "sdpa", "chunked", "sliding_window"])
+@pytest.mark.parametrize("n_q, n_k", CASES)
+def test_implementations_match_the_reference_with_fewer_queries(name, n_q, n_k, gen):
+    impl = registry.get(name)
+    assert impl.kv_cache
+    q = torch.randn(1, 8, n_q, 32, generator=gen)
+    k, v = torch.randn(2, 1, 2, n_k, 32, generator=gen).unbind(0)
+    for m in IMPL_MASKS:
+        if m.kind not in impl.masks:
+            continue
+        mask = Mask(m.kind, m.window, m.sinks, n_k - n_q)
+        err = errors(impl.call(q, k, v, mask), reference_attention(q, k, v, mask))[0]
+        assert err < TOLERANCE["float32"] / 10, (mask.describe(), err)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_split_k_in_low_precision(dtype, gen):
+    q = torch.randn(2, 8, 2, 64, generator=gen).to(getattr(torch, dtype))
+    k, v = torch.randn(2, 2, 2, 5000, 64, generator=gen).to(getattr(torch, dtype)).unbind(0)
+    mask = Mask("window", 3000, 4, q_offset=4998)
+    out = registry.get("chunked").call(q, k, v, mask)
+    assert out.dtype == q.dtype
+    assert errors(out, reference_attention(q, k, v, mask))[0] < TOLERANCE[dtype]
+
+
+def test_chunked_prefill_gradients(gen):
+    """A call that needs gradients takes chunked's blockwise path, whose backward handles Lq < Lk."""
+    q = torch.randn(1, 4, 48, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
+    k, v = (t.requires_grad_() for t in torch.randn(2, 1, 2, 300, 16, generator=gen).unbind(0))
+    dout = torch.randn(1, 4, 48, 16, generator=gen)
+    for mask in (Mask("causal", q_offset=252), Mask("window", 64, 3, q_offset=252)):
+        registry.get("chunked").call(q, k, v, mask).backward(dout)
+        got = [t.grad.clone() for t in (q, k, v)]
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        reference_attention(q64, k64, v64, mask).backward(dout.double())
+        for g, t in zip(got, (q64, k64, v64)):
+            assert errors(g, t.grad)[0] < 1e-5
+        q.grad = k.grad = v.grad = None
+
+
+def test_sdpa_top_left_causal_would_be_wrong(gen):
+    """SDPA's is_causal aligns queries top-left; ctxbench's sdpa uses the lower-right bias."""
+    q = torch.randn(1, 4, 4, 16, generator=gen)
+    k, v = torch.randn(2, 1, 4, 16, 16, generator=gen).unbind(0)
+    mask = Mask("causal", q_offset=12)
+    ref = reference_attention(q, k, v, mask)
+    top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert errors(top_left, ref)[0] > 0.1  # query 0 would see one key instead of 13
+    assert errors(registry.get("sdpa").call(q, k, v, mask), ref)[0] < 1e-6
+
+
+def test_undeclared_implementations_are_unsupported_for_fewer_queries():
+    registry.register("square_only_test")(lambda q, k, v, *, causal, window, scale=None: q)
+    impl = registry.get("square_only_test")
+    decode = Cell.of(Config(query_len=1), "square_only_test", 64)
+    reason = impl.unsupported_reason(decode)
+    assert reason is not None and "kv_cache=True" in reason and "1 queries against 64 keys" in reason
+    assert impl.unsupported_reason(Cell.of(Config(query_len=64), "square_only_test", 64)) is None
+    with pytest.raises(ValueError, match="q_offset must be Lk - Lq"):
+        impl.prepare(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 8, 4), torch.ones(1, 1, 8, 4), Mask("causal"))
+
+
+def test_datasheet_bandwidths():
+    assert bandwidth.peak_hbm_gbps("NVIDIA H200") == 4800.0
+    assert bandwidth.peak_hbm_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert bandwidth.peak_hbm_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert bandwidth.peak_hbm_gbps("Some CPU") is None
+
+
+def test_cpu_read_probe_measures_something_plausible():
+    gbps = bandwidth.cpu_read_gbps(64 * 2**20, repeats=3)
+    assert 0.1 < gbps < 10_000
+
+
+def test_decode_sweep_records_bytes_and_bandwidth(tmp_path, capsys):
+    code, out, err = run_cli(["sweep", *SMALL, "--query-len", "2", "--lengths", "1024,2048", "--impls",
+                              "chunked,sdpa", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    run_dir = only_run_dir(str(tmp_path))
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "results.csv"))))
+    assert len(rows) == 4, "kernel cells only: no perplexity unless asked for"
+    settings = json.load(open(os.path.join(run_dir, "meta.json")))["spec"]["settings"]
+    bw = settings["bandwidth_gbps"]
+    assert bw > 0 and "measured read" in settings["bandwidth_source"]
+    for r in rows:
+        assert r["status"] == "ok", r["message"]
+        n = int(r["n"])
+        assert r["query_len"] == "2"
+        assert int(r["bytes_moved"]) == 4 * (2 * 4 * 2 * 16 + 2 * 2 * n * 16)
+        assert math.isclose(float(r["gbps"]), int(r["bytes_moved"]) / (float(r["latency_ms"]) * 1e-3) / 1e9)
+        assert math.isclose(float(r["bw_fraction"]), float(r["gbps"]) / bw)
+        assert float(r["device_bw_gbps"]) == bw
+        assert float(r["flops"]) == 4 * 4 * 16 * (2 * (n - 1) + 1)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--query-len", "0"], "--query-len must be a positive number"),
+    (["--query-len", "-3"], "--query-len must be a positive number"),
+    (["--query-len", "2048", "--lengths", "1024,4096"], "--query-len 2048 is above the KV length 1024"),
+])
+def test_bad_query_lengths_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
+    code, out, err = run_cli(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert not list(tmp_path.iterdir())
