@@ -35,6 +35,12 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "query_len": click.option("--query-len", type=int, default=default("query_len"),
                               help="query tokens per sequence against N keys, aligned to the last keys (1: decode; "
                                    "default: N, prefill)"),
+    "ragged": click.option("--ragged", is_flag=True, default=default("ragged"),
+                           help="ragged batch: each sequence's KV length drawn with the seed in [N/8, N]"),
+    "kv_lens": click.option("--kv-lens", default=default("kv_lens"),
+                            help="KV lengths of the batch's sequences, e.g. 1000,70000 (tokens, one per --batch)"),
+    "page_size": click.option("--page-size", type=int, default=default("page_size"),
+                              help="paged KV cache: tokens per page, pages in a shuffled order (e.g. 16)"),
     "heads": click.option("--heads", type=int, default=default("heads"), show_default=True, help="query heads"),
     "kv_heads": click.option("--kv-heads", type=int, default=default("kv_heads"), help="key/value heads (default: --heads)"),
     "head_dim": click.option("--head-dim", type=int, default=default("head_dim"), show_default=True),
@@ -104,8 +110,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                                  "cluster)"),
 }
 
-SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
-               "mode", "device", "impl_names", "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit",
+SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens", "page_size", "batch", "heads",
+               "kv_heads", "head_dim", "dtype", "mask", "window", "mode", "device", "impl_names", "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit",
                "rep_ms", "check_rows", "seed", "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len",
                "ppl_tokens", "ppl_scheme", "ppl_stride", "model_path", "text_path", "rope", "executor", "address")
 PASSKEY_FLAGS = ("min_len", "max_len", "lengths", "depths", "trials", "impl_names", "impl_specs", "rope", "mask",

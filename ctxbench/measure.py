@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ctxbench.flops import attention_bytes, attention_flops, device_peak_tflops
+from ctxbench.kv_layout import KVLayout, draw_lengths, paginate
 from ctxbench.plan import Cell, Settings
 from ctxbench.procfs import reset_rss_peak, status_kib
 from ctxbench.reference import TOLERANCE, errors, reference_attention, sample_rows
@@ -48,6 +49,32 @@ def make_inputs(cell: Cell, seed: int, requires_grad: bool) -> tuple[torch.Tenso
     q, k, v = rand(cell.heads, cell.q_len), rand(cell.kv_heads, cell.n), rand(cell.kv_heads, cell.n)
     dout = rand(cell.heads, cell.q_len).detach()
     return q, k, v, dout
+
+
+def kv_lengths(cell: Cell, seed: int) -> list[int] | None:
+    """Per-sequence KV lengths (tokens) of a ragged or paged cell, None for a plain one."""
+    if cell.kv_lens is not None:
+        return [int(x) for x in cell.kv_lens.split(",")]
+    if cell.ragged:
+        return draw_lengths(cell.n, cell.batch, cell.q_len, seed)
+    if cell.page_size:
+        return [cell.n] * cell.batch
+    return None
+
+
+def kv_inputs(impl: Impl, cell: Cell, seed: int, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[KVLayout | None, torch.Tensor, torch.Tensor]:
+    """(layout, k, v) as `impl` is called with them: page pools for an implementation that
+    reads a paged cache, else the contiguous K and V (ctxbench.kv_layout). Built before any
+    timing: a block table is the serving engine's state, not the kernel's work."""
+    lengths = kv_lengths(cell, seed)
+    if lengths is None:
+        return None, k, v
+    kv_lens = torch.tensor(lengths, dtype=torch.int32, device=k.device)
+    if not (cell.page_size and impl.paged):
+        return KVLayout(tuple(lengths), kv_lens), k, v
+    k_pool, v_pool, table = paginate(k.detach(), v.detach(), lengths, cell.page_size, seed)
+    return KVLayout(tuple(lengths), kv_lens, table, cell.page_size), k_pool, v_pool
 
 
 def make_step(run: Runner, mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -190,7 +217,7 @@ def _held_bytes(device: str) -> int | None:
 
 
 def timed_prepare(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor) -> tuple[Runner, dict[str, Any]]:
+                  v: torch.Tensor, layout: KVLayout | None = None) -> tuple[Runner, dict[str, Any]]:
     """Run the implementation's setup step alone: (run, {setup_ms, setup_mem_bytes}).
 
     setup_ms: wall time of the setup step (ms; 0 for a plain function, which has none).
@@ -201,7 +228,7 @@ def timed_prepare(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor,
     _sync(cell.device)
     before = _held_bytes(cell.device)
     t0 = time.perf_counter()
-    run = impl.prepare(q, k, v, cell.attention_mask)
+    run = impl.prepare(q, k, v, cell.attention_mask, layout=layout)
     _sync(cell.device)
     setup_ms = (time.perf_counter() - t0) * 1e3
     after = _held_bytes(cell.device)
@@ -222,8 +249,11 @@ def timed_first_call(once: Callable[[], Any], device: str) -> float:
 # ---------------------------------------------------------------- the cell
 
 def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, s: Settings) -> dict[str, Any]:
-    """Relative L2 and max-abs error of `out` on a random subset of rows vs the float64 reference."""
+                 out: torch.Tensor, s: Settings, lengths: list[int] | None = None) -> dict[str, Any]:
+    """Relative L2 and max-abs error of `out` on a random subset of rows vs the float64 reference.
+
+    lengths: a ragged batch's KV lengths; each sequence is then checked against its own keys
+    (k, v contiguous [B, Hkv, n, D]) and its own offset, and the errors pooled."""
     expected = (cell.batch, cell.heads, cell.q_len, cell.head_dim)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -233,9 +263,15 @@ def check_output(impl: Impl, cell: Cell, q: torch.Tensor, k: torch.Tensor, v: to
     # the reference holds rows x n float64 scores per head: a block of rows within the budget
     row_block = max(1, min(len(rows), REFERENCE_BUDGET_BYTES // (8 * cell.batch * cell.heads * cell.n)))
     with torch.no_grad():
-        ref = reference_attention(q.detach(), k.detach(), v.detach(), cell.attention_mask, rows=rows,
-                                  row_block=row_block)
-        rel, mx = errors(out.detach()[:, :, rows.to(out.device), :], ref)
+        got = out.detach()[:, :, rows.to(out.device), :]
+        if lengths is None:
+            ref = reference_attention(q.detach(), k.detach(), v.detach(), cell.attention_mask, rows=rows,
+                                      row_block=row_block)
+        else:
+            ref = torch.cat([reference_attention(q[b:b + 1].detach(), k[b:b + 1, :, :n].detach(),
+                                                 v[b:b + 1, :, :n].detach(), cell.sequence_mask(n), rows=rows,
+                                                 row_block=row_block) for b, n in enumerate(lengths)])
+        rel, mx = errors(got, ref)
     return {"err_rel_l2": rel, "err_max_abs": mx, "err_rows": len(rows), "err_tolerance": TOLERANCE[cell.dtype],
             "out_dtype_ok": out.dtype == q.dtype}
 
@@ -277,24 +313,27 @@ def verdict(err_rel_l2: float, tolerance: float, dtype: str, dtype_ok: bool,
     return ("wrong" if problems else "ok"), "; ".join(problems)
 
 
-def throughput(cell: Cell, latency_ms: float, s: Settings, devices: int = 1) -> dict[str, Any]:
+def throughput(cell: Cell, latency_ms: float, s: Settings, devices: int = 1,
+               lengths: list[int] | None = None) -> dict[str, Any]:
     """The rates of one call at latency_ms (ms):
 
     flops (mask-aware FLOPs), tflops, and on CUDA peak_fraction (of `devices` GPUs' dense
     peak); forward cells also bytes_moved (the minimum traffic, bytes: ctxbench.flops), gbps
     (GB/s, 1e9 bytes) and bw_fraction (of the run's device bandwidth, s.bandwidth_gbps, which
     the sweep measured or looked up once: ctxbench.bandwidth), with that bandwidth beside it.
+    A ragged batch (lengths: KV tokens per sequence) counts each sequence's real keys only.
     """
-    mask = cell.attention_mask
-    flops = attention_flops(cell.batch, cell.heads, cell.q_len, cell.head_dim, mask, cell.mode, n_k=cell.n)
+    seqs = [(1, n) for n in lengths] if lengths is not None else [(cell.batch, cell.n)]
+    flops = sum(attention_flops(b, cell.heads, cell.q_len, cell.head_dim, cell.sequence_mask(n), cell.mode, n_k=n)
+                for b, n in seqs)
     seconds = latency_ms * 1e-3
     row: dict[str, Any] = {"flops": flops, "tflops": flops / seconds / 1e12}
     if cell.device == "cuda":
         peak = device_peak_tflops(torch.cuda.get_device_name(0), cell.dtype)
         row["peak_fraction"] = row["tflops"] / (peak * devices) if peak else None
     if cell.mode == "fwd":  # the backward's traffic has no such simple minimum
-        moved = attention_bytes(cell.batch, cell.heads, cell.kv_heads, cell.q_len, cell.n, cell.head_dim, mask,
-                                cell.dtype)
+        moved = sum(attention_bytes(b, cell.heads, cell.kv_heads, cell.q_len, n, cell.head_dim,
+                                    cell.sequence_mask(n), cell.dtype) for b, n in seqs)
         row.update(bytes_moved=moved, gbps=moved / seconds / 1e9)
         if s.bandwidth_gbps:
             row["bw_fraction"] = row["gbps"] / (s.bandwidth_gbps * devices)
@@ -307,7 +346,11 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
     needs_grad = cell.mode != "fwd"
     q, k, v, dout = make_inputs(cell, s.seed, needs_grad)
-    run, row = timed_prepare(impl, cell, q, k, v)
+    layout, k_in, v_in = kv_inputs(impl, cell, s.seed, k, v)  # the page pools, for a paged reader
+    run, row = timed_prepare(impl, cell, q, k_in, v_in, layout)
+    lengths = list(layout.lengths) if layout is not None else None
+    if lengths is not None:
+        row["kv_lens_used"] = ",".join(map(str, lengths))
 
     def once() -> torch.Tensor:
         if needs_grad:
@@ -316,7 +359,7 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
             out.backward(dout)
             return out.detach()
         with torch.no_grad():
-            return run(q, k, v)
+            return run(q, k_in, v_in)
 
     # Compilation and autotuning (which allocate benchmark buffers of their own) happen on
     # the first call: keep them out of the memory reading as well as the timings.
@@ -325,7 +368,7 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     mem_bytes, mem_method, out = peak_memory(once, cell.device)
     mem_call_ms = (time.perf_counter() - t0) * 1e3
     row.update({"peak_mem_bytes": mem_bytes, "mem_method": mem_method})
-    row.update(check_output(impl, cell, q, k, v, out, s))
+    row.update(check_output(impl, cell, q, k, v, out, s, lengths))
     del out
     dtype_ok = row.pop("out_dtype_ok")
     if needs_grad and cell.n <= GRAD_CHECK_MAX_LEN:
@@ -334,13 +377,13 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
                               grad_err=row.get("grad_err_rel_l2"))
     gc.collect()
 
-    step = make_step(run, cell.mode, q, k, v, dout)
+    step = make_step(run, cell.mode, q, k_in, v_in, dout)
     if cell.device == "cuda":
         timing = time_cuda(step, s)
     else:
         # the memory run was this very step in fwd and fwd+bwd: it counts as warm-up
         timing = time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0)
     row.update(timing)
-    row.update(throughput(cell, timing["latency_ms"], s))
+    row.update(throughput(cell, timing["latency_ms"], s, lengths=lengths))
     row["status"], row["message"] = status, message
     return row

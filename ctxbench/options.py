@@ -56,6 +56,9 @@ class Options:
     lengths: str | None = None          # "1024,2048": tokens, instead of powers of two
     batch: int = 1
     query_len: int | None = None        # query tokens against n keys (None: n, prefill; 1: decode)
+    ragged: bool = False                # KV lengths drawn per sequence in [n/8, n]
+    kv_lens: str | None = None          # "1000,70000": KV tokens per sequence (one per --batch)
+    page_size: int | None = None        # tokens per page of a paged KV cache
     heads: int = 8                      # query heads
     kv_heads: int | None = None         # key/value heads (None: = heads)
     head_dim: int = 64
@@ -141,6 +144,28 @@ def lengths_of(o: Options, default_max: int) -> list[int]:
     if max_len < o.min_len:
         fail(f"--max-len {max_len} is below --min-len {o.min_len}; lengths must increase")
     return powers_of_two(o.min_len, max_len)
+
+
+def parse_kv_lens(o: Options) -> list[int]:
+    """--kv-lens '1000,70000' -> [1000, 70000] (tokens): one per sequence of --batch, each at
+    least --query-len and at most --max-len; it fixes the lengths, so --lengths and --min-len
+    are refused beside it (--max-len, when given, is the padded cache length)."""
+    text = o.kv_lens or ""
+    try:
+        lens = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        fail(f"--kv-lens {text!r} is not a comma-separated list of integers, e.g. --kv-lens 1000,70000")
+    if len(lens) != o.batch:
+        fail(f"--kv-lens gives {len(lens)} lengths for --batch {o.batch}; give one KV length per sequence")
+    low = max(1, o.query_len or 1)
+    if min(lens) < low:
+        fail(f"--kv-lens {text}: every KV length must be at least {low} (the query length, tokens)")
+    if o.max_len is not None and max(lens) > o.max_len:
+        fail(f"--kv-lens {text}: {max(lens)} is above --max-len {o.max_len}; raise --max-len or shorten the lengths")
+    if o.lengths is not None or "min_len" in o.given:
+        fail("--kv-lens fixes the KV lengths, so --lengths and --min-len don't apply; give --max-len for the padded "
+             "cache length, or drop --kv-lens")
+    return lens
 
 
 def parse_dtype(text: str) -> str:
@@ -271,6 +296,13 @@ def check_numbers(o: Options) -> None:
         if value is not None and (value < 0 or (value == 0 and flag != "--ppl-max-len")):
             fail(f"{flag} must be a positive integer (got {value})"
                  + (" or 0 for no perplexity" if flag == "--ppl-max-len" else ""))
+    if o.page_size is not None and o.page_size <= 0:
+        fail(f"--page-size must be a positive integer number of tokens per page (got {o.page_size}), e.g. 16")
+    if (o.ragged or o.kv_lens is not None or o.page_size is not None) and o.mode != "fwd":
+        fail(f"--ragged, --kv-lens and --page-size describe a KV cache, which is measured forward only; drop "
+             f"--mode {o.mode} or them")
+    if o.ragged and o.kv_lens is not None:
+        fail("--ragged draws the KV lengths, --kv-lens gives them: give one of them")
     if o.query_len is not None and o.query_len <= 0:
         fail(f"--query-len must be a positive number of query tokens (got {o.query_len}); 1 is decode")
     if o.address is not None and o.executor != "ray":
@@ -296,11 +328,16 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     device = o.device or default_device()
     check_device(device)
     dtype = parse_dtype(o.dtype) if o.dtype else ("bfloat16" if device == "cuda" else "float32")
-    lengths = lengths_of(o, PASSKEY_MAX_LEN[device] if passkey else SWEEP_MAX_LEN)
+    kv_lens = parse_kv_lens(o) if o.kv_lens is not None else None
+    if kv_lens is not None:  # the lengths are given: one cell length, the padded cache's
+        lengths = [o.max_len if o.max_len is not None else max(kv_lens)]
+    else:
+        lengths = lengths_of(o, PASSKEY_MAX_LEN[device] if passkey else SWEEP_MAX_LEN)
     if o.query_len is not None and o.query_len > lengths[0]:
         fail(f"--query-len {o.query_len} is above the KV length {lengths[0]} (the shortest of the sweep); the "
              f"queries are the last tokens of each sequence: raise --min-len (or --lengths) to at least {o.query_len}")
-    config = Config(batch=o.batch, query_len=o.query_len, heads=o.heads, kv_heads=o.heads if o.kv_heads is None else o.kv_heads,
+    config = Config(batch=o.batch, query_len=o.query_len, ragged=o.ragged, page_size=o.page_size,
+                    kv_lens=None if kv_lens is None else ",".join(map(str, kv_lens)), heads=o.heads, kv_heads=o.heads if o.kv_heads is None else o.kv_heads,
                     head_dim=o.head_dim, dtype=dtype, mask=mask, window=window, mode=o.mode, device=device,
                     allow_interpreter=o.allow_interpreter, sinks=sinks, ppl_scheme=o.ppl_scheme)
     names = impl_names(o)

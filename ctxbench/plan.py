@@ -48,6 +48,12 @@ class Config:
     # Query tokens per sequence against n keys (decode: 1; chunked prefill: a few hundred);
     # None: as many as keys (prefill, the square Lq = Lk). The queries are the last tokens.
     query_len: int | None = None
+    # Ragged batches and paged caches (ctxbench.kv_layout): KV lengths drawn per sequence with
+    # the seed (ragged), or given ("1000,70000": tokens, one per sequence); K and V in pages of
+    # page_size tokens. None / False: every sequence has n keys, stored contiguously.
+    ragged: bool = False
+    kv_lens: str | None = None
+    page_size: int | None = None
 
     @property
     def attention_mask(self) -> Mask:
@@ -86,10 +92,19 @@ class Cell(Config):
         return self.n if self.query_len is None else self.query_len
 
     @property
+    def is_ragged(self) -> bool:
+        """Whether the sequences of the batch have different KV lengths."""
+        return self.ragged or self.kv_lens is not None
+
+    @property
     def attention_mask(self) -> Mask:
         """The mask of this cell's Lq x n score matrix: the configuration's, with the queries
         aligned to the last keys (q_offset = n - Lq, bottom-right, as FlashAttention's)."""
-        return Mask.named(self.mask, self.window, self.sinks, q_offset=self.n - self.q_len)
+        return self.sequence_mask(self.n)
+
+    def sequence_mask(self, kv_len: int) -> Mask:
+        """The mask of one sequence holding kv_len keys (ragged batches: each its own offset)."""
+        return Mask.named(self.mask, self.window, self.sinks, q_offset=kv_len - self.q_len)
 
     @property
     def key(self) -> tuple:
@@ -148,7 +163,8 @@ class PerplexityPlan:
         if n > self.max_len:
             return []
         base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                       dtype=self.dtype, mode="fwd", query_len=None)
+                       dtype=self.dtype, mode="fwd", query_len=None, ragged=False, kv_lens=None,
+                       page_size=None)
         return [Cell.of(base, impl, n, task="perplexity", rope=rope) for impl in self.impls for rope in self.ropes]
 
 
@@ -172,7 +188,8 @@ class PasskeyPlan:
         """The passkey cells at length n: implementation x RoPE variant x depth x trial, one
         forward pass of n tokens each (batch 1, forward only)."""
         base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                       dtype=self.dtype, mode="fwd", query_len=None)
+                       dtype=self.dtype, mode="fwd", query_len=None, ragged=False, kv_lens=None,
+                       page_size=None)
         return [Cell.of(base, impl, n, task="passkey", rope=rope, depth=float(depth), trial=trial)
                 for impl in self.impls for rope in self.ropes for depth in self.depths for trial in range(self.trials)]
 

@@ -17,6 +17,13 @@ Every implementation follows one contract::
   j < S, i.e. j <= p and (p - W < j or j < S).
 * scale defaults to 1/sqrt(D); softmax statistics are kept in fp32 whatever the dtype.
 * out is [B, Hq, Lq, D] in q's dtype.
+* Ragged batches (``ragged=True``): also ``kv_lens=`` (int32 [B], on q's device): sequence b
+  has kv_lens[b] <= Lk real keys, its query i sits at position kv_lens[b] - Lq + i, and the
+  keys past kv_lens[b] are padding that must not be read into the result.
+* Paged caches (``paged=True``, implies ragged): k and v are pools [pages, page_size, Hkv, D]
+  and ``block_table=`` (int32 [B, pages per sequence]) says which page holds sequence b's keys
+  [p * page_size, (p + 1) * page_size) (ctxbench.kv_layout). An implementation that does not
+  declare paged gets the same data made contiguous.
 
 Work done once per shape (a block mask, a plan, a mask tensor, a page table) stays out of the
 timed call with a setup step, in the spirit of tritonbench's backends: declare ``setup=True``
@@ -94,6 +101,10 @@ class Impl:
     # Whether it takes fewer queries than keys (Lq < Lk, aligned bottom-right): decode and
     # chunked prefill against a KV cache.
     kv_cache: bool = False
+    # Whether it takes `kv_lens=` (int32 [B]: a ragged batch, ctxbench.kv_layout), and whether
+    # it reads a paged cache (k, v as page pools with `block_table=`; implies ragged).
+    ragged: bool = False
+    paged: bool = False
     # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
     # its shard of the sequence (ctxbench.sharded measures such cells; launch with torchrun).
     distributed: bool = False
@@ -111,18 +122,23 @@ class Impl:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
-                scale: float | None = None) -> Runner:
+                scale: float | None = None, layout: Any = None) -> Runner:
         """The function to time for these shapes under `mask` (ctxbench.masks.Mask): run(q, k, v).
 
         A setup implementation does its per-shape work here (the harness records its cost as
         setup_ms); a plain one is only bound to its arguments. The mask's offset is not an
         argument of the contract: bottom-right alignment fixes it at Lk - Lq, so a mask that
-        says otherwise is refused rather than silently ignored.
+        says otherwise is refused rather than silently ignored. layout: a
+        ctxbench.kv_layout.KVLayout for ragged or paged cells (its keywords are passed as
+        this implementation declares; k and v are then padded tensors or page pools).
         """
-        if mask.q_offset != k.shape[-2] - q.shape[-2]:
-            raise ValueError(f"{mask.describe()} does not match {q.shape[-2]} queries against {k.shape[-2]} keys "
+        n_k = max(layout.lengths) if layout is not None else k.shape[-2]
+        if mask.q_offset != n_k - q.shape[-2]:
+            raise ValueError(f"{mask.describe()} does not match {q.shape[-2]} queries against {n_k} keys "
                              "(queries are aligned to the last keys: q_offset must be Lk - Lq)")
         kwargs = mask.contract_kwargs()
+        if layout is not None:
+            kwargs.update(layout.kwargs(self.ragged, self.paged))
         fn = self.fn
         if self.setup:
             run = fn(q, k, v, scale=scale, **kwargs)
@@ -168,6 +184,8 @@ class Impl:
         sinks = getattr(cell, "attn_sinks", 0)
         if sinks > 0 and not self.sinks:
             return f"{self.name} does not support attention sinks (sinks={sinks})"
+        if getattr(cell, "is_ragged", False) and not self.ragged:
+            return f"{self.name} does not support ragged batches (it does not declare ragged=True)"
         q_len = getattr(cell, "q_len", cell.n)
         if q_len != cell.n and not self.kv_cache:
             return (f"{self.name} does not support fewer queries than keys ({q_len} queries against {cell.n} keys; "
@@ -192,6 +210,8 @@ def register(
     exact: bool = True,
     sinks: bool = False,
     kv_cache: bool = False,
+    ragged: bool = False,
+    paged: bool = False,
     distributed: bool = False,
     setup: bool = False,
     default_devices: Iterable[str] | None = None,
@@ -206,6 +226,7 @@ def register(
 
     setup=True: the function is a setup step returning run(q, k, v) (see the module docstring).
     kv_cache=True: it takes Lq < Lk queries, aligned to the last keys (see the module docstring).
+    ragged=True: it takes kv_lens=; paged=True: it reads page pools with block_table= (and kv_lens=).
     default_devices: where a sweep naming no implementation includes it (default: every device
     it declares); on its other devices it runs only when named.
     """
@@ -219,7 +240,7 @@ def register(
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
             masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
-            kv_cache=kv_cache, distributed=distributed, setup=setup,
+            kv_cache=kv_cache, ragged=ragged or paged, paged=paged, distributed=distributed, setup=setup,
             default_devices=None if default_devices is None else frozenset(default_devices), description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )

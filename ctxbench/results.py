@@ -16,12 +16,13 @@ from ctxbench.plan import KEY_FIELDS
 
 STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
 
-CONFIG_COLUMNS = ("impl", "n", "query_len", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype", "mask", "window",
-                  "sinks", "mode", "device", "allow_interpreter", "ppl_scheme",
+CONFIG_COLUMNS = ("impl", "n", "query_len", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype",
+                  "mask", "window", "sinks", "mode", "device", "allow_interpreter", "ppl_scheme",
+                  "ragged", "kv_lens", "page_size",  # the KV layout (ctxbench.kv_layout)
                   "depth", "trial")  # passkey cells: the key's depth (fraction of the filler) and trial
 # Key columns added after the first release, with the value every row of an older run has.
-KEY_DEFAULTS = {"query_len": "", "task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
-                "trial": ""}
+KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
+                "trial": "", "query_len": "", "ragged": "False", "kv_lens": "", "page_size": ""}
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
     "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
@@ -32,6 +33,7 @@ MEASURE_COLUMNS = (
     # GB/s at the median and its fraction of the device bandwidth; that bandwidth (GB/s), what
     # the run's probe measured (GB/s) and where the bandwidth comes from (ctxbench.bandwidth)
     "bytes_moved", "gbps", "bw_fraction", "device_bw_gbps", "device_bw_probe_gbps", "device_bw_source",
+    "kv_lens_used",                                    # ragged or paged cells: KV tokens per sequence
     "peak_mem_bytes", "mem_method",                    # bytes above the inputs; how it was read
     "err_rel_l2", "err_max_abs", "err_rows", "err_tolerance", "grad_err_rel_l2",
     "impl_info",                                       # JSON the implementation reports (config chosen, ...)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles, split_k
+from ctxbench.kv_layout import gather
 from ctxbench.masks import Mask
 from ctxbench.registry import Runner, register
 
@@ -85,28 +86,51 @@ def uses_split_k(n_q: int, n_k: int, rows_per_query: int) -> bool:
     return n_q * rows_per_query <= SPLIT_K_MAX_ROWS and n_k >= SPLIT_K_MIN_KEYS
 
 
-@register("chunked", sinks=True, kv_cache=True, setup=True,
+@register("chunked", sinks=True, kv_cache=True, paged=True, setup=True,
           description="blockwise online softmax (FlashAttention in PyTorch), split-K for decode; O(N*block) memory")
-def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-            window: int | None, scale: float | None = None, sinks: int = 0) -> Runner:
+def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
+            scale: float | None = None, sinks: int = 0, kv_lens: torch.Tensor | None = None,
+            block_table: torch.Tensor | None = None) -> Runner:
     """Exact attention over query blocks x key blocks; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D].
 
     A few queries against many keys (decode: group * Lq <= SPLIT_K_MAX_ROWS rows per kv
     head) run split-K in the forward (_blockwise.split_k); calls that need gradients always
-    take the blockwise path with its backward.
-    Setup: the block plan and the edge tiles' masks, once per shape."""
-    B, Hq, N, _ = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    mask = Mask.of(causal, window, sinks, Nk - N)
+    take the blockwise path with its backward. A ragged batch runs sequence by sequence, each
+    on its own keys; a paged one gathers each sequence's pages first (inside the call).
+    Setup: the block plans and the edge tiles' masks, once per shape (per distinct length)."""
+    if kv_lens is None:
+        return _prepared(q.shape, k.shape[1], k.shape[2], causal, window, sinks, scale, q.device)
+    lengths = kv_lens.tolist()
+    one = (1,) + tuple(q.shape[1:])
+    hkv = k.shape[1] if block_table is None else k.shape[2]  # pools are [pages, page_size, Hkv, D]
+    runs = {n: _prepared(one, hkv, n, causal, window, sinks, scale, q.device) for n in set(lengths)}
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for b, n in enumerate(lengths):
+            if block_table is None:
+                kb, vb = k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+            else:
+                kb, vb = gather(k, block_table, b, n), gather(v, block_table, b, n)
+            out[b:b + 1] = runs[n](q[b:b + 1], kb, vb)
+        return out
+    return run
+
+
+def _prepared(q_shape: tuple[int, ...], n_kv_heads: int, n_k: int, causal: bool, window: int | None, sinks: int,
+              scale: float | None, device: torch.device) -> Runner:
+    """run(q, k, v) for q of q_shape [B, Hq, Lq, D] against n_k keys of n_kv_heads heads."""
+    B, Hq, N, _ = q_shape
+    mask = Mask.of(causal, window, sinks, n_k - N)
     block_q, _ = block_sizes(N, B * Hq)
-    block_k = min(BLOCK_K, Nk)  # keys are cut on their own grid, whatever Lq is
-    blocks = plan(N, mask, block_q, block_k, Nk)
-    bias = MaskBias.for_plan(blocks, mask, q.device)
-    if not uses_split_k(N, Nk, Hq // Hkv):
+    block_k = min(BLOCK_K, n_k)  # keys are cut on their own grid, whatever Lq is
+    blocks = plan(N, mask, block_q, block_k, n_k)
+    bias = MaskBias.for_plan(blocks, mask, device)
+    if not uses_split_k(N, n_k, Hq // n_kv_heads):
         return lambda q, k, v: attention(q, k, v, blocks, mask=mask, scale=scale, bias=bias)
     # split-K: one query block, its key tiles as the splits (SPLIT_K_BLOCK keys each)
-    decode_plan = plan(N, mask, N, min(SPLIT_K_BLOCK, Nk), Nk)
-    decode_bias = MaskBias.for_plan(decode_plan, mask, q.device)
+    decode_plan = plan(N, mask, N, min(SPLIT_K_BLOCK, n_k), n_k)
+    decode_bias = MaskBias.for_plan(decode_plan, mask, device)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

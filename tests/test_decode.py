@@ -224,3 +224,99 @@ def test_bad_query_lengths_are_one_line_and_exit_2(args, fragment, tmp_path, cap
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- ragged batches and paged caches
+
+def test_pages_hold_each_sequence_in_a_shuffled_order(gen):
+    from ctxbench.kv_layout import gather, gather_all, paginate
+
+    k, v = torch.randn(2, 3, 2, 50, 8, generator=gen).unbind(0)
+    lengths = [50, 17, 33]
+    k_pool, v_pool, table = paginate(k, v, lengths, 16, seed=5)
+    assert k_pool.shape == (4 + 2 + 3, 16, 2, 8) and table.shape == (3, 4)
+    used = torch.cat([table[b, :-(-n // 16)] for b, n in enumerate(lengths)])
+    assert sorted(used.tolist()) == list(range(9)) and used.tolist() != list(range(9))
+    for b, n in enumerate(lengths):
+        assert torch.equal(gather(k_pool, table, b, n), k[b:b + 1, :, :n])
+        assert torch.equal(gather(v_pool, table, b, n), v[b:b + 1, :, :n])
+    full = gather_all(k_pool, table, 50)
+    for b, n in enumerate(lengths):
+        assert torch.equal(full[b, :, :n], k[b, :, :n])
+
+
+def test_ragged_lengths_are_drawn_from_the_seed():
+    from ctxbench.kv_layout import draw_lengths
+
+    a = draw_lengths(4096, 8, 1, seed=0)
+    assert a == draw_lengths(4096, 8, 1, seed=0) and a != draw_lengths(4096, 8, 1, seed=1)
+    assert max(a) == 4096 and min(a) >= 512 and len(set(a)) > 1
+    assert min(draw_lengths(64, 8, 30, seed=0)) >= 30  # never fewer keys than queries
+
+
+RAGGED = ["naive", "sdpa", "chunked"]
+
+
+@pytest.mark.parametrize("name", RAGGED)
+@pytest.mark.parametrize("n_q", [1, 4, 40])
+def test_ragged_and_paged_batches_match_the_reference(name, n_q, gen):
+    from ctxbench.kv_layout import KVLayout, paginate
+
+    impl = registry.get(name)
+    assert impl.ragged and impl.paged
+    lengths = [1500, 260, 1100]
+    n = max(lengths)
+    q = torch.randn(3, 4, n_q, 16, generator=gen)
+    k, v = torch.randn(2, 3, 2, n, 16, generator=gen).unbind(0)  # keys past a length are random padding
+    kv_lens = torch.tensor(lengths, dtype=torch.int32)
+    k_pool, v_pool, table = paginate(k, v, lengths, 16, seed=SEED)
+    for m in (Mask("causal"), Mask("window", 300, 4), Mask("none")):
+        mask = Mask(m.kind, m.window, m.sinks, n - n_q)
+        ragged = impl.prepare(q, k, v, mask, layout=KVLayout(tuple(lengths), kv_lens))(q, k, v)
+        for b, length in enumerate(lengths):
+            seq = Mask(m.kind, m.window, m.sinks, length - n_q)
+            ref = reference_attention(q[b:b + 1], k[b:b + 1, :, :length], v[b:b + 1, :, :length], seq)
+            assert errors(ragged[b:b + 1], ref)[0] < 1e-5, (mask.describe(), b)
+        paged = impl.prepare(q, k_pool, v_pool, mask,
+                             layout=KVLayout(tuple(lengths), kv_lens, table, 16))(q, k_pool, v_pool)
+        assert torch.equal(paged, ragged), "the same data, paged or contiguous, must give the same output"
+
+
+def test_ragged_cells_need_a_declaration():
+    registry.register("not_ragged_test", kv_cache=True)(lambda q, k, v, *, causal, window, scale=None: q)
+    cell = Cell.of(Config(query_len=1, ragged=True), "not_ragged_test", 64)
+    assert "does not support ragged batches" in registry.get("not_ragged_test").unsupported_reason(cell)
+    # a paged (not ragged) cell runs it on contiguous K and V
+    assert registry.get("not_ragged_test").unsupported_reason(Cell.of(Config(query_len=1, page_size=16),
+                                                                      "not_ragged_test", 64)) is None
+
+
+def test_ragged_paged_sweep_counts_only_real_tokens(tmp_path, capsys):
+    code, out, err = run_cli(["sweep", *SMALL, "--batch", "3", "--query-len", "1", "--kv-lens", "300,1024,77",
+                              "--page-size", "16", "--impls", "sdpa,chunked", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(only_run_dir(str(tmp_path)), "results.csv"))))
+    assert [r["n"] for r in rows] == ["1024", "1024"]
+    for r in rows:
+        assert r["status"] == "ok", r["message"]
+        assert r["kv_lens"] == r["kv_lens_used"] == "300,1024,77" and r["page_size"] == "16"
+        assert int(r["bytes_moved"]) == 4 * sum(2 * 4 * 16 + 2 * 2 * n * 16 for n in (300, 1024, 77))
+        assert float(r["flops"]) == 4 * 4 * 16 * (300 + 1024 + 77)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--page-size", "0"], "--page-size must be a positive integer"),
+    (["--page-size", "x"], "'x' is not a valid integer"),
+    (["--kv-lens", "100,200", "--batch", "3"], "gives 2 lengths for --batch 3"),
+    (["--kv-lens", "100,5000", "--batch", "2", "--max-len", "4096"], "5000 is above --max-len 4096"),
+    (["--kv-lens", "100,2x", "--batch", "2"], "not a comma-separated list"),
+    (["--kv-lens", "100,200", "--batch", "2", "--lengths", "1024"], "--kv-lens fixes the KV lengths"),
+    (["--ragged", "--mode", "fwd+bwd"], "measured forward only"),
+])
+def test_bad_kv_layouts_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
+    code, out, err = run_cli(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert not list(tmp_path.iterdir())
