@@ -41,6 +41,9 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                             help="KV lengths of the batch's sequences, e.g. 1000,70000 (tokens, one per --batch)"),
     "page_size": click.option("--page-size", type=int, default=default("page_size"),
                               help="paged KV cache: tokens per page, pages in a shuffled order (e.g. 16)"),
+    "cuda_graph": click.option("--cuda-graph", type=click.Choice(["on", "off"]), default=default("cuda_graph"),
+                               show_default=True,
+                               help="CUDA decode cells (--query-len): time CUDA-graph replays, or each launch"),
     "heads": click.option("--heads", type=int, default=default("heads"), show_default=True, help="query heads"),
     "kv_heads": click.option("--kv-heads", type=int, default=default("kv_heads"), help="key/value heads (default: --heads)"),
     "head_dim": click.option("--head-dim", type=int, default=default("head_dim"), show_default=True),
@@ -110,7 +113,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                                  "cluster)"),
 }
 
-SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens", "page_size", "batch", "heads",
+SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens", "page_size", "cuda_graph", "batch",
+               "heads",
                "kv_heads", "head_dim", "dtype", "mask", "window", "mode", "device", "impl_names", "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit",
                "rep_ms", "check_rows", "seed", "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len",
                "ppl_tokens", "ppl_scheme", "ppl_stride", "model_path", "text_path", "rope", "executor", "address")

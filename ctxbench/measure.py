@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ctxbench.formatting import first_line
 from ctxbench.flops import attention_bytes, attention_flops, device_peak_tflops
 from ctxbench.kv_layout import KVLayout, draw_lengths, paginate
 from ctxbench.plan import Cell, Settings
@@ -201,6 +202,24 @@ def time_cuda(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
     return quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)])
 
 
+def time_cuda_graph(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
+    """Like time_cuda, but each timed call is a replay of a CUDA graph that captured one call:
+    a decode kernel can run for 10-20 us, the order of its launch overhead, which a graph
+    removes (as tritonbench --cudagraph and vLLM's do_bench_cudagraph time them). The graph is
+    captured after warm-up calls on a side stream, as CUDA graph capture requires; the caller
+    falls back to time_cuda when capture fails (an implementation that syncs with the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return time_cuda(graph.replay, s)
+
+
 # ---------------------------------------------------------------- setup and first call
 
 def _sync(device: str) -> None:
@@ -378,11 +397,19 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     gc.collect()
 
     step = make_step(run, cell.mode, q, k_in, v_in, dout)
-    if cell.device == "cuda":
-        timing = time_cuda(step, s)
+    if cell.device == "cuda" and s.cuda_graph and cell.query_len is not None and cell.mode == "fwd":
+        try:
+            timing = {**time_cuda_graph(step, s), "timing_method": "cuda_graph"}
+        except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside the call: time it launch by launch
+            torch.cuda.synchronize()
+            timing = {**time_cuda(step, s),
+                      "timing_method": f"cuda_events (graph capture failed: {first_line(str(exc))})"}
+    elif cell.device == "cuda":
+        timing = {**time_cuda(step, s), "timing_method": "cuda_events"}
     else:
         # the memory run was this very step in fwd and fwd+bwd: it counts as warm-up
-        timing = time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0)
+        timing = {**time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0),
+                  "timing_method": "perf_counter"}
     row.update(timing)
     row.update(throughput(cell, timing["latency_ms"], s, lengths=lengths))
     row["status"], row["message"] = status, message

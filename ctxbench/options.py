@@ -59,6 +59,7 @@ class Options:
     ragged: bool = False                # KV lengths drawn per sequence in [n/8, n]
     kv_lens: str | None = None          # "1000,70000": KV tokens per sequence (one per --batch)
     page_size: int | None = None        # tokens per page of a paged KV cache
+    cuda_graph: str = "on"              # CUDA decode cells: time graph replays ("on") or launches ("off")
     heads: int = 8                      # query heads
     kv_heads: int | None = None         # key/value heads (None: = heads)
     head_dim: int = 64
@@ -312,6 +313,7 @@ def check_numbers(o: Options) -> None:
 def settings_of(o: Options, device: str, ppl_tokens: int) -> Settings:
     rep_ms = o.rep_ms if o.rep_ms is not None else (100.0 if device == "cuda" else 1000.0)
     return Settings(rep_ms=rep_ms, warmup_ms=25.0 if device == "cuda" else 100.0, check_rows=o.check_rows,
+                    cuda_graph=o.cuda_graph == "on",
                     seed=o.seed, model=os.path.abspath(o.model_path) if o.model_path else "",
                     text=os.path.abspath(o.text_path) if o.text_path else "", ppl_tokens=ppl_tokens,
                     ppl_stride=o.ppl_stride)

@@ -234,6 +234,8 @@ class Settings:
     bandwidth_gbps: float | None = None
     bandwidth_probe_gbps: float | None = None
     bandwidth_source: str = ""
+    # CUDA decode cells (query_len set, forward): time CUDA-graph replays, not launches.
+    cuda_graph: bool = True
 
 
 @dataclass

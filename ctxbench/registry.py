@@ -105,6 +105,8 @@ class Impl:
     # it reads a paged cache (k, v as page pools with `block_table=`; implies ragged).
     ragged: bool = False
     paged: bool = False
+    # The most query tokens per sequence it takes (a decode kernel's limit); None: any.
+    max_query_len: int | None = None
     # Whether it runs across the ranks of a torch.distributed group, each rank calling it with
     # its shard of the sequence (ctxbench.sharded measures such cells; launch with torchrun).
     distributed: bool = False
@@ -187,6 +189,8 @@ class Impl:
         if getattr(cell, "is_ragged", False) and not self.ragged:
             return f"{self.name} does not support ragged batches (it does not declare ragged=True)"
         q_len = getattr(cell, "q_len", cell.n)
+        if self.max_query_len is not None and q_len > self.max_query_len:
+            return f"{self.name} takes at most {self.max_query_len} query tokens (got {q_len}; it is a decode kernel)"
         if q_len != cell.n and not self.kv_cache:
             return (f"{self.name} does not support fewer queries than keys ({q_len} queries against {cell.n} keys; "
                     "it does not declare kv_cache=True)")
@@ -212,6 +216,7 @@ def register(
     kv_cache: bool = False,
     ragged: bool = False,
     paged: bool = False,
+    max_query_len: int | None = None,
     distributed: bool = False,
     setup: bool = False,
     default_devices: Iterable[str] | None = None,
@@ -240,7 +245,8 @@ def register(
         impl = Impl(
             name=name, fn=fn, devices=frozenset(devices), dtypes=frozenset(dtypes),
             masks=frozenset(masks), modes=frozenset(modes), gqa=gqa, exact=exact, sinks=sinks,
-            kv_cache=kv_cache, ragged=ragged or paged, paged=paged, distributed=distributed, setup=setup,
+            kv_cache=kv_cache, ragged=ragged or paged, paged=paged, max_query_len=max_query_len,
+            distributed=distributed, setup=setup,
             default_devices=None if default_devices is None else frozenset(default_devices), description=description or _first_doc_line(fn), source=f"{fn.__module__}:{fn.__qualname__}",
             check=check, info=info,
         )

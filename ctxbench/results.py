@@ -26,6 +26,7 @@ KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme":
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
     "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
+    "timing_method",                                   # perf_counter, cuda_events or cuda_graph (replays)
     "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
     "first_call_ms",                                   # ms; compilation and autotuning happen in it
     "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median

@@ -13,5 +13,6 @@ from ctxbench.kernels import (  # noqa: F401
     sdpa,
     sliding_window,
     triton_attention,
+    triton_decode,
     xformers_attention,
 )

@@ -49,21 +49,43 @@ def mask_mod(mask: Mask) -> Callable[..., torch.Tensor]:
     return visible
 
 
-def block_mask(mask: Mask, n_q: int, n_k: int, device: torch.device | str, compile: bool = True) -> Any:
+def ragged_mask_mod(mask: Mask, kv_lens: torch.Tensor, n_q: int) -> Callable[..., torch.Tensor]:
+    """mask_mod of a ragged batch (a document mask over the padded keys): sequence b has
+    kv_lens[b] keys, its query row q_idx sits at position kv_lens[b] - n_q + q_idx, and keys
+    at or past kv_lens[b] are hidden. `mask` gives the kind, window and sinks (its own offset
+    is not used: each sequence has its own)."""
+    base = Mask(mask.kind, mask.window, mask.sinks)
+
+    def visible(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        length = kv_lens[b]
+        return (kv_idx < length) & base.sees(q_idx + length - n_q, kv_idx)
+
+    visible.__name__ = f"ctxbench_ragged_{mask.kind}" + (f"_w{mask.window}" if mask.window else "") + (
+        f"_s{mask.sinks}" if mask.sinks else "")
+    return visible
+
+
+def block_mask(mask: Mask, n_q: int, n_k: int, device: torch.device | str, compile: bool = True,
+               kv_lens: torch.Tensor | None = None) -> Any:
     """The BlockMask of `mask` for n_q queries and n_k keys (tokens), shared by every batch
-    and head; None for no mask (flex_attention is then dense). compile=True evaluates the
-    mask per block (no N x N tensor), compile=False materialises it (small N only)."""
-    if mask.kind == "none":
+    and head (one per sequence for a ragged batch, kv_lens [B]); None for no mask on a plain
+    batch (flex_attention is then dense). compile=True evaluates the mask per block (no N x N
+    tensor), compile=False materialises it (small N only)."""
+    if mask.kind == "none" and kv_lens is None:
         return None
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if kv_lens is None:
+        mod, batch = mask_mod(mask), None
+    else:
+        mod, batch = ragged_mask_mod(mask, kv_lens, n_q), kv_lens.shape[0]
     if compile:
         # torch.compile(create_block_mask), as torch recommends over its _compile flag
         build = _COMPILED.get("block_mask")
         if build is None:
             build = _COMPILED["block_mask"] = torch.compile(create_block_mask)
-        return build(mask_mod(mask), None, None, n_q, n_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
-    return create_block_mask(mask_mod(mask), None, None, n_q, n_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
+        return build(mod, batch, None, n_q, n_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    return create_block_mask(mod, batch, None, n_q, n_k, device=device, BLOCK_SIZE=BLOCK_SIZE)
 
 
 def compiled_flex() -> Callable[..., Any]:
@@ -104,19 +126,21 @@ def _info() -> dict:
 # sdpa there at 16K (benchmarks/flex_targets.py; Inductor's own vectorised micro-GEMM against
 # MKL's) and compiles for about 20 s per mask and shape, which would add minutes to the
 # default sweep and nothing that sdpa's rows do not already say.
-@register("flex", sinks=True, setup=True, check=_check, info=_info, default_devices=["cuda"],
+@register("flex", sinks=True, kv_cache=True, ragged=True, setup=True, check=_check, info=_info,
+          default_devices=["cuda"],
           description="torch FlexAttention, compiled (forward only on the CPU); block mask built once per shape")
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
-         scale: float | None = None, sinks: int = 0) -> Runner:
-    """flex_attention with the mask as a BlockMask; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]."""
+         scale: float | None = None, sinks: int = 0, kv_lens: torch.Tensor | None = None) -> Runner:
+    """flex_attention with the mask as a BlockMask; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; a
+    ragged batch (kv_lens) as a per-sequence document mask, built here in the setup step."""
     mask = Mask.of(causal, window, sinks, k.shape[-2] - q.shape[-2])
-    blocks = block_mask(mask, q.shape[-2], k.shape[-2], q.device)
+    blocks = block_mask(mask, q.shape[-2], k.shape[-2], q.device, kv_lens=kv_lens)
     _LAST.clear()
     _LAST["block_size"] = BLOCK_SIZE
     if blocks is not None:
         partial = int(blocks.kv_num_blocks.sum())
         full = int(blocks.full_kv_num_blocks.sum()) if blocks.full_kv_num_blocks is not None else 0
-        total = -(-q.shape[-2] // BLOCK_SIZE) * -(-k.shape[-2] // BLOCK_SIZE)
+        total = -(-q.shape[-2] // BLOCK_SIZE) * -(-k.shape[-2] // BLOCK_SIZE) * blocks.kv_num_blocks.shape[0]
         _LAST.update(partial_blocks=partial, full_blocks=full, skipped_pct=round(100 * (1 - (partial + full) / total), 2))
     gqa = q.shape[1] != k.shape[1]
     attend = compiled_flex()

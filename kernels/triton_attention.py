@@ -202,7 +202,8 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_SINKS: tl.constexpr):
     """[len(rows), len(cols)] visibility (ctxbench.masks convention), keys >= N invisible:
-    key j is visible to row i iff j <= i and (i - WINDOW < j or j < SINKS)."""
+    key j is visible to the query at position p iff j <= p and (p - WINDOW < j or j < SINKS).
+    rows are query positions (row + Q_OFF), N the number of keys."""
     ok = cols[None, :] < N
     if IS_CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None])
@@ -217,8 +218,9 @@ def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 @_jit
 def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr):
-    """The transpose of _visible: [len(keys), len(rows)], query rows >= N invisible, and keys
-    >= N (under a causal mask no row < N sees them anyway)."""
+    """The transpose of _visible: [len(keys), len(rows)]; rows are query positions (row + Q_OFF),
+    N the number of keys. Positions >= N (query rows >= N_Q) are invisible, and keys >= N
+    (under a causal mask no position < N sees them anyway)."""
     ok = rows[None, :] < N
     if IS_CAUSAL:
         ok = ok & (rows[None, :] >= cols[:, None])
@@ -233,26 +235,30 @@ def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW
 
 
 @_jit
-def _key_bounds(start_m, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key-block bounds (multiples of BLOCK_N) for the query block starting at start_m.
+    """Key-block bounds (multiples of BLOCK_N) for the query block starting at row start_m:
+    N keys, N_Q query rows, row i at position Q_OFF + i (Q_OFF = N - N_Q).
 
     Returns lo <= full_lo <= full_hi <= hi: [lo, hi) covers every key block holding a key
     some row of the block can see; [full_lo, full_hi) are the blocks needing no mask.
+    Every numerator of a division is >= 0 (triton's integer division truncates).
     """
+    pos = start_m + Q_OFF  # the position of the block's first row
     if HAS_WINDOW:
-        lo = tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-        # every real row i < min(start_m + BLOCK_M, N) sees keys > i - WINDOW: full from here up
-        last = tl.minimum(start_m + BLOCK_M, N)
+        lo = tl.maximum(pos - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        # every real row (< N_Q), at a position p < min(start_m + BLOCK_M, N_Q) + Q_OFF, sees
+        # the keys > p - WINDOW: full from here up
+        last = tl.minimum(start_m + BLOCK_M, N_Q) + Q_OFF
         full_lo = (tl.maximum(last - WINDOW, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     else:
         lo = start_m * 0
         full_lo = lo
     full_hi = N // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
-        hi = tl.minimum(N, start_m + BLOCK_M)
-        # row start_m (the block's first) sees keys <= start_m
-        full_hi = tl.minimum(full_hi, (start_m + 1) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(N, pos + BLOCK_M)
+        # the block's first row sees the keys <= pos
+        full_hi = tl.minimum(full_hi, (pos + 1) // BLOCK_N * BLOCK_N)
     else:
         hi = start_m * 0 + N
     hi = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -262,32 +268,35 @@ def _key_bounds(start_m, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @_jit
-def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_bounds(start_n, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Query-block bounds (multiples of BLOCK_M) for the key block starting at start_n.
+    """Query-block bounds (multiples of BLOCK_M, in rows) for the key block starting at start_n.
 
-    Query i sees key j when j <= i (causal) and i < j + WINDOW (window): the rows that see
-    keys [start_n, start_n + BLOCK_N) are [start_n, start_n + BLOCK_N - 1 + WINDOW).
+    Query row i sits at position p = Q_OFF + i and sees key j when j <= p (causal) and
+    p < j + WINDOW (window): the rows that see keys [start_n, start_n + BLOCK_N) are
+    [start_n - Q_OFF, start_n + BLOCK_N - 1 + WINDOW - Q_OFF), clipped to [0, N_Q). Each
+    numerator of a division is clamped to >= 0 first (triton's integer division truncates).
     """
     if IS_CAUSAL:
-        lo = start_n // BLOCK_M * BLOCK_M
+        lo = tl.maximum(start_n - Q_OFF, 0) // BLOCK_M * BLOCK_M
         # a query block is below the diagonal once its first row sees the block's last real key
         last_key = tl.minimum(start_n + BLOCK_N, N) - 1
-        full_lo = (last_key + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_lo = (tl.maximum(last_key - Q_OFF, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         lo = start_n * 0
         full_lo = lo
-    full_hi = N // BLOCK_M * BLOCK_M
+    full_hi = N_Q // BLOCK_M * BLOCK_M
     if not IS_CAUSAL:
         # the key block crossing N: its padding keys must get dS = 0 (it feeds dQ), so every
-        # query block is masked (with a causal mask they are: no row < N sees a key >= N)
+        # query block is masked (with a causal mask they are: no position < N sees a key >= N)
         full_hi = tl.where(start_n + BLOCK_N > N, full_lo, full_hi)
     if HAS_WINDOW:
-        hi = tl.minimum(N, start_n + BLOCK_N - 1 + WINDOW)
-        # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW
-        full_hi = tl.minimum(full_hi, (start_n + WINDOW) // BLOCK_M * BLOCK_M)
+        # empty (0) for a key block left of every query's window
+        hi = tl.maximum(tl.minimum(N_Q, start_n + BLOCK_N - 1 + WINDOW - Q_OFF), 0)
+        # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW - Q_OFF
+        full_hi = tl.minimum(full_hi, tl.maximum(start_n + WINDOW - Q_OFF, 0) // BLOCK_M * BLOCK_M)
     else:
-        hi = start_n * 0 + N
+        hi = start_n * 0 + N_Q
     hi = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     full_lo = tl.minimum(full_lo, hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
@@ -305,12 +314,13 @@ def _sink_key_bounds(lo, SINKS, BLOCK_N: tl.constexpr):
 
 
 @_jit
-def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sink_query_bounds(start_n, hi, N_Q, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query blocks past the band's end hi that see sink keys of the key block at start_n:
-    all of them up to N when the block holds a sink. [hi, full) need no mask (the key block
-    is sinks only, rows inside the sequence), [full, end) do. Empty for other key blocks."""
-    end = tl.where(start_n < SINKS, (N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
-    full = tl.where(start_n + BLOCK_N <= SINKS, N // BLOCK_M * BLOCK_M, hi)
+    all of them up to N_Q (the query rows) when the block holds a sink (past the band, every
+    row's position is past the block's keys). [hi, full) need no mask (the key block is sinks
+    only, rows inside the sequence), [full, end) do. Empty for other key blocks."""
+    end = tl.where(start_n < SINKS, (N_Q + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
+    full = tl.where(start_n + BLOCK_N <= SINKS, N_Q // BLOCK_M * BLOCK_M, hi)
     full = tl.maximum(tl.minimum(full, end), hi)
     return full, end
 
@@ -343,16 +353,17 @@ def _count(Visits, visits, block):
 
 
 @_jit
-def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW, SINKS,
+def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n, offs_d, N, WINDOW, SINKS,
               qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
               PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
-    """One K/V tile of the online softmax: the body of _fwd_inner's loop."""
+    """One K/V tile of the online softmax: the body of _fwd_inner's loop (pos_m: the query
+    rows' positions, N: the number of keys)."""
     cols = start_n + offs_n
     kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     qk = _mm(q, kt, PRECISION, INTERPRETED)
     if MASKED:
-        ok = _visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+        ok = _visible(pos_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
         qk = tl.where(ok, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
@@ -374,7 +385,7 @@ def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n
 
 
 @_jit
-def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, offs_n, offs_d,
+def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, pos_m, offs_n, offs_d,
                stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr,
@@ -387,7 +398,7 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, off
     if INTERPRETED:  # a while loop: see "Loops" in the module docstring
         start_n = start
         while start_n < end:
-            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
+            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n,
                                               offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
                                               HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
             kt_ptrs += BLOCK_N * stride_kn
@@ -396,7 +407,7 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, offs_m, off
     else:
         for start_n in range(start, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, offs_m, offs_n,
+            acc, l_i, m_i, visits = _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n,
                                               offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW,
                                               HAS_SINKS, HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
             kt_ptrs += BLOCK_N * stride_kn
@@ -410,8 +421,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ob, stride_oh, stride_on, stride_od,
-                H, N, WINDOW, SINKS, qk_scale,
-                N_BUCKET, W_BUCKET,  # autotuning keys only
+                H, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SINKS: tl.constexpr,
@@ -426,6 +437,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
     start_m = pid_m * BLOCK_M
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + Q_OFF  # query positions, what the masks compare: row i sits at Q_OFF + i
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = start_m.to(tl.int64)
@@ -440,47 +452,47 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visits = pid_m * 0
-    q = _load_rows(q_ptrs, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
+    q = _load_rows(q_ptrs, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
 
-    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     if HAS_SINKS:  # attention sinks left of the band: whole blocks, then the one cut by SINKS
         sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo * 0, sink_full,
-                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                            INTERPRETED, COUNT)
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, sink_full, sink_end,
-                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                            INTERPRETED, COUNT)
     if HAS_WINDOW:  # blocks cut by the window's low edge
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo, full_lo,
-                                           offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                           pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                            stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                            HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                            INTERPRETED, COUNT)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_lo, full_hi,
-                                       offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                        INTERPRETED, COUNT)
     # the diagonal and the sequence end (key N)
     acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, full_hi, hi,
-                                       offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                       pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                        stride_vd, N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                        INTERPRETED, COUNT)
 
-    # Epilogue. Rows >= N (padding of the last block) may have l_i = 0; they are not stored.
-    l_i = tl.where(offs_m < N, l_i, 1.0)
+    # Epilogue. Rows >= N_Q (padding of the last block) may have l_i = 0; they are not stored.
+    l_i = tl.where(offs_m < N_Q, l_i, 1.0)
     lse = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + row0 * stride_on
               + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :] * stride_od)
-    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N, HEAD_DIM, EVEN_D)
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N_Q, HEAD_DIM, EVEN_D)
     if COUNT:
         _count(Visits, visits, pid_m)
 
@@ -495,7 +507,7 @@ def _bwd_preprocess(O, DO, Delta,
                     stride_ob, stride_oh, stride_on, stride_od,
                     stride_dob, stride_doh, stride_don, stride_dod,
                     H, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
+    """Delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32 (N: the query rows)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -515,30 +527,31 @@ def _bwd_preprocess(O, DO, Delta,
 
 @_jit
 def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base, start_m, offs_n,
-                   offs_d, N, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
                    INTERPRETED: tl.constexpr, COUNT: tl.constexpr, FUSED_DQ: tl.constexpr):
     """One query tile of a key block's dK, dV (and, FUSED_DQ, its dQ contribution): the body
     of _bwd_dkdv_inner's loop. Matmuls: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
-    dK += dS^T Q, and with FUSED_DQ dQ += dS K (5 in all, FlashAttention-2's count)."""
+    dK += dS^T Q, and with FUSED_DQ dQ += dS K (5 in all, FlashAttention-2's count).
+    start_m is a query row (row i at position Q_OFF + i); N_Q rows, N keys."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    qt = _load_cols(qt_ptrs, rows, offs_d, N_Q, MASKED, HEAD_DIM, EVEN_D)
     if MASKED:
-        # rows >= N get lse = +inf, so their p is exactly 0
-        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
+        # rows >= N_Q get lse = +inf, so their p is exactly 0
+        lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
     else:
         lse = tl.load(lse_base + rows)
     qkt = _mm(k, qt, PRECISION, INTERPRETED)
     st = qkt * qk_scale - lse[None, :]
     if MASKED:  # hidden pairs get exp2(-inf) = 0
-        ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+        ok = _visible_t(offs_n, rows + Q_OFF, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
         st = tl.where(ok, st, float("-inf"))
     pt = tl.math.exp2(st)
-    do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
+    do = _load_rows(do_ptrs, rows, offs_d, N_Q, MASKED, HEAD_DIM, EVEN_D)
     dv = _mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
     if MASKED:
-        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < N_Q, other=0.0)
     else:
         delta = tl.load(delta_base + rows)
     dpt = _mm(v, tl.trans(do), PRECISION, INTERPRETED)
@@ -548,9 +561,9 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
         dq = _mm(tl.trans(dst), k, PRECISION, INTERPRETED)
         if MASKED:
             if EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N, sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N_Q, sem="relaxed")
             else:
-                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         else:
             if EVEN_D:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
@@ -567,7 +580,7 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
 @_jit
 def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
-                    N, WINDOW, SINKS, qk_scale,
+                    N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_SINKS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -578,13 +591,13 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, de
     row0 = start.to(tl.int64)
     qt_ptrs = q_base + row0 * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
     do_ptrs = do_base + row0 * stride_don + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    # the fp32 dQ accumulator is [B, H, N, HEAD_DIM], contiguous
+    # the fp32 dQ accumulator is [B, H, N_Q, HEAD_DIM], contiguous
     dq_ptrs = dq_base + row0 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     if INTERPRETED:  # a while loop: see "Loops" in the module docstring
         start_m = start
         while start_m < end:
             dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
-                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
+                                            start_m, offs_n, offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED,
                                             IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
                                             INTERPRETED, COUNT, FUSED_DQ)
             qt_ptrs += BLOCK_M * stride_qn
@@ -595,7 +608,7 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, de
         for start_m in range(start, end, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
-                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
+                                            start_m, offs_n, offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED,
                                             IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
                                             INTERPRETED, COUNT, FUSED_DQ)
             qt_ptrs += BLOCK_M * stride_qn
@@ -612,8 +625,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
                      stride_dob, stride_doh, stride_don, stride_dod,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                     HKV, N, WINDOW, SINKS, qk_scale, sm_scale,
-                     N_BUCKET, W_BUCKET,  # autotuning keys only
+                     HKV, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, sm_scale,
+                     N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_SINKS: tl.constexpr,
@@ -638,43 +651,44 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     visits = pid_n * 0
 
-    lo, full_lo, full_hi, hi = _query_bounds(start_n, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _query_bounds(start_n, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                                             HAS_WINDOW)
     if HAS_SINKS:
-        sink_full, sink_end = _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M, BLOCK_N)
+        sink_full, sink_end = _sink_query_bounds(start_n, hi, N_Q, SINKS, BLOCK_M, BLOCK_N)
     H = HKV * GROUP
     for g in range(GROUP):  # GQA: sum the contributions of every query head of this kv head
         off_h = off_hk * GROUP + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse_base = LSE + (off_b * H + off_h) * N
-        delta_base = Delta + (off_b * H + off_h) * N
-        dq_base = DQ_ACC + (off_b * H + off_h) * N * HEAD_DIM
+        lse_base = LSE + (off_b * H + off_h) * N_Q
+        delta_base = Delta + (off_b * H + off_h) * N_Q
+        dq_base = DQ_ACC + (off_b * H + off_h) * N_Q * HEAD_DIM
         if IS_CAUSAL:  # query blocks crossing the diagonal
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                              PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                          full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                         stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                                          False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         # query blocks crossing the window's far edge, and the sequence end
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                          full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                         stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                                          True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         if HAS_SINKS:  # a key block holding sinks is seen by every later query row
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              hi, sink_full, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                                              False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                              BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
                                              sink_full, sink_end, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, WINDOW, SINKS, qk_scale,
+                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                              BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
 
@@ -693,7 +707,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
 def _bwd_dq_cast(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqn, stride_dqd, H, N, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """FUSED_DQ: dQ = sm_scale * DQ_ACC (the fp32 sum of the dK/dV programs' atomic adds,
-    [B, H, N, HEAD_DIM] contiguous), in dQ's dtype and strides."""
+    [B, H, N, HEAD_DIM] contiguous, N the query rows), in dQ's dtype and strides."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -710,18 +724,19 @@ def _bwd_dq_cast(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqn, stride_dqd, H, 
 
 
 @_jit
-def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n, offs_d, N, WINDOW,
+def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m, offs_n, offs_d, N, WINDOW,
                  SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                  PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr):
-    """One K/V tile of a query block's dQ: the body of _bwd_dq_inner's loop."""
+    """One K/V tile of a query block's dQ: the body of _bwd_dq_inner's loop (pos_m: the query
+    rows' positions, N: the number of keys)."""
     cols = start_n + offs_n
     kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     qk = _mm(q, kt, PRECISION, INTERPRETED)
     s = qk * qk_scale - lse[:, None]
     if MASKED:
-        s = tl.where(_visible(offs_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
+        s = tl.where(_visible(pos_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
     p = tl.math.exp2(s)
     dp = _mm(do, vt, PRECISION, INTERPRETED)
     ds = p * (dp - delta[:, None])
@@ -735,7 +750,7 @@ def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_
 
 
 @_jit
-def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d,
+def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, pos_m, offs_n, offs_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_SINKS: tl.constexpr,
@@ -747,7 +762,7 @@ def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, off
     if INTERPRETED:  # a while loop: see "Loops" in the module docstring
         start_n = start
         while start_n < end:
-            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
+            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m, offs_n,
                                       offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
                                       HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
             kt_ptrs += BLOCK_N * stride_kn
@@ -756,7 +771,7 @@ def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, off
     else:
         for start_n in range(start, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, offs_m, offs_n,
+            dq, visits = _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m, offs_n,
                                       offs_d, N, WINDOW, SINKS, qk_scale, MASKED, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
                                       HEAD_DIM, EVEN_D, PRECISION, INTERPRETED, COUNT)
             kt_ptrs += BLOCK_N * stride_kn
@@ -771,11 +786,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_don, stride_dod,
                    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                   H, N, WINDOW, SINKS, qk_scale, sm_scale,
-                   N_BUCKET, W_BUCKET,  # autotuning keys only
+                   H, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, sm_scale,
+                   N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SINKS: tl.constexpr,
+                   HAS_SINKS: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
@@ -786,49 +801,50 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
     off_h = off_h.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + Q_OFF  # query positions, as in the forward
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = start_m.to(tl.int64)
     rel = tl.arange(0, BLOCK_M)[:, None]
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qn + rel * stride_qn
-                   + offs_d[None, :] * stride_qd, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
+                   + offs_d[None, :] * stride_qd, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_don + rel * stride_don
-                    + offs_d[None, :] * stride_dod, offs_m, offs_d, N, True, HEAD_DIM, EVEN_D)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+                    + offs_d[None, :] * stride_dod, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visits = pid_m * 0
 
-    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     if HAS_SINKS:  # as in the forward
         sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo * 0, sink_full,
-                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
                                    HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, sink_full, sink_end,
-                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS,
                                    HEAD_DIM, EVEN_D, BLOCK_N, PRECISION, INTERPRETED, COUNT)
     if HAS_WINDOW:
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo, full_lo,
-                                   offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                    N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                    BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_lo, full_hi,
-                               offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                               pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, full_hi, hi,
-                               offs_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                               pos_m, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                N, WINDOW, SINKS, qk_scale, True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq = dq * sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N,
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N_Q,
                 HEAD_DIM, EVEN_D)
     if COUNT:
         _count(Visits, visits, pid_m)
@@ -838,9 +854,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
 # Configurations and autotuning
 # ---------------------------------------------------------------------------------------
 
-# Keys of every autotuner: the sequence length and window rounded up to a power of two, the
-# head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
-TUNE_KEY = ["N_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "PRECISION"]
+# Keys of every autotuner: the key and query lengths and the window rounded up to a power of
+# two, the head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
+TUNE_KEY = ["N_BUCKET", "NQ_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "PRECISION"]
 PRE_BLOCK_M = 64
 SMEM_LIMIT = 232448  # bytes per block on H100/H200 (227 KiB); prune configs needing far more
 
@@ -989,7 +1005,8 @@ def _smem_estimate(kind, bm, bn, stages, block_d, size, fused=False):
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        n = int(args["N"])
+        n = int(args["N"])  # keys
+        n_q = int(args.get("N_Q", n))  # query rows (fewer than the keys against a KV cache)
         block_d = int(args["BLOCK_D"])
         size = args["Q"].element_size()
         fma = size == 4 and args.get("PRECISION", "ieee") == "ieee"
@@ -1014,9 +1031,10 @@ def _prune(kind):
             # tiles (the tutorial's rule, relaxed to 64x128)
             if no_spill is None and c.num_warps == 8 and bm * bn < 64 * 128:
                 continue
-            # no tile much longer than the sequence
-            cap = max(32, triton.next_power_of_2(n))
-            if stay > max(64, cap) or stream > cap:
+            # no tile much longer than its side of the sequence (query rows or keys)
+            n_stay, n_stream = (n, n_q) if kind == "dkdv" else (n_q, n)
+            cap_stay, cap_stream = max(32, triton.next_power_of_2(n_stay)), max(32, triton.next_power_of_2(n_stream))
+            if stay > max(64, cap_stay) or stream > cap_stream:
                 continue
             if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size, fused) > SMEM_LIMIT:
                 continue
@@ -1102,9 +1120,11 @@ def _pow2(x):
 
 
 def _common(q, k, v, causal, window, scale, sinks):
-    B, Hq, N, D = q.shape
-    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, N, D] for q {tuple(q.shape)}")
+    B, Hq, n_q, D = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2] < n_q or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, Lk, D] with Lk >= Lq "
+                         f"for q {tuple(q.shape)} (the queries are the last Lq positions)")
+    N = k.shape[2]
     Hkv = k.shape[1]
     if Hq % Hkv:
         raise ValueError(f"heads {Hq} not divisible by kv heads {Hkv}")
@@ -1118,7 +1138,8 @@ def _common(q, k, v, causal, window, scale, sinks):
     if sinks < 0:
         raise ValueError(f"sinks must be >= 0 (got {sinks})")
     has_window = window is not None
-    # window >= N sees what causal sees; clamping keeps every bound computation within int32
+    # window >= N (the keys) sees what causal sees (no query sits past key N - 1); clamping
+    # keeps every bound computation within int32
     w = min(int(window), N) if has_window else N
     # sinks only add keys left of a window; more than N of them are N
     s = min(int(sinks), N) if has_window and w < N else 0
@@ -1129,7 +1150,7 @@ def _common(q, k, v, causal, window, scale, sinks):
                 PRECISION=precision,
                 INTERPRETED=interpreted(), COUNT=bool(COUNT_VISITS))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    keys = (_pow2(N), _pow2(w) if has_window else 0)
+    keys = (_pow2(N), _pow2(n_q), _pow2(w) if has_window else 0)
     return meta, w, s, sm_scale, keys, precision_name
 
 
@@ -1145,21 +1166,28 @@ def _record(kind, buffer, rows, bm, bn):
 
 
 def attention_forward(q, k, v, causal, window, scale, sinks=0):
-    """Run the forward kernel: returns (out in q's dtype, base-2 log-sum-exp [B, Hq, N] fp32)."""
-    B, Hq, N, D = q.shape
-    meta, w, s, sm_scale, (n_bucket, w_bucket), precision_name = _common(q, k, v, causal, window, scale, sinks)
-    o = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
-    if N == 0 or B * Hq == 0:
+    """Run the forward kernel: returns (out in q's dtype, base-2 log-sum-exp [B, Hq, Lq] fp32).
+
+    q: [B, Hq, Lq, D], k and v: [B, Hkv, Lk, D] with Lq <= Lk: query row i sits at position
+    Lk - Lq + i (bottom-right alignment)."""
+    B, Hq, n_q, D = q.shape
+    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), precision_name = _common(q, k, v, causal, window,
+                                                                                   scale, sinks)
+    N = k.shape[2]
+    o = torch.empty((B, Hq, n_q, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, n_q), dtype=torch.float32, device=q.device)
+    if n_q == 0 or B * Hq == 0:
         return o, lse
     visits = None
     if COUNT_VISITS:
         bm = _fixed_config("fwd", _fma(q, meta), meta["BLOCK_D"])[0]
-        visits = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
+        visits = _visit_buffer(B * Hq, triton.cdiv(n_q, bm), q.device)
+    # N keys, n_q query rows, their offset N - n_q: ints, not constexprs (one compiled kernel
+    # for every offset, the one of Lq = Lk included)
     args = (q, k, v, o, lse, visits if visits is not None else _dummy(q.device),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Hq, N, w, s, sm_scale * LOG2E, n_bucket, w_bucket)
-    bm, bn, desc = _launch("fwd", N, B * Hq, args, meta)
+            Hq, N, n_q, N - n_q, w, s, sm_scale * LOG2E, n_bucket, nq_bucket, w_bucket)
+    bm, bn, desc = _launch("fwd", n_q, B * Hq, args, meta)
     if visits is not None:
         _record("fwd", visits, B * Hq, bm, bn)
     _LAST.clear()  # a backward, if one follows, adds its configs
@@ -1168,19 +1196,20 @@ def attention_forward(q, k, v, causal, window, scale, sinks=0):
 
 
 def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
-    """Gradients (dq, dk, dv) from the saved output and log-sum-exp; dk, dv are [B, Hkv, N, D]."""
-    B, Hq, N, D = q.shape
-    Hkv = k.shape[1]
-    meta, w, s, sm_scale, (n_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale, sinks)
+    """Gradients (dq, dk, dv) from the saved output and log-sum-exp; dq is [B, Hq, Lq, D],
+    dk and dv are [B, Hkv, Lk, D] (keys that no query sees get zeros)."""
+    B, Hq, n_q, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale, sinks)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if N == 0 or B * Hq == 0:
+    if n_q == 0 or B * Hq == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     pre_bm = 16 if interpreted() else PRE_BLOCK_M
-    _bwd_preprocess[(triton.cdiv(N, pre_bm), B * Hq)](
-        o, do, delta, *o.stride(), *do.stride(), Hq, N,
+    _bwd_preprocess[(triton.cdiv(n_q, pre_bm), B * Hq)](
+        o, do, delta, *o.stride(), *do.stride(), Hq, n_q,
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
     qk_scale = sm_scale * LOG2E
     dummy = _dummy(q.device)
@@ -1193,24 +1222,24 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
         vis_kv = _visit_buffer(B * Hkv, triton.cdiv(N, bn), q.device)
         if not fused:
             bm = _fixed_config("dq", _fma(q, meta), meta["BLOCK_D"])[0]
-            vis_q = _visit_buffer(B * Hq, triton.cdiv(N, bm), q.device)
+            vis_q = _visit_buffer(B * Hq, triton.cdiv(n_q, bm), q.device)
     # FUSED_DQ: the dK/dV programs add dS K into an fp32 dQ (5 matmuls per tile pair in all);
     # otherwise a dQ kernel recomputes S, P and dP per query block (7).
-    dq_acc = torch.zeros((B, Hq, N, D), dtype=torch.float32, device=q.device) if fused else dummy
+    dq_acc = torch.zeros((B, Hq, n_q, D), dtype=torch.float32, device=q.device) if fused else dummy
     args = (q, k, v, do, lse, delta, dk, dv, dq_acc, vis_kv if vis_kv is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hkv, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
+            Hkv, N, n_q, N - n_q, w, s, qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
     kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta_kv)
     if fused:
-        _bwd_dq_cast[(triton.cdiv(N, pre_bm), B * Hq)](
-            dq_acc, dq, *dq.stride(), Hq, N, sm_scale,
+        _bwd_dq_cast[(triton.cdiv(n_q, pre_bm), B * Hq)](
+            dq_acc, dq, *dq.stride(), Hq, n_q, sm_scale,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
         q_desc = "fused into dkdv (fp32 atomic adds), then scaled and cast"
     else:
         args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                Hq, N, w, s, qk_scale, sm_scale, n_bucket, w_bucket)
-        q_bm, q_bn, q_desc = _launch("dq", N, B * Hq, args, meta)
+                Hq, N, n_q, N - n_q, w, s, qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
+        q_bm, q_bn, q_desc = _launch("dq", n_q, B * Hq, args, meta)
     if COUNT_VISITS:
         _record("dkdv", vis_kv, B * Hkv, kv_bm, kv_bn)
         last_visits.pop("dq", None)
@@ -1270,12 +1299,16 @@ def _info() -> dict:
 
 @register("triton", devices=["cpu", "cuda"], dtypes=["float32", "float16", "bfloat16"],
           masks=["none", "causal", "window"], modes=["fwd", "bwd", "fwd+bwd"], gqa=True, exact=True, sinks=True,
-          description="fused flash attention in Triton (fwd+bwd, GQA, causal/window/sinks block skipping, autotuned)",
+          kv_cache=True,
+          description="fused flash attention in Triton (fwd+bwd, GQA, causal/window/sinks block skipping, "
+                      "Lq <= Lk, autotuned)",
           check=_check, info=_info)
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                      window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
     """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable.
 
+    q may hold fewer rows than k and v (Lq <= Lk: chunked prefill against a KV cache); they
+    are the last Lq positions (bottom-right alignment, ctxbench.masks).
     sinks: with a window, the first `sinks` keys stay visible to every later query."""
     if triton is None:
         raise Unsupported(NOT_INSTALLED)

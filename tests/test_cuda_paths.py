@@ -11,7 +11,7 @@ import torch
 
 from ctxbench import sharded
 from ctxbench.measure import throughput
-from ctxbench.plan import Cell
+from ctxbench.plan import Cell, Settings
 
 
 def test_nccl_group_uses_the_local_rank_device(monkeypatch):
@@ -50,7 +50,7 @@ def test_peak_fraction_from_the_device_name(monkeypatch, name, dtype, peak):
     n = rng.choice([1024, 4096, 32768])
     cell = Cell(impl="x", n=n, heads=32, kv_heads=8, head_dim=128, dtype=dtype, device="cuda", mask="causal")
     latency_ms = rng.uniform(0.1, 50.0)
-    row = throughput(cell, latency_ms, devices=2)
+    row = throughput(cell, latency_ms, Settings(), devices=2)
     flops = 4.0 * 32 * 128 * n * (n + 1) // 2  # causal pairs, forward
     assert row["flops"] == flops
     assert row["tflops"] == pytest.approx(flops / (latency_ms * 1e-3) / 1e12)
@@ -58,6 +58,21 @@ def test_peak_fraction_from_the_device_name(monkeypatch, name, dtype, peak):
         assert row["peak_fraction"] is None
     else:
         assert row["peak_fraction"] == pytest.approx(row["tflops"] / (2 * peak))
+
+
+def test_decode_bandwidth_fraction_of_the_h200(monkeypatch):
+    """A CUDA decode cell's GB/s is divided by the run's bandwidth (the H200's datasheet 4.8 TB/s),
+    once per GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    cell = Cell(impl="x", n=131072, query_len=1, batch=8, heads=32, kv_heads=8, head_dim=128, dtype="bfloat16",
+                device="cuda", mask="causal")
+    s = Settings(bandwidth_gbps=4800.0, bandwidth_probe_gbps=4300.0, bandwidth_source="datasheet HBM peak")
+    row = throughput(cell, 0.5, s)
+    moved = 8 * 2 * (2 * 32 * 128 + 2 * 8 * 131072 * 128)
+    assert row["bytes_moved"] == moved
+    assert row["gbps"] == pytest.approx(moved / 0.5e-3 / 1e9)
+    assert row["bw_fraction"] == pytest.approx(row["gbps"] / 4800.0)
+    assert (row["device_bw_gbps"], row["device_bw_probe_gbps"]) == (4800.0, 4300.0)
 
 
 def test_cuda_defaults_of_a_sweep(monkeypatch, tmp_path):

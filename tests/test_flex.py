@@ -151,3 +151,40 @@ def test_compiled_block_mask_equals_the_materialised_one():
 def test_inductor_cache_location_is_documented():
     docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "implementations.md")).read()
     assert "TORCHINDUCTOR_CACHE_DIR" in docs
+
+
+def test_ragged_mask_mod_is_each_sequences_mask():
+    """A ragged batch's document mask: sequence b sees its own kv_lens[b] keys, bottom-right."""
+    from ctxbench.kv_layout import ragged_visible
+
+    lengths, n_q, n_k = [900, 130, 517], 3, 900
+    kv_lens = torch.tensor(lengths)
+    for mask in (Mask("causal"), Mask("none"), Mask("window", 100, 4)):
+        mod = flex_mod.ragged_mask_mod(mask, kv_lens, n_q)
+        want = ragged_visible(lambda n: Mask(mask.kind, mask.window, mask.sinks, n - n_q), lengths, n_q, n_k, "cpu")
+        b = torch.arange(3)[:, None, None]
+        got = mod(b, 0, torch.arange(n_q)[None, :, None], torch.arange(n_k)[None, None, :])
+        assert torch.equal(got.expand_as(want), want), mask
+        bm = flex_mod.block_mask(mask, n_q, n_k, "cpu", compile=False, kv_lens=kv_lens)
+        assert bm.kv_num_blocks.shape[0] == 3  # one block list per sequence
+        # sequence 1 (130 keys) reads only its first two key blocks
+        seen = bm.kv_indices[1, 0, 0, : int(bm.kv_num_blocks[1, 0, 0])].tolist()
+        seen += bm.full_kv_indices[1, 0, 0, : int(bm.full_kv_num_blocks[1, 0, 0])].tolist()
+        assert max(seen) <= 1
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_flex_compiled_decode_ragged_matches_float64():
+    from ctxbench.kv_layout import KVLayout
+
+    g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+    lengths = [700, 129, 1000]
+    q = torch.randn(3, 4, 2, 64, generator=g)
+    k, v = torch.randn(2, 3, 2, 1000, 64, generator=g).unbind(0)
+    impl = all_impls()["flex"]
+    mask = Mask("window", 300, 4, q_offset=998)
+    out = impl.prepare(q, k, v, mask, layout=KVLayout(tuple(lengths), torch.tensor(lengths)))(q, k, v)
+    for b, n in enumerate(lengths):
+        ref = reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], Mask("window", 300, 4, n - 2))
+        assert errors(out[b:b + 1], ref)[0] < TOLERANCE["float32"]

@@ -9,6 +9,9 @@ The kernels run in Triton's interpreter, so shapes are small. What is checked:
 * block skipping: the key/query blocks each program visits, and the ones it masks, equal
   what the mask implies (computed here from the mask convention, not from the kernel);
   causal query blocks start heaviest first;
+* fewer queries than keys (Lq < Lk, the queries being the last Lq positions: chunked
+  prefill against a KV cache): forward, gradients and block visits against the mask with
+  q_offset = Lk - Lq;
 * non-contiguous inputs and gradients; registration, check() and info().
 Slow tests compile the kernels for sm_90 (Hopper) with the ptxas that ships with triton, no
 GPU needed, through benchmarks/kernel_stats.py: every kernel compiles, uses wgmma, fits in
@@ -108,7 +111,9 @@ def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol
     out.backward(dout)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(q64, k64, v64, Mask.of(causal, window, sinks), scale=scale)
+    # Lq < Lk: the queries are the last Lq positions (bottom-right alignment)
+    mask = Mask.of(causal, window, sinks, q_offset=k.shape[2] - q.shape[2])
+    ref = reference_attention(q64, k64, v64, mask, scale=scale)
     ref.backward(dout.double())
     tol = TOLERANCE[str(q.dtype).removeprefix("torch.")] if tol is None else tol
     got = {"out": (out, ref), "dq": (q.grad, q64.grad), "dk": (k.grad, k64.grad), "dv": (v.grad, v64.grad)}
@@ -222,6 +227,86 @@ def test_window_only_implies_causal():
 
 
 # ---------------------------------------------------------------------------------------
+# Fewer queries than keys (Lq < Lk): the queries are the last Lq positions
+# ---------------------------------------------------------------------------------------
+
+# (Lq, Lk, D, (Hq, Hkv), mask, dtype, dq): the interpreter's blocks are 16 x 16, so Lq and Lk
+# cross block edges (or not) in every combination, with offsets Lk - Lq of 1 to 69; "w100" is a
+# window longer than Lk. Each case runs forward and backward (its dq path) against float64.
+KV_CASES = [
+    (7, 50, 16, (2, 2), "none", "float32", "separate"),
+    (19, 50, 16, (4, 1), "causal", "float32", "fused"),
+    (1, 40, 32, (2, 2), "causal", "float32", "separate"),  # decode: one query
+    (20, 61, 80, (2, 1), "w5", "bfloat16", "separate"),
+    (17, 45, 16, (2, 2), "w100", "float32", "fused"),
+    (23, 70, 48, (2, 1), "w5s3", "float32", "fused"),
+    (9, 78, 16, (2, 2), "w1s20", "bfloat16", "separate"),
+    (16, 64, 16, (2, 1), "w20", "float32", "separate"),  # both lengths multiples of the blocks
+    (40, 41, 16, (2, 2), "w8s17", "float32", "fused"),  # offset 1
+    (33, 50, 80, (4, 2), "none", "bfloat16", "fused"),
+]
+
+
+def _kv_window(mask: str) -> tuple[bool, int | None, int]:
+    """(causal, window, sinks) of a KV_CASES mask label: none, causal, wW or wWsS."""
+    if mask in ("none", "causal"):
+        return mask == "causal", None, 0
+    w, _, s = mask[1:].partition("s")
+    return True, int(w), int(s or 0)
+
+
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "q{}-k{}-d{}-h{}x{}-{}-{}-{}".format(
+    c[0], c[1], c[2], *c[3], *c[4:]))
+def test_fewer_queries_than_keys_match_reference(monkeypatch, case):
+    lq, lk, d, (hq, hkv), mask, dtype, dq = case
+    label = "-".join(map(str, case)).replace(" ", "")
+    label = f"{label} seed={_seed(label)}"
+    monkeypatch.setattr(ta, "FUSED_DQ", "1" if dq == "fused" else "0")
+    causal, window, sinks = _kv_window(mask)
+    dtype = DTYPES[dtype]
+    q = torch.randn(2, hq, lq, d, dtype=dtype)
+    k = torch.randn(2, hkv, lk, d, dtype=dtype)
+    v = torch.randn(2, hkv, lk, d, dtype=dtype)
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
+    assert ("fused into dkdv" in ta._info()["bwd_config"]) == (dq == "fused"), ta._info()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dq", ["fused", "separate"])
+@pytest.mark.parametrize("mask", ["none", "causal", "w1", "w5", "w100", "w5s3", "w1s20", "w8s40"])
+@pytest.mark.parametrize("lq,lk", [(1, 17), (15, 16), (31, 97), (48, 128), (50, 130)])
+def test_fewer_queries_than_keys_grid(monkeypatch, lq, lk, mask, dq):
+    """Every mask against several (Lq, Lk) shapes, GQA and D=80, both dQ paths."""
+    label = f"q{lq}-k{lk}-{mask}-{dq}"
+    label = f"{label} seed={_seed(label)}"
+    monkeypatch.setattr(ta, "FUSED_DQ", "1" if dq == "fused" else "0")
+    causal, window, sinks = _kv_window(mask)
+    q = torch.randn(1, 4, lq, 80)
+    k = torch.randn(1, 2, lk, 80)
+    v = torch.randn(1, 2, lk, 80)
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
+
+
+def test_more_queries_than_keys_refused():
+    q = torch.randn(1, 2, 20, 16)
+    k = torch.randn(1, 2, 19, 16)
+    with pytest.raises(ValueError, match="Lk >= Lq"):
+        ta.triton_attention(q, k, k, causal=True, window=None)
+
+
+def test_keys_no_query_sees_get_zero_gradients():
+    """A window far from the first keys: their dK and dV are zeros (stored, not left unset)."""
+    torch.manual_seed(8)
+    q = torch.randn(1, 2, 10, 16, requires_grad=True)
+    k = torch.randn(1, 1, 60, 16, requires_grad=True)
+    v = torch.randn(1, 1, 60, 16, requires_grad=True)
+    ta.triton_attention(q, k, v, causal=True, window=4).sum().backward()
+    assert torch.equal(k.grad[:, :, :47], torch.zeros_like(k.grad[:, :, :47]))
+    assert torch.equal(v.grad[:, :, :47], torch.zeros_like(v.grad[:, :, :47]))
+    assert (k.grad[:, :, 47:].abs().sum(-1) > 0).all() and (v.grad[:, :, 47:].abs().sum(-1) > 0).all()
+
+
+# ---------------------------------------------------------------------------------------
 # Non-contiguous inputs
 # ---------------------------------------------------------------------------------------
 
@@ -253,8 +338,9 @@ def test_sliced_head_dim_and_expanded_grad():
 # ---------------------------------------------------------------------------------------
 
 
-def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 0):
-    """Per (query block, key block): (visited, masked) as the mask convention implies.
+def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 0, n_k: int | None = None):
+    """Per (query block, key block): (visited, masked) as the mask convention implies, for n
+    query rows against n_k keys (default n), the queries being the last n positions.
 
     visited: some (row, key) pair inside the sequence is visible.
     masked: visited, and the tile is not entirely visible. The streamed side of the tile
@@ -267,21 +353,22 @@ def _tile_stats(n, bq, bk, causal, window, streamed_queries: bool, sinks: int = 
     masked anyway, at most a few per program); the tiles visited only for their sinks are
     masked exactly when they are not fully visible.
     """
-    nq, nk = -(-n // bq), -(-n // bk)
+    n_k = n if n_k is None else n_k
+    nq, nk = -(-n // bq), -(-n_k // bk)
     size_q, size_k = nq * bq, nk * bk
     rows, cols = torch.arange(size_q), torch.arange(size_k)
-    vis = Mask.of(causal, window, sinks).visible(rows, cols)
+    vis = Mask.of(causal, window, sinks, q_offset=n_k - n).visible(rows, cols)
     vis = torch.ones(size_q, size_k, dtype=torch.bool) if vis is None else vis
-    inside = (rows[:, None] < n) & (cols[None, :] < n)
+    inside = (rows[:, None] < n) & (cols[None, :] < n_k)
     if streamed_queries:  # dK/dV: its keys' dS also feeds dQ, so neither side may cross N
         full_ok = vis & inside
     else:
-        full_ok = (vis | (rows[:, None] >= n)) & (cols[None, :] < n)
+        full_ok = (vis | (rows[:, None] >= n)) & (cols[None, :] < n_k)
     visited = (vis & inside).view(nq, bq, nk, bk).any(dim=3).any(dim=1)
     full = full_ok.view(nq, bq, nk, bk).all(dim=3).all(dim=1)
     if not sinks:
         return visited, visited & ~full
-    band, band_masked = _tile_stats(n, bq, bk, causal, window, streamed_queries)
+    band, band_masked = _tile_stats(n, bq, bk, causal, window, streamed_queries, n_k=n_k)
     assert not (band & ~visited).any()
     return visited, band_masked | (visited & ~band & ~full)
 
@@ -303,9 +390,29 @@ VISIT_MASKS = [(False, None, 0), (True, None, 0), (True, 1, 0), (True, 5, 0), (T
 @pytest.mark.parametrize("n", [50, pytest.param(64, marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_block_visits_match_mask(monkeypatch, blocks, n):
     """(n=50 with the separate dQ kernel, n=64 with dQ fused into dK/dV.)"""
+    _check_block_visits(monkeypatch, blocks, n, n, fused=n != 50)
+
+
+# (Lq, Lk, fused dQ): offsets that are and are not multiples of the blocks, a single query
+KV_VISIT_SHAPES = [(21, 50, False), (16, 64, True), (1, 37, False), (33, 47, True), (40, 100, False)]
+
+
+@pytest.mark.parametrize("blocks", [VISIT_CONFIGS[0]] + [pytest.param(b, marks=pytest.mark.slow)
+                                                         for b in VISIT_CONFIGS[1:]],
+                         ids=lambda b: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*b[0], *b[1], *b[2]))
+@pytest.mark.parametrize("lq,lk,fused", [KV_VISIT_SHAPES[0]] + [pytest.param(*s, marks=pytest.mark.slow)
+                                                                for s in KV_VISIT_SHAPES[1:]])
+def test_block_visits_match_mask_fewer_queries(monkeypatch, blocks, lq, lk, fused):
+    """Lq < Lk: each program's visited and masked blocks follow the mask with q_offset = Lk - Lq."""
+    _check_block_visits(monkeypatch, blocks, lq, lk, fused)
+
+
+def _check_block_visits(monkeypatch, blocks, n, n_k, fused):
+    """Every mask of VISIT_MASKS: the blocks each program of each kernel visits and masks equal
+    _tile_stats' for n query rows against n_k keys; the outputs match the reference."""
     (fm, fn), (km, kn), (qm, qn) = blocks
     monkeypatch.setattr(ta, "COUNT_VISITS", True)
-    monkeypatch.setattr(ta, "FUSED_DQ", "0" if n == 50 else "1")
+    monkeypatch.setattr(ta, "FUSED_DQ", "1" if fused else "0")
     monkeypatch.setattr(ta, "INTERPRETER_CONFIGS",
                         {"fwd": (fm, fn, 4, 1), "dkdv": (km, kn, 4, 1), "dq": (qm, qn, 4, 1)})
     torch.manual_seed(5)
@@ -313,48 +420,49 @@ def test_block_visits_match_mask(monkeypatch, blocks, n):
     group = H // Hkv
     for causal, window, sinks in VISIT_MASKS:
         q = torch.randn(B, H, n, D, requires_grad=True)
-        k = torch.randn(B, Hkv, n, D, requires_grad=True)
-        v = torch.randn(B, Hkv, n, D, requires_grad=True)
+        k = torch.randn(B, Hkv, n_k, D, requires_grad=True)
+        v = torch.randn(B, Hkv, n_k, D, requires_grad=True)
         out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
         out.backward(torch.randn_like(out))
-        label = f"causal={causal} window={window} sinks={sinks} n={n} blocks={blocks}"
+        label = f"causal={causal} window={window} sinks={sinks} n={n} n_k={n_k} blocks={blocks}"
 
         counts, bm, bn = ta.last_visits["fwd"]
         assert (bm, bn) == (fm, fn)
-        visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
+        visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks, n_k)
         assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "fwd visits " + label
         assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "fwd masked " + label
 
-        assert ("dq" in ta.last_visits) == (n == 50)  # the dQ kernel runs only when not fused
+        assert ("dq" in ta.last_visits) == (not fused)  # the dQ kernel runs only when not fused
         if "dq" in ta.last_visits:
             counts, bm, bn = ta.last_visits["dq"]
-            visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks)
+            visited, masked = _tile_stats(n, bm, bn, causal, window, False, sinks, n_k)
             assert torch.equal(counts & 0xFFFF, visited.sum(1).int().expand(B * H, -1)), "dq visits " + label
             assert torch.equal(counts >> 16, masked.sum(1).int().expand(B * H, -1)), "dq masked " + label
 
         counts, bm, bn = ta.last_visits["dkdv"]
-        visited, masked = _tile_stats(n, bm, bn, causal, window, True, sinks)
+        visited, masked = _tile_stats(n, bm, bn, causal, window, True, sinks, n_k)
         # one dK/dV program per key block loops over the `group` query heads of its kv head
         assert torch.equal(counts & 0xFFFF, group * visited.sum(0).int().expand(B * Hkv, -1)), "dkdv visits " + label
         assert torch.equal(counts >> 16, group * masked.sum(0).int().expand(B * Hkv, -1)), "dkdv masked " + label
 
         # the same run, checked for correctness with these block shapes
         q64, k64, v64 = (t.detach().double() for t in (q, k, v))
-        ref = reference_attention(q64, k64, v64, Mask.of(causal, window, sinks))
+        ref = reference_attention(q64, k64, v64, Mask.of(causal, window, sinks, q_offset=n_k - n))
         assert errors(out, ref)[0] < TOLERANCE["float32"], label
 
 
-@pytest.mark.parametrize("causal,window,sinks", [(True, None, 0), (True, 5, 3), (False, None, 0)])
-def test_heaviest_query_blocks_start_first(monkeypatch, causal, window, sinks):
+@pytest.mark.parametrize("causal,window,sinks,lq", [(True, None, 0, 100), (True, 5, 3, 100), (False, None, 0, 100),
+                                                   (True, None, 0, 37)])
+def test_heaviest_query_blocks_start_first(monkeypatch, causal, window, sinks, lq):
     """Under a causal mask, forward and dQ programs start in order of decreasing work (the
     last query block, which sees the most keys, first); dK/dV programs start with key block 0,
     which the most queries see. The interpreter runs programs in launch order, and each
-    records its launch rank (COUNT_VISITS)."""
+    records its launch rank (COUNT_VISITS). lq < 100: the last lq queries against 100 keys."""
     monkeypatch.setattr(ta, "COUNT_VISITS", True)
     monkeypatch.setattr(ta, "FUSED_DQ", "0")  # so the dQ kernel runs (and starts heaviest first)
     torch.manual_seed(7)
     n, D = 100, 16
-    q = torch.randn(1, 2, n, D, requires_grad=True)
+    q = torch.randn(1, 2, lq, D, requires_grad=True)
     k, v = (torch.randn(1, 1, n, D, requires_grad=True) for _ in range(2))
     out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
     out.backward(torch.randn_like(out))
@@ -384,6 +492,11 @@ def test_window_skips_blocks():
     sink_visited, _ = _tile_stats(256, 16, 16, True, 8, False, 4)
     assert sink_visited.sum(1).max().item() == 3
     assert sink_visited[:, 0].all()
+    # the last 64 queries against 256 keys: each query block sees the 4 key blocks up to its own
+    # under the window (at most 2) or all those before them (causal)
+    visited, _ = _tile_stats(64, 16, 16, True, 8, False, n_k=256)
+    assert visited.shape == (4, 16) and visited.sum(1).tolist() == [2, 2, 2, 2]
+    assert _tile_stats(64, 16, 16, True, None, False, n_k=256)[0].sum(1).tolist() == [13, 14, 15, 16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,7 +518,7 @@ def test_registration_declares_capabilities():
     assert impl.dtypes == {"float32", "float16", "bfloat16"}
     assert impl.masks == {"none", "causal", "window"}
     assert impl.modes == {"fwd", "bwd", "fwd+bwd"}
-    assert impl.gqa and impl.exact and impl.sinks
+    assert impl.gqa and impl.exact and impl.sinks and impl.kv_cache
 
 
 def test_check_reasons():
@@ -414,6 +527,9 @@ def test_check_reasons():
     reason = impl.unsupported_reason(_cell(n=1024))
     assert "Triton interpreter on CPU is for correctness only; N > 512 needs --allow-interpreter" in reason
     assert impl.unsupported_reason(_cell(n=1024, allow_interpreter=True)) is None
+    # fewer queries than keys: declared (kv_cache), and the interpreter's limit is on the keys
+    assert impl.unsupported_reason(_cell(n=512, query_len=16)) is None
+    assert "N > 512" in impl.unsupported_reason(_cell(n=1024, query_len=16))
     assert "head_dim" in impl.unsupported_reason(_cell(head_dim=512))
     assert "TRITON_INTERPRET" in impl.unsupported_reason(_cell(device="cuda"))
 
