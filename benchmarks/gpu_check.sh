@@ -8,6 +8,9 @@
 # stopped (SIGINT: its finished cells stay) and says so, and a stage that the remaining time
 # cannot hold is skipped and says so:
 #   1. causal-fwd-long    triton vs sdpa_flash (and sdpa_cudnn), bf16 causal forward, N=8K..32K
+#   1b. decode, decode-paged  one query token, B=8 ragged (KV lengths drawn in [N/8, N]), bf16,
+#                         Lk=4K..128K: triton_decode vs sdpa and chunked, contiguous and in pages of
+#                         16 tokens; GB/s against the H200's 4.8 TB/s, timed as CUDA-graph replays
 #   2. check1..check4     every implementation against float64 on CUDA at N=1000 (not a multiple
 #                         of 128), fwd+bwd: fp32 causal, bf16 window, bf16 GQA D=80, bf16 window+sinks
 #   3. causal-fwdbwd-long triton vs sdpa_flash, causal fwd+bwd, N=8K..32K
@@ -70,7 +73,8 @@ if [ "$DRY" = "--dry-run" ]; then
          "--dtype bf16 --mask window --window 5 --heads 2 --kv-heads 1 --head-dim 32"
          "--dtype bf16 --mask none --heads 2 --kv-heads 1 --head-dim 20"
          "--dtype fp32 --mask window --window 5 --sinks 3 --heads 2 --kv-heads 1 --head-dim 16")
-  B_LONG=300; B_CHECK=300; B_FWDBWD=300; B_WIN=300; B_FUSED=300; B_SHORT=300; B_ENGINES=300
+  DSHAPE="--batch 3 --heads 4 --kv-heads 2 --head-dim 32 --dtype bf16"; DLENS=16,32; DEC_IMPLS=triton_decode,sdpa,chunked
+  B_DEC=300; B_LONG=300; B_CHECK=300; B_FWDBWD=300; B_WIN=300; B_FUSED=300; B_SHORT=300; B_ENGINES=300
   # the last stage cannot finish in its budget: the stop path runs in every dry run
   B_MATH=8; MATH=16,32,48,64,80,96,112,128,144,160,176,192,208,224,240,256; MATH_IMPLS=triton
 elif [ -n "$DRY" ]; then
@@ -92,11 +96,15 @@ else
          "--dtype bf16 --mask window --window 256 --heads 32 --kv-heads 8 --head-dim 128"
          "--dtype bf16 --mask none --heads 8 --kv-heads 2 --head-dim 80"
          "--dtype bf16 --mask window --window 256 --sinks 4 --heads 8 --kv-heads 2 --head-dim 64")
+  DSHAPE="--batch 8 --heads 32 --kv-heads 8 --head-dim 128 --dtype bf16"; DLENS=4096,32768,131072
+  DEC_IMPLS=triton_decode,sdpa,chunked
   # Budgets (s): the compile estimate below plus a few seconds per cell and per worker start.
-  B_LONG=90; B_CHECK=40; B_FWDBWD=60; B_WIN=40; B_FUSED=40; B_SHORT=30; B_MATH=30; B_ENGINES=50
+  B_DEC=45; B_LONG=90; B_CHECK=40; B_FWDBWD=60; B_WIN=40; B_FUSED=40; B_SHORT=30; B_MATH=30; B_ENGINES=50
 fi
 
 stage causal-fwd-long $B_LONG $SHAPE --mask causal --mode fwd --lengths $LONG --impls $VS
+stage decode $B_DEC $DSHAPE --mask causal --query-len 1 --ragged --lengths $DLENS --impls $DEC_IMPLS
+stage decode-paged $B_DEC $DSHAPE --mask causal --query-len 1 --ragged --page-size 16 --lengths $DLENS --impls $DEC_IMPLS
 i=0
 for c in "${CHECK[@]}"; do
   i=$((i + 1))

@@ -49,8 +49,38 @@ def checks(df: pd.DataFrame) -> None:
     print(worst.to_string(float_format=lambda x: f"{x:.2e}"))
 
 
+def decode(df: pd.DataFrame) -> None:
+    """The decode stages (one query token against a ragged KV cache): GB/s, the share of the
+    device bandwidth, and paged against contiguous, per implementation and length."""
+    d = df[df["run"].str.startswith("decode")]
+    if d.empty:
+        return
+    print("\n## decode, 1 query token, ragged batch: GB/s (share of the device bandwidth)")
+    bw = d["device_bw_gbps"].dropna()
+    if not bw.empty:
+        print(f"device bandwidth {bw.iloc[0]:.0f} GB/s ({d['device_bw_source'].dropna().iloc[0]}); "
+              f"measured copy {d['device_bw_probe_gbps'].dropna().iloc[0]:.0f} GB/s")
+    shown = d.assign(layout=d["run"].map(lambda r: "paged" if r.endswith("paged") else "contiguous"),
+                     v=d.apply(lambda r: f"{r['gbps']:.0f} ({100 * r['bw_fraction']:.0f}%)"
+                               if r["status"] == "ok" and pd.notna(r.get("bw_fraction")) else r["status"], axis=1))
+    print(shown.pivot_table(index=["impl", "layout"], columns="n", values="v", aggfunc="last").to_string())
+    ok = d[d["status"] == "ok"].assign(paged=d["run"].str.endswith("paged"))
+    for n in sorted(ok["n"].unique()):
+        for impl in ("triton_decode",):
+            a = ok[(ok["impl"] == impl) & (ok["n"] == n) & ~ok["paged"]]
+            b = ok[(ok["impl"] == impl) & (ok["n"] == n) & ok["paged"]]
+            if not a.empty and pd.notna(a["bw_fraction"].iloc[0]):
+                line = (f"{impl} N={n}: {a['gbps'].iloc[0]:.0f} GB/s = {100 * a['bw_fraction'].iloc[0]:.0f}% of the "
+                        "bandwidth (goal at 128K >= 70%)")
+                if not b.empty:
+                    line += (f"; paged {b['latency_ms'].iloc[0] * 1e3:.0f} us vs contiguous "
+                             f"{a['latency_ms'].iloc[0] * 1e3:.0f} us -> {a['latency_ms'].iloc[0] / b['latency_ms'].iloc[0]:.2f}x "
+                             "(goal >= 0.90)")
+                print(line)
+
+
 def perf(df: pd.DataFrame) -> pd.DataFrame:
-    p = df[~df["run"].str.startswith("check")].copy()
+    p = df[~df["run"].str.startswith("check") & ~df["run"].str.startswith("decode")].copy()
     # one row per (impl, mask, mode, n): the latest, should stages overlap
     p = p.drop_duplicates(subset=["impl", "mask", "mode", "n"], keep="last")
     for (mask, mode), g in p.groupby(["mask", "mode"]):
@@ -131,6 +161,7 @@ def main() -> None:
     print(f"# GPU check: {df['device_name'].iloc[0]}, torch {df['torch_version'].iloc[0]}, "
           f"triton {df['triton_version'].iloc[0]}, commit {df['git_commit'].iloc[0]}")
     checks(df)
+    decode(df)
     p = perf(df)
     plots(p, out)
     goals(p)

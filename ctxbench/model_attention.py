@@ -28,8 +28,12 @@ serves the rest; a new shape (the next window's length) prepares again.
 
 One name per (implementation, window, sinks): nothing global is switched at run time, so
 two models in one process can run different implementations side by side.
-The layers must see queries and keys of the same length (no KV cache): call the model with
-use_cache=False.
+
+KV cache. With use_cache=True a layer gets the new tokens' queries against the cached keys
+plus their own (Lq < Lk): an implementation that declares kv_cache=True runs it with the
+queries aligned to the last keys (the registry's convention, transformers' too), so a model
+can prefill and decode through it (ctxbench.decoding); any other is refused with the reason.
+Every decode step is a new shape, so its setup step runs per step.
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ def make_attention_function(impl: Impl, *, window: int | None = None, sinks: int
                 "padding is unsupported: pass unpadded sequences (the kernel applies causality itself)")
         if dropout:
             raise ValueError(f"ctxbench attention ({impl.name}) does not implement attention dropout; use model.eval()")
-        if query.shape[2] != key.shape[2]:
-            raise ValueError(f"ctxbench attention ({impl.name}) needs queries and keys of the same length "
-                             f"(got {query.shape[2]} and {key.shape[2]}): call the model with use_cache=False")
+        if query.shape[2] != key.shape[2] and not impl.kv_cache:
+            raise ValueError(f"ctxbench attention ({impl.name}) got {query.shape[2]} queries against {key.shape[2]} "
+                             "keys (a KV cache), which it does not declare (kv_cache=True): call the model with "
+                             "use_cache=False, or use an implementation that takes a KV cache")
         w = window if window is not None else kwargs.get("sliding_window")
-        mask = Mask.of(bool(getattr(module, "is_causal", True)), w, sinks)
+        # with a KV cache the queries are the last tokens: bottom-right, as the registry's contract
+        mask = Mask.of(bool(getattr(module, "is_causal", True)), w, sinks, key.shape[2] - query.shape[2])
         shape = (tuple(query.shape), tuple(key.shape), query.dtype, query.device, mask, scaling)
         run = prepared.get(shape)
         if run is None:

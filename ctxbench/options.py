@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ctxbench.masks import Mask
-from ctxbench.plan import DTYPE_ALIASES, Cell, Config, PerplexityPlan, Settings, SweepSpec, powers_of_two
+from ctxbench.plan import (DTYPE_ALIASES, Cell, Config, DecodePlan, PerplexityPlan, Settings, SweepSpec,
+                           powers_of_two)
 
 # Perplexity defaults. CPU: the default model's fp32 forward pass runs at a few hundred
 # tokens/s on 2 cores, so perplexity at 1024 and 2048 with 2048 tokens scored per cell keeps
@@ -85,6 +86,8 @@ class Options:
     ppl_tokens: int | None = None       # tokens scored per cell (None: PPL_TOKENS)
     ppl_scheme: str = "truncated"
     ppl_stride: int = 256               # tokens scored at the end of each strided window
+    decode_max_len: int = 0             # decode cells (a model prefill + greedy tokens) up to this length
+    decode_tokens: int = 16             # greedy tokens per decode cell
     model_path: str | None = None       # None: the embedded default model
     text_path: str | None = None        # None: the default corpus
     rope: str = "default"               # "default,yarn:4"
@@ -306,6 +309,10 @@ def check_numbers(o: Options) -> None:
         fail("--ragged draws the KV lengths, --kv-lens gives them: give one of them")
     if o.query_len is not None and o.query_len <= 0:
         fail(f"--query-len must be a positive number of query tokens (got {o.query_len}); 1 is decode")
+    if o.decode_max_len < 0:
+        fail(f"--decode-max-len must be >= 0 tokens (got {o.decode_max_len}); 0 plans no decode cells")
+    if o.decode_tokens < 2:
+        fail(f"--decode-tokens must be at least 2 (got {o.decode_tokens}): the first token comes from the prefill")
     if o.address is not None and o.executor != "ray":
         fail("--address is the Ray cluster's address; it needs --executor ray")
 
@@ -316,7 +323,7 @@ def settings_of(o: Options, device: str, ppl_tokens: int) -> Settings:
                     cuda_graph=o.cuda_graph == "on",
                     seed=o.seed, model=os.path.abspath(o.model_path) if o.model_path else "",
                     text=os.path.abspath(o.text_path) if o.text_path else "", ppl_tokens=ppl_tokens,
-                    ppl_stride=o.ppl_stride)
+                    ppl_stride=o.ppl_stride, decode_tokens=o.decode_tokens)
 
 
 def build_spec(o: Options, world: int = 1) -> SweepSpec:
@@ -356,7 +363,31 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     ppl_max_len = (0 if o.query_len is not None else PPL_MAX_LEN[device]) if o.ppl_max_len is None else o.ppl_max_len
     ppl = perplexity_plan(config, impls, explicit=bool(names or o.impl_specs), lengths=lengths,
                           max_len=ppl_max_len, ropes=ropes, model_path=o.model_path, text_path=o.text_path)
-    return replace(spec, impls=impls, ppl=ppl)
+    decode = decode_plan(config, impls, lengths, o.decode_max_len, o.model_path)
+    return replace(spec, impls=impls, ppl=ppl, decode=decode)
+
+
+def decode_plan(config: Config, impls: list[str], lengths: list[int], max_len: int,
+                model_path: str | None) -> DecodePlan | None:
+    """The sweep's decode cells (ctxbench.decoding): the swept implementations that declare
+    kv_cache=True, at the lengths up to max_len (None when there are none); the model must be
+    there (UsageError naming the fix when not)."""
+    from ctxbench import lm, registry
+
+    if max_len == 0 or config.mask == "none" or not any(n <= max_len for n in lengths):
+        return None
+    chosen = [n for n in impls if registry.resolve(n).kv_cache and not registry.resolve(n).distributed]
+    if not chosen:
+        fail(f"--decode-max-len {max_len}: none of {', '.join(impls)} takes a KV cache (kv_cache=True); add e.g. "
+             "--impls sdpa,chunked")
+    try:
+        ref = lm.resolve_model(model_path)
+        lm.check_dependencies(ref)
+        heads, kv_heads, head_dim = lm.model_shape(lm.load_config(ref))
+    except lm.ModelError as exc:
+        fail(str(exc))
+    dtype = "float32" if config.device == "cpu" else config.dtype
+    return DecodePlan(max_len=max_len, impls=chosen, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
 
 
 def perplexity_plan(config: Config, impls: list[str], *, explicit: bool, lengths: list[int], max_len: int,

@@ -75,7 +75,7 @@ class Cell(Config):
 
     impl: str = ""
     n: int = 0
-    task: str = "kernel"  # "kernel", "perplexity" or "passkey"
+    task: str = "kernel"  # "kernel", "perplexity", "passkey" or "decode"
     rope: str = "default"  # RoPE variant of the model (model cells; "default" for kernels)
     # passkey cells: where the key goes (fraction of the filler) and which key of that
     # (length, depth); None for every other task
@@ -116,6 +116,8 @@ class Cell(Config):
         rope = "" if self.rope == "default" else f" {self.rope}"
         if self.task == "perplexity":
             return f"ppl {self.impl} N={self.n}{rope}"
+        if self.task == "decode":
+            return f"decode {self.impl} N={self.n}{rope}"
         if self.task == "passkey":
             return f"passkey {self.impl} N={self.n} d={self.depth:g}" + (f" #{self.trial}" if self.trial else "") + rope
         if self.query_len is not None:
@@ -169,6 +171,28 @@ class PerplexityPlan:
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """Which decode cells a sweep has (ctxbench.decoding: a prefill of n tokens through the
+    model, then greedy tokens with a KV cache), and the model's shape for their CSV columns."""
+
+    max_len: int                 # lengths above this get no decode cells
+    impls: list[str]             # implementations that get decode cells (they declare kv_cache)
+    heads: int                   # the model's query heads, kv heads and head dim
+    kv_heads: int
+    head_dim: int
+    dtype: str                   # the model's dtype
+
+    def cells(self, config: Config, n: int) -> list[Cell]:
+        """The decode cells at length n: one per implementation (batch 1, forward only)."""
+        if n > self.max_len:
+            return []
+        base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       dtype=self.dtype, mode="fwd", query_len=None, ragged=False, kv_lens=None,
+                       page_size=None)
+        return [Cell.of(base, impl, n, task="decode") for impl in self.impls]
+
+
+@dataclass(frozen=True)
 class PasskeyPlan:
     """Which passkey cells a sweep has (ctxbench.passkey), and the model's shape for their CSV
     columns. Every length of the sweep gets them; the key of a trial is drawn from the seed,
@@ -195,7 +219,8 @@ class PasskeyPlan:
 
 
 def build_cells(config: Config, impls: list[str], lengths: list[int],
-                ppl: PerplexityPlan | None = None, passkey: PasskeyPlan | None = None) -> list[Cell]:
+                ppl: PerplexityPlan | None = None, passkey: PasskeyPlan | None = None,
+                decode: DecodePlan | None = None) -> list[Cell]:
     """Cells in sweep order: length-major, so every implementation's short lengths come first;
     at each length the kernel cells, then the perplexity cells (when `ppl` plans any), then the
     passkey cells (when `passkey` plans any).
@@ -210,6 +235,8 @@ def build_cells(config: Config, impls: list[str], lengths: list[int],
             cells += ppl.cells(config, n)
         if passkey is not None:
             cells += passkey.cells(config, n)
+        if decode is not None:
+            cells += decode.cells(config, n)
     return cells
 
 
@@ -228,6 +255,7 @@ class Settings:
     text: str = ""         # UTF-8 corpus file; "" = the default corpus (pydoc_data.topics)
     ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
     ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
+    decode_tokens: int = 16  # decode cells: greedy tokens generated after the prefill
     # The device's memory bandwidth (GB/s), the denominator of bw_fraction, and what a probe
     # measured and where the denominator comes from (ctxbench.bandwidth): filled in once per
     # run by the sweep, so a resumed run divides by the same figure. None: not known.
@@ -251,6 +279,7 @@ class SweepSpec:
     reuse_workers: bool = True
     ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
     passkey: PasskeyPlan | None = None  # passkey-retrieval cells (None: none)
+    decode: DecodePlan | None = None  # model decode cells (None: none)
     # memory_limit_bytes is this machine's default (85% of available), not the user's
     # --memory-limit: a Ray node computes its own instead
     memory_limit_auto: bool = False
@@ -261,7 +290,8 @@ class SweepSpec:
                 "settings": asdict(self.settings), "reuse_workers": self.reuse_workers,
                 "ppl": asdict(self.ppl) if self.ppl is not None else None,
                 "memory_limit_auto": self.memory_limit_auto,
-                "passkey": asdict(self.passkey) if self.passkey is not None else None}
+                "passkey": asdict(self.passkey) if self.passkey is not None else None,
+                "decode": asdict(self.decode) if self.decode is not None else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
@@ -270,12 +300,14 @@ class SweepSpec:
                    settings=Settings(**d.get("settings", {})), reuse_workers=d.get("reuse_workers", True),
                    ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
                    memory_limit_auto=d.get("memory_limit_auto", False),
-                   passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None)
+                   passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None,
+                   decode=DecodePlan(**d["decode"]) if d.get("decode") else None)
 
     def cells(self) -> list[Cell]:
-        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey)
+        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey, self.decode)
 
     def all_impls(self) -> list[str]:
         """Every implementation with cells in the sweep (kernel, perplexity or passkey), once each."""
         return list(dict.fromkeys(self.impls + (self.ppl.impls if self.ppl else [])
-                                  + (self.passkey.impls if self.passkey else [])))
+                                  + (self.passkey.impls if self.passkey else [])
+                                  + (self.decode.impls if self.decode else [])))

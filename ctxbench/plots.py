@@ -2,6 +2,8 @@
 
     latency.png   median latency (ms) vs context length N (tokens), log-log
     tflops.png    TFLOP/s vs N
+    bandwidth.png GB/s vs N with the device's bandwidth as a line (runs with --query-len)
+    decode.png    ms per generated token vs N (model decode cells, --decode-max-len)
     memory.png    peak memory (MiB) vs N, log-log; each implementation's largest N that fit marked
     ppl.png       perplexity vs N, only when the run has a `ppl` column with values
     loss_curve.png mean loss per position bin at each series' longest N (perplexity runs)
@@ -22,7 +24,9 @@ from ctxbench.plan import KEY_FIELDS
 
 NUMERIC_COLUMNS = ("n", "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats", "flops",
                    "tflops", "peak_fraction", "peak_mem_bytes", "err_rel_l2", "err_max_abs", "err_tolerance",
-                   "grad_err_rel_l2", "ppl", "bits_per_byte", "window")
+                   "grad_err_rel_l2", "ppl", "bits_per_byte", "window", "query_len", "bytes_moved", "gbps",
+                   "bw_fraction", "device_bw_gbps", "device_bw_probe_gbps", "setup_ms", "first_call_ms",
+                   "prefill_ms", "ms_per_token", "kv_cache_bytes", "decode_tokens", "tokens_match")
 FORMATS = ("png", "svg")
 
 
@@ -35,19 +39,22 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def split_tasks(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kernel rows, perplexity rows), each with a `series` column (the line it is drawn on).
+def split_tasks(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(kernel rows, perplexity rows, model decode rows), each with a `series` column (the line
+    it is drawn on).
 
-    A perplexity cell runs a whole model, so its latency and memory are not the kernel's and
-    it gets its own plot and pivot rather than a point on the kernel's lines.
+    A perplexity or decode cell runs a whole model, so its latency and memory are not the
+    kernel's and it gets its own plot and pivot rather than a point on the kernel's lines.
     """
-    is_ppl = (df["task"] == "perplexity") if "task" in df.columns else pd.Series(False, index=df.index)
+    task = df["task"] if "task" in df.columns else pd.Series("kernel", index=df.index)
+    is_ppl = task == "perplexity"
     if "ppl" in df.columns:
         is_ppl |= df["ppl"].notna()
-    kernel, ppl = df[~is_ppl].copy(), df[is_ppl].copy()
-    for part in (kernel, ppl):
+    is_decode = (task == "decode") & ~is_ppl
+    kernel, ppl, decode = df[~is_ppl & ~is_decode].copy(), df[is_ppl].copy(), df[is_decode].copy()
+    for part in (kernel, ppl, decode):
         part["series"] = series_labels(part) if not part.empty else pd.Series(dtype=str)
-    return kernel, ppl
+    return kernel, ppl, decode
 
 
 def series_labels(df: pd.DataFrame) -> pd.Series:
@@ -135,8 +142,15 @@ def plot_run(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
 
 def figures(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """Every plot the rows allow, as (file name without extension, matplotlib Figure)."""
-    kernel, ppl = split_tasks(to_frame(rows))
+    kernel, ppl, decode = split_tasks(to_frame(rows))
     out: list[tuple[str, Any]] = []
+    if not decode.empty and "ms_per_token" in decode.columns and decode["ms_per_token"].notna().any():
+        d = decode[decode["ms_per_token"].notna() & decode["status"].isin(["ok", "wrong"])]
+        fig, ax = _new_axes(d, "decode: milliseconds per generated token after a prefill of N tokens",
+                            "ms per token (median step)", log_y=False)
+        _lines(ax, d, "ms_per_token", _palette(d))
+        _mark_wrong(ax, decode, "ms_per_token")
+        out.append(("decode", fig))
     if not ppl.empty and ppl["ppl"].notna().any():
         p = ppl[ppl["ppl"].notna() & ppl["status"].isin(["ok", "wrong"])]
         model = str(p["model"].iloc[0]) if "model" in p.columns and str(p["model"].iloc[0]) else ""
@@ -162,6 +176,9 @@ def figures(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     _mark_wrong(ax, kernel, "tflops")
     out.append(("tflops", fig))
 
+    if "query_len" in kernel.columns and kernel["query_len"].notna().any() and ok["gbps"].notna().any():
+        out.append(("bandwidth", _bandwidth_figure(kernel, ok, palette)))
+
     fig, ax = _new_axes(kernel, "peak memory vs context length (star: largest N that fit)", "peak memory (MiB)",
                         log_y=True)
     mem = ok.assign(mem_mib=ok["peak_mem_bytes"] / 2**20)
@@ -170,6 +187,29 @@ def figures(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     _mark_largest_fit(ax, kernel, mem, palette)
     out.append(("memory", fig))
     return out
+
+
+def _bandwidth_figure(kernel: pd.DataFrame, ok: pd.DataFrame, palette: dict[str, Any]) -> Any:
+    """bandwidth.png|svg (decode and chunked prefill runs): GB/s of the minimum traffic against
+    N, with the device's bandwidth (the denominator of bw_fraction) as a line, and the probe's
+    measurement as a dashed one where it differs (a CUDA copy beside the datasheet peak)."""
+    q = int(kernel["query_len"].dropna().iloc[0])
+    fig, ax = _new_axes(kernel, f"memory bandwidth of {q} quer{'y' if q == 1 else 'ies'} against N keys "
+                        "(minimum traffic / median latency)", "GB/s", log_y=False)
+    _lines(ax, ok, "gbps", palette)
+    _mark_wrong(ax, kernel, "gbps")
+    bw = kernel["device_bw_gbps"].dropna() if "device_bw_gbps" in kernel.columns else pd.Series(dtype=float)
+    if not bw.empty:
+        source = str(kernel["device_bw_source"].dropna().iloc[0]) if "device_bw_source" in kernel.columns else ""
+        ax.axhline(float(bw.iloc[0]), color="black", linestyle="-", linewidth=1.2,
+                   label=f"device bandwidth {float(bw.iloc[0]):.4g} GB/s" + (f" ({source})" if source else ""))
+        probe = kernel["device_bw_probe_gbps"].dropna()
+        if not probe.empty and abs(float(probe.iloc[0]) - float(bw.iloc[0])) > 1e-6 * float(bw.iloc[0]):
+            ax.axhline(float(probe.iloc[0]), color="gray", linestyle="--", linewidth=1.0,
+                       label=f"measured device copy {float(probe.iloc[0]):.4g} GB/s")
+        ax.set_ylim(0, float(bw.iloc[0]) * 1.1)
+        ax.legend(fontsize=8)
+    return fig
 
 
 def legend_labels(fig: Any) -> list[str]:

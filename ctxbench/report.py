@@ -38,6 +38,8 @@ def _finite(x: Any) -> bool:
 KERNEL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("latency (median)", "latency_ms", human_ms),
     ("TFLOP/s at the median latency", "tflops", lambda x: f"{x:.3g}"),
+    ("GB/s of the minimum traffic at the median latency", "gbps", lambda x: f"{x:.3g}"),
+    ("share of the device bandwidth", "bw_fraction", lambda x: f"{100 * x:.1f}%"),
     ("peak memory above the inputs", "peak_mem_bytes", human_bytes),
     ("setup step, once per cell (not in the latency)", "setup_ms", human_ms),
     ("first call: compilation, autotuning (not in the latency)", "first_call_ms", human_ms),
@@ -47,6 +49,12 @@ KERNEL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 PPL_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("perplexity", "ppl", lambda x: f"{x:.4g}"),
     ("bits per byte", "bits_per_byte", lambda x: f"{x:.4g}"),
+)
+DECODE_PIVOTS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("decode: ms per generated token (median step)", "ms_per_token", human_ms),
+    ("decode: prefill of the N-token prompt", "prefill_ms", human_ms),
+    ("decode: KV cache held", "kv_cache_bytes", human_bytes),
+    ("decode: leading greedy tokens equal to transformers' sdpa", "tokens_match", lambda x: f"{x:.0f}"),
 )
 
 
@@ -86,7 +94,7 @@ def pivots(df: pd.DataFrame) -> list[tuple[list[tuple[str, pd.DataFrame]], list[
     """Every pivot the run has data for, the kernel's, then perplexity's: for each part its
     (title, table) pivots and the `not run: ...` lines that go under them."""
     out = []
-    for part, specs in zip(split_tasks(df), (KERNEL_PIVOTS, PPL_PIVOTS)):
+    for part, specs in zip(split_tasks(df), (KERNEL_PIVOTS, PPL_PIVOTS, DECODE_PIVOTS)):
         tables = [(title, pivot_frame(part, column, fmt)) for title, column, fmt in specs
                   if not part.empty and column in part.columns and part[column].notna().any()]
         if tables:
@@ -125,7 +133,7 @@ def passkey_markdown(rows: list[dict[str, Any]]) -> str:
 def pivot_markdown(rows: list[dict[str, Any]]) -> str:
     """The terminal pivot (latency / peak memory, or status) as a markdown table, with a line
     under it for each implementation that never ran."""
-    df, _ = split_tasks(to_frame(rows))
+    df = split_tasks(to_frame(rows))[0]
     lat = pivot_frame(df, "latency_ms", human_ms)
     mem = pivot_frame(df, "peak_mem_bytes", human_bytes)
     body = []

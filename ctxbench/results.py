@@ -49,6 +49,11 @@ MEASURE_COLUMNS = (
     # up to its first wrong token), 1 when greedy decoding retrieves the key exactly else 0, and
     # the prompt's length in tokens (prompt and answer: N)
     "key", "predicted", "correct", "n_tokens",
+    # decode cells (task=decode, ctxbench.decoding; `model`, `predicted` (the greedy text),
+    # `n_tokens` (the prompt) and `tokens_per_s` as above): prefill ms, median ms per generated
+    # token, bytes of the KV cache held, tokens generated, leading tokens equal to transformers'
+    # sdpa attention's
+    "prefill_ms", "ms_per_token", "kv_cache_bytes", "decode_tokens", "tokens_match",
     # distributed implementations (ctxbench.sharded): ranks, each rank's peak memory (JSON
     # list, bytes; peak_mem_bytes is the largest), and the share of a call's time spent waiting
     # for communication (mean over ranks and timed calls)

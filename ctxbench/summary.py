@@ -107,6 +107,10 @@ def cell_text(row: dict[str, Any]) -> str:
     if lat is None:
         return f"[{style}]{status}[/]"
     text = human_ms(lat) + (f"\n{human_bytes(mem)}" if mem is not None else "")
+    gbps = number(row.get("gbps"))
+    if row.get("query_len") not in (None, "") and gbps is not None:  # decode-shaped: memory-bound
+        frac = number(row.get("bw_fraction"))
+        text += f"\n{gbps:.3g} GB/s" + (f" ({100 * frac:.0f}%)" if frac is not None else "")
     return text if status == "ok" else f"{text}\n[{style}]{status}[/]"
 
 
@@ -159,6 +163,36 @@ def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def decode_table(rows: list[dict[str, Any]]) -> Table:
+    """Decode cells (ctxbench.decoding): one line per implementation, one column per prompt
+    length; each cell shows ms per generated token and how many greedy tokens matched
+    transformers' own sdpa, or the status."""
+    skipped = not_run(rows)
+    lengths = sorted({int(r["n"]) for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows if not is_left_out(r, skipped)))
+    by_key = {(r["impl"], int(r["n"])): r for r in rows}
+    first = rows[0] if rows else {}
+    model = (first.get("model") or "").split(" (")[0] or "model"
+    table = _table(f"decode: ms per generated token / greedy tokens equal to sdpa's ({model})", not_run_lines(skipped))
+    table.add_column("impl \\ N", style="bold")
+    for n in lengths:
+        table.add_column(f"{n:,}", justify="right")
+
+    def text(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return ""
+        ms, match, total = number(r.get("ms_per_token")), number(r.get("tokens_match")), number(r.get("decode_tokens"))
+        status = r.get("status", "")
+        if ms is None:
+            return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
+        shown = human_ms(ms) + (f"\n{match:.0f}/{total:.0f} tokens" if match is not None and total else "")
+        return shown if status == "ok" else f"{shown}\n[{STATUS_STYLE.get(status, '')}]{status}[/]"
+
+    for impl in impls:
+        table.add_row(impl, *(text(by_key.get((impl, n))) for n in lengths))
+    return table
+
+
 def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Any) -> None:
     """The pivot table, the scaling fits, perplexity and where the files are."""
     kernel_rows = [r for r in rows if r.get("task", "kernel") in ("kernel", "")]
@@ -173,6 +207,9 @@ def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Any) -> Non
         from ctxbench.passkey import passkey_summary
 
         console.print(passkey_summary(passkey_rows))
+    decode_rows = [r for r in rows if r.get("task") == "decode"]
+    if decode_rows:
+        console.print(decode_table(decode_rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

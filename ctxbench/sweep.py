@@ -44,6 +44,8 @@ def _weight(cell: Cell, settings: Settings) -> float:
         scored = cell.n if cell.ppl_scheme == "truncated" else min(settings.ppl_stride, cell.n)
         windows = max(1, -(-settings.ppl_tokens // scored))
         return _WORKER_START_S + windows * cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
+    if cell.task == "decode":  # a prefill and greedy steps, twice (the sdpa reference)
+        return 2 * (cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0) + settings.decode_tokens * 0.1)
     if cell.task == "passkey":  # one forward pass of n tokens; the model stays loaded between trials
         return 0.1 + cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
     mask = cell.attention_mask
@@ -255,6 +257,12 @@ def describe(spec: SweepSpec) -> list[str]:
             lines.append(f"perplexity: {s.model or 'default model (SmolLM2-135M-Instruct)'}, corpus "
                          f"{s.text or 'pydoc_data.topics'}, N: {', '.join(map(str, ns))}; {s.ppl_tokens} tokens per "
                          f"cell, {scheme} windows, {p.dtype}; rope: {', '.join(p.ropes)}; impls: {', '.join(p.impls)}")
+        d = spec.decode
+        if d is not None:
+            ns = [n for n in spec.lengths if n <= d.max_len]
+            lines.append(f"decode: {s.model or 'default model (SmolLM2-135M-Instruct)'}, a prefill of N tokens of "
+                         f"{s.text or 'pydoc_data.topics'} then {s.decode_tokens} greedy tokens with a KV cache, "
+                         f"{d.dtype}; N: {', '.join(map(str, ns))}; impls: {', '.join(d.impls)}")
     else:
         k = spec.passkey
         lines.append(f"[bold]ctxbench passkey[/] {c.device} {k.dtype} mask={c.mask}"

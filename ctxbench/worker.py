@@ -64,6 +64,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             from ctxbench.passkey import measure_passkey
 
             row = measure_passkey(impl, cell, settings)
+        elif cell.task == "decode":
+            # a prefill and greedy tokens through the model with a KV cache; the model stays loaded
+            from ctxbench.decoding import measure_decode
+
+            row = measure_decode(impl, cell, settings)
         elif impl.distributed:
             # one rank of a torchrun sweep (or the whole sequence when there is no torchrun)
             from ctxbench.sharded import measure_sharded_cell

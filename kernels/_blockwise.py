@@ -235,24 +235,23 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 
 # ---------------------------------------------------------------- split-K decode
 
-# fp32 elements of the score buffer of one batch of split-K chunks (all heads together): 16M
-# = 64 MiB, far below K and V at long lengths, which is what decode has to read.
-SPLIT_SCORES = 1 << 24
-
-
 def split_k(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: QueryBlock, *, scale: float | None,
             bias: MaskBias) -> torch.Tensor:
     """Forward-only attention of a few queries against many keys, split over the keys
     (flash-decoding); q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
 
-    `block` is the single query block of a plan covering all Lq rows. One row of queries has
-    too little work to keep cores busy tile by tile, so instead of walking the tiles with a
-    running softmax, every tile is a split: each gets its own (max m_c, sum l_c, output o_c)
-    in one batched matmul over all the tiles of the same width, and the splits are merged
-    with the log-sum-exp rule  out = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c,
-    M = max_c m_c. Scores are computed as K Q^T ([keys, rows]: a tall-skinny product, which
-    the CPU's BLAS streams K through far faster than Q K^T), and the `group` query heads of a
-    kv head are the rows, so each K and V row is read once for all of them.
+    `block` is the single query block of a plan covering all Lq rows; each of its key tiles is
+    a split. Instead of one running softmax carried from tile to tile, every split gets its
+    own statistics (row max m_c, sum l_c, unnormalised output o_c) and the splits are merged
+    with the log-sum-exp rule
+
+        out = sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c,   M = max_c m_c,
+
+    so no split waits for the one before it (on a GPU they run in parallel; here each is one
+    large matmul that BLAS spreads over the cores). Scores are computed as K Q^T ([keys, rows]:
+    a tall-skinny product, which the CPU's BLAS streams K through faster than Q K^T, and
+    whose P^T V then reads V once), and the `group` query heads of a kv head are the rows, so
+    each K and V row is read once for all of them: decode is bound by reading K and V.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, Hq, Nq, D = q.shape
@@ -262,39 +261,18 @@ def split_k(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: QueryBlock
     kf = k.float().reshape(BH, Nk, D)
     vf = v.float().reshape(BH, Nk, D)
     qt = (q.reshape(B, Hkv, G, Nq, D).float() * (scale * LOG2E)).reshape(BH, R, D).transpose(1, 2)  # [BH, D, R]
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (m [BH,C,R], l [BH,C,R], o [BH,C,R,D])
-
-    def add(s: torch.Tensor, vt: torch.Tensor) -> None:
-        # s: [BH, C, keys, R] base-2 scores of C splits; vt: [BH, C, keys, D]
-        m = s.amax(dim=2, keepdim=True).clamp_min_(_NEG_BIG)  # a row with no visible key: p = 0
-        p = s.sub_(m).exp2_()
-        parts.append((m.squeeze(2), p.sum(dim=2), torch.matmul(p.transpose(2, 3), vt)))
-
-    tiles = list(block.tiles)
-    i = 0
-    while i < len(tiles):
-        t = tiles[i]
-        width = t.end - t.start
-        j = i
-        while (not t.masked and j + 1 < len(tiles) and not tiles[j + 1].masked
-               and tiles[j + 1].end - tiles[j + 1].start == width and tiles[j + 1].start == tiles[j].end):
-            j += 1
+    ms, ls, os_ = [], [], []
+    for t in block.tiles:
+        s = torch.bmm(kf[:, t.start:t.end], qt)  # [BH, keys, R], base-2 scores
         if t.masked:
-            s = torch.bmm(kf[:, t.start:t.end], qt)  # [BH, keys, R]
-            s.view(BH, width, G, Nq).add_(bias(block.start, block.end, t).t()[:, None, :])
-            add(s.unsqueeze(1), vf[:, t.start:t.end].unsqueeze(1))
-        else:
-            # tiles i..j: contiguous keys of one width, as C splits; batched so the scores stay small
-            per_batch = max(1, SPLIT_SCORES // (BH * width * R))
-            for a in range(i, j + 1, per_batch):
-                c = min(per_batch, j + 1 - a)
-                lo, hi = tiles[a].start, tiles[a].start + c * width
-                kc = kf[:, lo:hi].unflatten(1, (c, width))
-                add(torch.matmul(kc, qt.unsqueeze(1)), vf[:, lo:hi].unflatten(1, (c, width)))
-        i = j + 1
-    m = torch.cat([p[0] for p in parts], dim=1)  # [BH, splits, R]
-    l = torch.cat([p[1] for p in parts], dim=1)
-    o = torch.cat([p[2] for p in parts], dim=1)  # [BH, splits, R, D]
+            s.view(BH, t.end - t.start, G, Nq).add_(bias(block.start, block.end, t).t()[:, None, :])
+        m = s.amax(dim=1, keepdim=True).clamp_min_(_NEG_BIG)  # a row that sees no key of the split: p = 0
+        p = s.sub_(m).exp2_()
+        ms.append(m)
+        ls.append(p.sum(dim=1, keepdim=True))
+        os_.append(torch.bmm(p.transpose(1, 2), vf[:, t.start:t.end]))  # [BH, R, D]
+    m = torch.cat(ms, dim=1)  # [BH, splits, R]
     w = (m - m.amax(dim=1, keepdim=True)).exp2_()
-    out = (o * w.unsqueeze(-1)).sum(dim=1) / (l * w).sum(dim=1).unsqueeze(-1)  # [BH, R, D]
+    denom = (torch.cat(ls, dim=1) * w).sum(dim=1)  # [BH, R]
+    out = sum(o * w[:, i, :, None] for i, o in enumerate(os_)) / denom[..., None]
     return out.view(B, Hkv, G, Nq, D).reshape(B, Hq, Nq, D).to(q.dtype)

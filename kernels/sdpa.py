@@ -45,7 +45,9 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, mask_of: Callable[[int], Mask], s
         # SDPA's is_causal aligns queries top-left, ours bottom-right: the same only at offset 0.
         # For Lq < Lk, causal_lower_right says bottom-right without a mask tensor, which keeps
         # the flash and efficient backends available (an explicit mask rules flash out).
-        if mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
+        if not mask.needs_mask(0, n_q, 0, n_k):  # e.g. one query at the end sees every key: no mask at all
+            kwargs = {}
+        elif mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
             kwargs = {"is_causal": mask.causal}
         elif mask.kind == "causal":
             kwargs = {"attn_mask": causal_lower_right(n_q, n_k)}

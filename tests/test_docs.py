@@ -64,7 +64,8 @@ MAX_LEN, MIN_LEN = "2048", "1024"
 RUN_FIXTURE = ["sweep", "--impls", "sdpa", "--lengths", "1024", "--heads", "2", "--head-dim", "16", "--rep-ms", "5",
                "--ppl-max-len", "0"]
 # Flags that make a sweep about quality: it then runs the tiny model instead of no perplexity.
-QUALITY_FLAGS = {"--ppl-tokens", "--ppl-scheme", "--ppl-stride", "--rope", "--model", "--text", "--sinks"}
+QUALITY_FLAGS = {"--ppl-tokens", "--ppl-scheme", "--ppl-stride", "--rope", "--model", "--text", "--sinks",
+                 "--decode-max-len"}
 QUALITY_PAGE = "docs/quality.md"
 
 
@@ -286,6 +287,11 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
     _set(argv, "--min-len", MIN_LEN, add=False)
     if "--window" in argv:
         _set(argv, "--window", str(min(int(_flag(tuple(argv), "--window") or 256), 256)))
+    if "--kv-lens" in argv:  # the KV lengths fit the rewritten --max-len
+        _set(argv, "--kv-lens", ",".join(str(min(int(x), int(MAX_LEN))) for x in _flag(tuple(argv), "--kv-lens").split(",")))
+    if "--decode-max-len" in argv:
+        _set(argv, "--decode-max-len", MIN_LEN)
+        _set(argv, "--decode-tokens", "3")
     _set(argv, "--out", ws.fresh(cmd.command))
     if "--impls" in argv:  # a worker per implementation is most of a small sweep's time
         _set(argv, "--impls", _flag(tuple(argv), "--impls").split(",")[0])

@@ -22,7 +22,7 @@ def test_gpu_check_dry_run(tmp_path):
     lines = (out / "stages.txt").read_text().splitlines()
     assert lines[0].startswith("gpu_check estimate: compiling the ") and "kernels it launches" in lines[0], lines
     stages = [ln.split(":")[0].removeprefix("== ") for ln in lines[1:-1]]
-    assert stages == ["causal-fwd-long", "check1", "check2", "check3", "check4", "causal-fwdbwd-long",
+    assert stages == ["causal-fwd-long", "decode", "decode-paged", "check1", "check2", "check3", "check4", "causal-fwdbwd-long",
                       "engines-check", "engines-fwd-long", "window-fwd-long", "window-fwdbwd-long", "causal-fwdbwd-long-fuseddq", "causal-fwd-short",
                       "math"], lines
     assert all(" s since start" in ln for ln in lines[1:-1]), lines
@@ -44,7 +44,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert flex.loc["fwd+bwd", "status"] == "unsupported" and "forward-only" in flex.loc["fwd+bwd", "message"]
     assert set(engines[(engines["impl"] == "flex") & (engines["mode"] == "fwd")]["status"]) == {"ok"}
     assert "flex" not in set(checks["impl"])
-    perf = df[~df["run"].str.startswith(("check", "engines"))]
+    # decode: one query token against a ragged cache, contiguous and paged, every implementation ok,
+    # with GB/s and the share of the bandwidth; paged and contiguous the same lengths
+    dec = df[df["run"].str.startswith("decode")]
+    assert set(dec["status"]) == {"ok"}, dec[["impl", "status", "message"]]
+    assert set(dec["impl"]) == {"triton_decode", "sdpa", "chunked"} and set(dec["query_len"]) == {1}
+    assert (dec["gbps"] > 0).all() and (dec["bw_fraction"] > 0).all()
+    assert set(dec[dec["run"] == "decode-paged"]["page_size"]) == {16}
+    assert "## decode" in proc.stdout
+    perf = df[~df["run"].str.startswith(("check", "engines", "decode"))]
     assert set(perf["mode"]) == {"fwd", "fwd+bwd"} and set(perf["mask"]) == {"causal", "window"}
     assert (perf[perf["impl"] == "triton"]["status"] == "ok").all()
     assert (perf[perf["impl"] == "triton_fuseddq"]["status"] == "ok").all() and "triton_fuseddq" in set(perf["impl"])

@@ -113,13 +113,18 @@ def test_sinks_reach_the_kernel_only_when_positive():
     assert seen == [(True, None), (True, 4, 0), (True, 4, 2)]
 
 
-def test_a_mask_or_a_kv_cache_is_refused():
+def test_a_mask_is_refused_and_a_kv_cache_needs_a_declaration():
     fn = make_attention_function(all_impls()["sdpa"])
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(PaddingUnsupported, match="padding is unsupported"):
         fn(torch.nn.Module(), q, k, v, torch.zeros(1, 1, 6, 6))
+    # sdpa declares kv_cache: the last query against the cache is aligned bottom-right
+    out, _ = fn(torch.nn.Module(), q[:, :, -1:], k, v, None)
+    assert torch.allclose(out.transpose(1, 2), torch.nn.functional.scaled_dot_product_attention(q, k, v)[:, :, -1:],
+                          atol=1e-6)
+    square_only = make_attention_function(Impl("square", lambda q, k, v, *, causal, window, scale=None: q))
     with pytest.raises(ValueError, match="use_cache=False"):
-        fn(torch.nn.Module(), q[:, :, -1:], k, v, None)
+        square_only(torch.nn.Module(), q[:, :, -1:], k, v, None)
 
 
 def test_registered_names_avoid_transformers_special_patterns():
