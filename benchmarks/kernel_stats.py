@@ -3,6 +3,7 @@
     python benchmarks/kernel_stats.py --arch sm_90 --head-dim 64,128 --dtype bf16,fp16
     python benchmarks/kernel_stats.py ... --which default|tuned|all|check --mask causal,window --csv OUT
     python benchmarks/kernel_stats.py ... --kernel-file OTHER/triton_attention.py   # another version
+    python benchmarks/kernel_stats.py ... --n 4096 --q-len 1000   # fewer queries than keys (KV cache)
 
 No GPU needed: every kernel of one forward + backward (kernels/triton_attention.py) is compiled
 exactly as it would be launched, for the target given (sm_90 = Hopper), down to a cubin with the
@@ -76,8 +77,10 @@ def load_module(path: str | None):
     return mod
 
 
-def capture(ta, dtype: torch.dtype, head_dim: int, mask: str, n: int) -> list[tuple[str, tuple, dict]]:
-    """The (kind, args, meta) of every kernel launch of one forward + backward, not run."""
+def capture(ta, dtype: torch.dtype, head_dim: int, mask: str, n: int,
+            q_len: int | None = None) -> list[tuple[str, tuple, dict]]:
+    """The (kind, args, meta) of every kernel launch of one forward + backward, not run:
+    n keys and q_len queries (default n; fewer: the last q_len positions, as against a KV cache)."""
     captured = []
 
     class _Capture:
@@ -96,7 +99,7 @@ def capture(ta, dtype: torch.dtype, head_dim: int, mask: str, n: int) -> list[tu
     try:
         causal, window = mask != "none", (300 if mask in ("window", "sinks") else None)
         sinks = 4 if mask == "sinks" else 0
-        q = torch.randn(2, 4, n, head_dim, dtype=dtype)
+        q = torch.randn(2, 4, n if q_len is None else q_len, head_dim, dtype=dtype)
         k, v = (torch.randn(2, 2, n, head_dim, dtype=dtype) for _ in range(2))
         o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks)
         ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks)
@@ -112,7 +115,7 @@ def _default(ta, kind: str, fma: bool, meta: dict) -> tuple:
     return ta.FP32_IEEE_SPACE[kind][0] if fma else ta.DEFAULT_CONFIGS[kind]  # an older kernel file
 
 
-def configs_for(ta, which: str, kind: str, args: tuple, meta: dict, n: int) -> list[tuple]:
+def configs_for(ta, which: str, kind: str, args: tuple, meta: dict, n: int, q_len: int | None = None) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, warps, stages) tuples of `kind` for --which."""
     fma = ta._fma(args[0], meta)
     default = _default(ta, kind, fma, meta)
@@ -125,7 +128,10 @@ def configs_for(ta, which: str, kind: str, args: tuple, meta: dict, n: int) -> l
         configs = [ta._config(*c) for c in space]
     else:
         configs = [ta._config(*c) for c in ta._space(kind)]
-    kept = ta._prune(kind)(configs, {"N": n, "Q": args[0]}, **meta)
+    named = {"N": n, "Q": args[0]}
+    if q_len is not None:
+        named["N_Q"] = q_len
+    kept = ta._prune(kind)(configs, named, **meta)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -212,7 +218,7 @@ def compile_one(ta, fn, args: tuple, meta: dict, config: tuple, capability: int)
 
 
 def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, capability: int,
-          kinds: set | None = None):
+          kinds: set | None = None, q_len: int | None = None):
     """Yield one row per (kernel, configuration) of one forward + backward."""
     import triton
 
@@ -221,12 +227,12 @@ def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, 
         if hasattr(ta, name):
             plain[kind] = getattr(ta, name)
     seen = set()
-    for kind, args, meta in capture(ta, dtype, head_dim, mask, n):
+    for kind, args, meta in capture(ta, dtype, head_dim, mask, n, q_len):
         if kinds and kind not in kinds:
             continue
         meta = dict(meta)
         if kind in ta._PLAIN:
-            configs = configs_for(ta, which, kind, args, meta, n)
+            configs = configs_for(ta, which, kind, args, meta, n, q_len)
             default = _default(ta, kind, ta._fma(args[0], meta), meta)
         else:
             configs = [(None, None, meta.pop("num_warps", 4), meta.pop("num_stages", 1))]
@@ -294,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="", help="DTYPE:HEAD_DIM:MASK,... instead of the product of --dtype, "
                    "--head-dim and --mask (e.g. fp32:64:causal,bf16:80:none)")
     p.add_argument("--kernels", default="", help="only these kinds (e.g. fwd,dkdv); all by default")
-    p.add_argument("--n", type=int, default=4096, help="sequence length the launches are captured at")
+    p.add_argument("--n", type=int, default=4096, help="sequence length the launches are captured at (the keys)")
+    p.add_argument("--q-len", type=int, default=None,
+                   help="queries, if fewer than --n: the last ones, as against a KV cache (default: --n)")
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     p.add_argument("--kernel-file", help="a copy of kernels/triton_attention.py to compile instead")
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     for dt, d, mask in cases:
         if mask not in MASKS or dt not in DTYPES:
             p.error(f"unknown mask {mask} or dtype {dt}")
-        for row in stats(ta, DTYPES[dt], int(d), mask, a.which, a.n, capability, kinds):
+        for row in stats(ta, DTYPES[dt], int(d), mask, a.which, a.n, capability, kinds, a.q_len):
             rows.append(row)
             if a.json:
                 print(json.dumps(row), flush=True)
@@ -341,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(rows)
     if not a.json:
         import triton
-        print(f"# kernel_stats: triton {triton.__version__}, {a.arch}, --which {a.which}, N={a.n}, "
+        q_len = "" if a.q_len is None else f"Lq={a.q_len}, "
+        print(f"# kernel_stats: triton {triton.__version__}, {a.arch}, --which {a.which}, N={a.n}, {q_len}"
               f"{time.perf_counter() - t0:.0f} s; * = default config (autotuning off)")
         print(_table(rows))
         print()

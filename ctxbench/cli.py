@@ -152,6 +152,15 @@ def cli() -> None:
     """ctxbench: what an attention implementation costs, per context length."""
 
 
+def kv_cache_text(impl: Any) -> str:
+    """What `ctxbench list` says of an implementation's KV-cache support: Lq < Lk, ragged, paged."""
+    if not impl.kv_cache:
+        return "no"
+    parts = ["Lq<Lk" if impl.max_query_len is None else f"Lq<={impl.max_query_len}"]
+    parts += [name for name, on in (("ragged", impl.ragged), ("paged", impl.paged)) if on]
+    return ",".join(parts)
+
+
 @cli.command("list")
 def list_cmd() -> None:
     """List the registered attention implementations and what each declares."""
@@ -162,7 +171,7 @@ def list_cmd() -> None:
 
     impls = registry.all_impls()
     table = Table(title="attention implementations", title_justify="left")
-    for col in ("name", "devices", "dtypes", "masks", "modes", "GQA", "sinks", "exact", "description"):
+    for col in ("name", "devices", "dtypes", "masks", "modes", "GQA", "sinks", "KV cache", "exact", "description"):
         table.add_column(col)
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
     for name, impl in sorted(impls.items()):
@@ -170,8 +179,8 @@ def list_cmd() -> None:
         table.add_row(name, devices, ",".join(short[d] for d in registry.DTYPES if d in impl.dtypes),
                       ",".join(m for m in registry.MASKS if m in impl.masks),
                       ",".join(m for m in registry.MODES if m in impl.modes),
-                      "yes" if impl.gqa else "no", "yes" if impl.sinks else "no", "yes" if impl.exact else "approx",
-                      impl.description)
+                      "yes" if impl.gqa else "no", "yes" if impl.sinks else "no", kv_cache_text(impl),
+                      "yes" if impl.exact else "approx", impl.description)
     console = Console()
     if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
         console = Console(width=200)

@@ -250,7 +250,9 @@ def resolve_impls(names: list[str], specs: list[str], config: Config, world: int
     if not chosen:
         # Declared capabilities only: a run-time check (e.g. the Triton interpreter's length
         # limit) still yields rows saying why, which is worth seeing.
-        probe = Cell.of(config, "", (config.query_len or 0) + 1)  # more keys than queries when Lq is set
+        # a cell of the sweep's shape: more keys than queries when Lq is set, else a square of a
+        # typical length (a decode kernel's query-length limit leaves it out of a prefill sweep)
+        probe = Cell.of(config, "", config.query_len + 1 if config.query_len else 1024)
         chosen = [name for name, impl in registry.all_impls().items()
                   if impl.declared_reason(probe) is None and impl.distributed == (world > 1)
                   and impl.in_default_sweep(config.device)]

@@ -47,11 +47,11 @@ BLOCK_K = 512
 MIN_BLOCK = 16
 # Split-K decode (see _blockwise.split_k): at most this many query rows per kv head (query
 # heads per kv head x Lq), at least this many keys, and keys per split: large splits, because
-# each is one matmul that BLAS spreads over the cores (measured fastest here at 64K keys:
-# benchmarks/decode_targets.py), and their scores (64K x rows x heads fp32: 8 MiB for 32 heads) stay small.
+# each is one matmul that BLAS spreads over the cores (measured here at 16K keys:
+# benchmarks/decode_targets.py), and their scores (16K x rows x heads fp32: 2 MiB for 32 heads) stay small.
 SPLIT_K_MAX_ROWS = 64
 SPLIT_K_MIN_KEYS = 1024
-SPLIT_K_BLOCK = 65536
+SPLIT_K_BLOCK = 16384
 
 
 def block_sizes(n: int, rows_per_block_row: int) -> tuple[int, int]:

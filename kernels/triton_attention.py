@@ -4,24 +4,38 @@ One source runs everywhere: compiled for CUDA GPUs, or executed by Triton's inte
 the CPU (slow; for correctness checks at small N only). The algorithm is FlashAttention-2
 in the shape of the Triton tutorial's fused attention (06-fused-attention.py), without its
 limits: any N >= 1, head dims that are not powers of two, fp32/fp16/bf16, grouped-query
-attention, causal and sliding-window masks, and non-contiguous inputs.
+attention, causal and sliding-window masks, non-contiguous inputs, and fewer queries than keys.
 
-Forward (grid: cdiv(N, BLOCK_M) x B*Hq). A query tile stays on chip while K/V tiles stream
+Fewer queries than keys (Lq < Lk: chunked prefill against a KV cache). The Lq queries are the
+last Lq positions (bottom-right alignment, ctxbench.masks): query row i sits at position
+p = Q_OFF + i with Q_OFF = Lk - Lq, and every rule below holds with positions in place of rows.
+The kernels take N = Lk (keys), N_Q = Lq (query rows) and Q_OFF as int arguments (never
+constexprs: one compiled kernel serves every offset); the bounds keep the q side (rows < N_Q)
+and the key side (keys < N) apart. A constexpr HAS_OFFSET (Lq < Lk) selects that code: without
+it (Lq = Lk) the kernels are the square ones, N_Q = N and Q_OFF = 0 folded away, so they
+compile to the same registers as before the offset existed (benchmarks/kernel_stats.py).
+
+Forward (grid: cdiv(N_Q, BLOCK_M) x B*Hq). A query tile stays on chip while K/V tiles stream
 through an online softmax (running max and sum in fp32, exp2 with scale*log2(e) folded in).
 It writes O and the per-row log-sum-exp (fp32, base 2) for the backward.
 
-Block skipping. For the query block [m0, m0 + BLOCK_M) the visible keys are a contiguous
-range: lo = max(0, m0 - W + 1) (window) or 0, hi = min(N, m0 + BLOCK_M) (causal) or N. Only
-the key blocks overlapping [lo, hi) are visited, in three loops:
+Block skipping. For the query block [m0, m0 + BLOCK_M), whose first row sits at position
+p0 = m0 + Q_OFF, the visible keys are a contiguous range: lo = max(0, p0 - W + 1) (window) or
+0, hi = min(N, p0 + BLOCK_M) (causal) or N. Only the key blocks overlapping [lo, hi) are
+visited, in three loops:
   [lo, full_lo)       masked: the window's low edge cuts through these blocks,
   [full_lo, full_hi)  unmasked: every (row, key) pair of the tile is visible,
   [full_hi, hi)       masked: the diagonal and/or the end of the sequence (key N).
-full_lo is the first block whose keys every real row (< N) of the query block can see from
+full_lo is the first block whose keys every real row (< N_Q) of the query block can see from
 below, full_hi ends the last block entirely at or below the diagonal of the query block's first
 row and entirely inside the sequence; both are clamped into [lo, hi) so the three loops always
-partition the visited blocks, whatever BLOCK_M / BLOCK_N and N are (no divisibility needed).
-The backward uses the same bounds transposed (the query blocks that can see a key block).
-A window W >= N is clamped to N (same visibility), which keeps all bound arithmetic in int32.
+partition the visited blocks, whatever BLOCK_M / BLOCK_N, N_Q and N are (no divisibility
+needed). The backward uses the same bounds transposed (the query blocks that can see a key
+block), in query-row coordinates: key j sits at j - Q_OFF there, which makes the mask the
+square one of N_Q rows (a key block before the first query's position starts below row 0, so
+with HAS_OFFSET those bounds are clamped at 0 before dividing: triton's integer division
+truncates). A window W >= N (the keys) is clamped to N (same visibility: no query sits past
+key N - 1), which keeps all bound arithmetic in int32 (positions, N + BLOCK_M and W < 2^31).
 
 Attention sinks (StreamingLLM: with a window, keys j < S stay visible to every query i >= j).
 The band loops stay as they are, with S in their masks; the sink keys left of a query block's
@@ -29,9 +43,10 @@ band (below lo, so already causal for all its rows) add at most two loops: [0, S
 blocks) unmasked and the block cut by S masked. Transposed, a key block holding sinks adds the
 query blocks past its band's end, up to N. Work stays O(N * (W + S)).
 
-Backward: a preprocess computes Delta = rowsum(dO * O); a dK/dV kernel (grid: key blocks x
-B*Hkv) loops over the `group` query heads sharing its kv head, so GQA needs neither copies of
-K/V nor atomics for dK, dV. dQ comes one of two ways (FUSED_DQ):
+Backward: a preprocess computes Delta = rowsum(dO * O) over the N_Q rows; a dK/dV kernel
+(grid: key blocks x B*Hkv; keys that no query sees get dK = dV = 0) loops over the `group`
+query heads sharing its kv head, so GQA needs neither copies of K/V nor atomics for dK, dV.
+dQ comes one of two ways (FUSED_DQ):
   fused     each dK/dV tile also computes dS K and adds it into an fp32 dQ with atomic adds;
             a small kernel then scales and casts it: 5 matmuls per tile pair, FlashAttention-2's;
   separate  a dQ kernel (grid: query blocks x B*Hq) mirrors the forward and recomputes S, P
@@ -64,7 +79,8 @@ Everything else is the same code on the CPU and on GPUs. Tested with triton 3.6 
 image's) and 3.9: benchmarks/triton_versions.sh.
 
 Schedule: under a causal mask the query blocks of the forward and dQ kernels start heaviest
-first (the last block, which sees the most keys, has program id 0: _heaviest_first).
+first (the last block, which sees the most keys, has program id 0: _heaviest_first); with an
+offset too (the last query block still sees the most keys, key block 0 the most queries).
 
 Knobs (module attributes, read at each call):
   AUTOTUNE       on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
@@ -75,7 +91,7 @@ Knobs (module attributes, read at each call):
                  fused into dK/dV with atomics or from a kernel of its own (see Backward).
   COUNT_VISITS   debug: every kernel counts the blocks it visits per program into
                  `last_visits`, and the order its programs started in into `last_order`
-                 (fixed configs, no autotuning); tests compare with the mask.
+                 (fixed configs, no autotuning); tests compare with the mask (Lq <= Lk).
 """
 
 import math
@@ -218,9 +234,10 @@ def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 @_jit
 def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr):
-    """The transpose of _visible: [len(keys), len(rows)]; rows are query positions (row + Q_OFF),
-    N the number of keys. Positions >= N (query rows >= N_Q) are invisible, and keys >= N
-    (under a causal mask no position < N sees them anyway)."""
+    """The transpose of _visible: [len(cols), len(rows)], query rows >= N invisible, and keys
+    >= N (under a causal mask no row < N sees them anyway). The dK/dV kernel calls it in
+    query-row coordinates, where the mask is square: rows are query rows, N their count N_Q,
+    cols the keys' positions minus Q_OFF and SINKS the sinks' end minus Q_OFF."""
     ok = rows[None, :] < N
     if IS_CAUSAL:
         ok = ok & (rows[None, :] >= cols[:, None])
@@ -268,35 +285,48 @@ def _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @_jit
-def _query_bounds(start_n, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Query-block bounds (multiples of BLOCK_M, in rows) for the key block starting at start_n.
+def _clamp0(x, ON: tl.constexpr):
+    """max(x, 0) when ON, else x (known >= 0)."""
+    if ON:
+        x = tl.maximum(x, 0)
+    return x
 
-    Query row i sits at position p = Q_OFF + i and sees key j when j <= p (causal) and
-    p < j + WINDOW (window): the rows that see keys [start_n, start_n + BLOCK_N) are
-    [start_n - Q_OFF, start_n + BLOCK_N - 1 + WINDOW - Q_OFF), clipped to [0, N_Q). Each
-    numerator of a division is clamped to >= 0 first (triton's integer division truncates).
+
+@_jit
+def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """Query-block bounds (multiples of BLOCK_M) for the key block starting at start_n, in
+    query-row coordinates (see _bwd_dkdv_kernel): N query rows, key j at j - Q_OFF, so that
+    start_n may be negative (only when HAS_OFFSET) and the keys end at N too.
+
+    Query i sees key j when j <= i (causal) and i < j + WINDOW (window): the rows that see
+    keys [start_n, start_n + BLOCK_N) are [start_n, start_n + BLOCK_N - 1 + WINDOW), clipped
+    to [0, N). With HAS_OFFSET the numerators of lo, full_lo and hi are clamped to >= 0
+    (triton's integer division truncates, the interpreter's floors; without an offset they
+    are >= 0 already); full_hi's needs no clamp (see there).
     """
     if IS_CAUSAL:
-        lo = tl.maximum(start_n - Q_OFF, 0) // BLOCK_M * BLOCK_M
+        lo = _clamp0(start_n, HAS_OFFSET) // BLOCK_M * BLOCK_M
         # a query block is below the diagonal once its first row sees the block's last real key
         last_key = tl.minimum(start_n + BLOCK_N, N) - 1
-        full_lo = (tl.maximum(last_key - Q_OFF, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_lo = (_clamp0(last_key, HAS_OFFSET) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         lo = start_n * 0
         full_lo = lo
-    full_hi = N_Q // BLOCK_M * BLOCK_M
+    full_hi = N // BLOCK_M * BLOCK_M
     if not IS_CAUSAL:
         # the key block crossing N: its padding keys must get dS = 0 (it feeds dQ), so every
-        # query block is masked (with a causal mask they are: no position < N sees a key >= N)
+        # query block is masked (with a causal mask they are: no row < N sees a key >= N)
         full_hi = tl.where(start_n + BLOCK_N > N, full_lo, full_hi)
     if HAS_WINDOW:
-        # empty (0) for a key block left of every query's window
-        hi = tl.maximum(tl.minimum(N_Q, start_n + BLOCK_N - 1 + WINDOW - Q_OFF), 0)
-        # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW - Q_OFF
-        full_hi = tl.minimum(full_hi, tl.maximum(start_n + WINDOW - Q_OFF, 0) // BLOCK_M * BLOCK_M)
+        # 0 (empty) for a key block left of every query's window
+        hi = _clamp0(tl.minimum(N, start_n + BLOCK_N - 1 + WINDOW), HAS_OFFSET)
+        # its last row must still see the block's first key: m0 + BLOCK_M <= start_n + WINDOW
+        # (a negative start_n + WINDOW rounds to <= 0 either way: full_hi then ends at full_lo
+        # >= 0 below, so it needs no clamp, which would cost the tight dK/dV configs a register)
+        full_hi = tl.minimum(full_hi, (start_n + WINDOW) // BLOCK_M * BLOCK_M)
     else:
-        hi = start_n * 0 + N_Q
+        hi = start_n * 0 + N
     hi = (hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     full_lo = tl.minimum(full_lo, hi)
     full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
@@ -314,13 +344,13 @@ def _sink_key_bounds(lo, SINKS, BLOCK_N: tl.constexpr):
 
 
 @_jit
-def _sink_query_bounds(start_n, hi, N_Q, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query blocks past the band's end hi that see sink keys of the key block at start_n:
-    all of them up to N_Q (the query rows) when the block holds a sink (past the band, every
-    row's position is past the block's keys). [hi, full) need no mask (the key block is sinks
-    only, rows inside the sequence), [full, end) do. Empty for other key blocks."""
-    end = tl.where(start_n < SINKS, (N_Q + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
-    full = tl.where(start_n + BLOCK_N <= SINKS, N_Q // BLOCK_M * BLOCK_M, hi)
+    all of them up to N when the block holds a sink. [hi, full) need no mask (the key block
+    is sinks only, rows inside the sequence), [full, end) do. Empty for other key blocks.
+    In query-row coordinates, as _query_bounds (start_n and SINKS minus Q_OFF)."""
+    end = tl.where(start_n < SINKS, (N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
+    full = tl.where(start_n + BLOCK_N <= SINKS, N // BLOCK_M * BLOCK_M, hi)
     full = tl.maximum(tl.minimum(full, end), hi)
     return full, end
 
@@ -425,7 +455,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SINKS: tl.constexpr,
+                HAS_SINKS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
@@ -435,9 +465,17 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
     off_hk = (off_h // GROUP).to(tl.int64)  # GQA: the kv head, indexed, never copied
     off_h = off_h.to(tl.int64)
     start_m = pid_m * BLOCK_M
+    if HAS_OFFSET:  # fewer queries than keys: row i sits at position Q_OFF + i
+        n_q = N_Q
+        q_off = Q_OFF
+    else:  # Lq = Lk: the code of a square problem, as if there were no offset
+        n_q = N
+        q_off = 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    pos_m = offs_m + Q_OFF  # query positions, what the masks compare: row i sits at Q_OFF + i
+    # query positions, what the masks compare; rows < n_q are the positions < N, so that every
+    # row mask uses pos_m too (one index vector: offs_m is not needed past the Q load)
+    pos_m = offs_m + q_off
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = start_m.to(tl.int64)
@@ -452,9 +490,9 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visits = pid_m * 0
-    q = _load_rows(q_ptrs, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
+    q = _load_rows(q_ptrs, pos_m, offs_d, N, True, HEAD_DIM, EVEN_D)
 
-    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, n_q, q_off, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     if HAS_SINKS:  # attention sinks left of the band: whole blocks, then the one cut by SINKS
         sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
         acc, l_i, m_i, visits = _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, lo * 0, sink_full,
@@ -485,14 +523,15 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
                                        HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_N, PRECISION,
                                        INTERPRETED, COUNT)
 
-    # Epilogue. Rows >= N_Q (padding of the last block) may have l_i = 0; they are not stored.
-    l_i = tl.where(offs_m < N_Q, l_i, 1.0)
+    # Epilogue. Rows >= n_q (padding of the last block, positions >= N) may have l_i = 0; they
+    # are not stored. LSE is [B, Hq, n_q]: indexed by position from its row -q_off.
+    l_i = tl.where(pos_m < N, l_i, 1.0)
     lse = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    tl.store(LSE + (pid_bh.to(tl.int64) * n_q - q_off) + pos_m, lse, mask=pos_m < N)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + row0 * stride_on
               + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :] * stride_od)
-    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, offs_d, N_Q, HEAD_DIM, EVEN_D)
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), pos_m, offs_d, N, HEAD_DIM, EVEN_D)
     if COUNT:
         _count(Visits, visits, pid_m)
 
@@ -527,31 +566,32 @@ def _bwd_preprocess(O, DO, Delta,
 
 @_jit
 def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base, start_m, offs_n,
-                   offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   offs_d, N, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
                    INTERPRETED: tl.constexpr, COUNT: tl.constexpr, FUSED_DQ: tl.constexpr):
     """One query tile of a key block's dK, dV (and, FUSED_DQ, its dQ contribution): the body
     of _bwd_dkdv_inner's loop. Matmuls: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
     dK += dS^T Q, and with FUSED_DQ dQ += dS K (5 in all, FlashAttention-2's count).
-    start_m is a query row (row i at position Q_OFF + i); N_Q rows, N keys."""
+    In query-row coordinates (see _bwd_dkdv_kernel): start_m and rows are query rows, N the
+    query rows' count, offs_n the keys' positions minus Q_OFF and SINKS the sinks' likewise."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    qt = _load_cols(qt_ptrs, rows, offs_d, N_Q, MASKED, HEAD_DIM, EVEN_D)
+    qt = _load_cols(qt_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     if MASKED:
-        # rows >= N_Q get lse = +inf, so their p is exactly 0
-        lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
+        # rows >= N get lse = +inf, so their p is exactly 0
+        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
     else:
         lse = tl.load(lse_base + rows)
     qkt = _mm(k, qt, PRECISION, INTERPRETED)
     st = qkt * qk_scale - lse[None, :]
     if MASKED:  # hidden pairs get exp2(-inf) = 0
-        ok = _visible_t(offs_n, rows + Q_OFF, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
+        ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
         st = tl.where(ok, st, float("-inf"))
     pt = tl.math.exp2(st)
-    do = _load_rows(do_ptrs, rows, offs_d, N_Q, MASKED, HEAD_DIM, EVEN_D)
+    do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     dv = _mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
     if MASKED:
-        delta = tl.load(delta_base + rows, mask=rows < N_Q, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
     else:
         delta = tl.load(delta_base + rows)
     dpt = _mm(v, tl.trans(do), PRECISION, INTERPRETED)
@@ -561,9 +601,9 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
         dq = _mm(tl.trans(dst), k, PRECISION, INTERPRETED)
         if MASKED:
             if EVEN_D:
-                tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N_Q, sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N, sem="relaxed")
             else:
-                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
         else:
             if EVEN_D:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
@@ -580,7 +620,7 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
 @_jit
 def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
-                    N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                    N, WINDOW, SINKS, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_SINKS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -591,13 +631,13 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, de
     row0 = start.to(tl.int64)
     qt_ptrs = q_base + row0 * stride_qn + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
     do_ptrs = do_base + row0 * stride_don + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-    # the fp32 dQ accumulator is [B, H, N_Q, HEAD_DIM], contiguous
+    # the fp32 dQ accumulator is [B, H, N, HEAD_DIM] (N query rows here), contiguous
     dq_ptrs = dq_base + row0 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     if INTERPRETED:  # a while loop: see "Loops" in the module docstring
         start_m = start
         while start_m < end:
             dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
-                                            start_m, offs_n, offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED,
+                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
                                             IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
                                             INTERPRETED, COUNT, FUSED_DQ)
             qt_ptrs += BLOCK_M * stride_qn
@@ -608,7 +648,7 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, de
         for start_m in range(start, end, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             dk, dv, visits = _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base,
-                                            start_m, offs_n, offs_d, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale, MASKED,
+                                            start_m, offs_n, offs_d, N, WINDOW, SINKS, qk_scale, MASKED,
                                             IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION,
                                             INTERPRETED, COUNT, FUSED_DQ)
             qt_ptrs += BLOCK_M * stride_qn
@@ -629,7 +669,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
                      N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SINKS: tl.constexpr,
+                     HAS_SINKS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                      PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                      FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -637,6 +677,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
     off_b = (pid_bh // HKV).to(tl.int64)
     off_hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    if HAS_OFFSET:  # fewer queries than keys: row i sits at position Q_OFF + i
+        n_q = N_Q
+        q_off = Q_OFF
+    else:  # Lq = Lk: the code of a square problem, as if there were no offset
+        n_q = N
+        q_off = 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = start_n.to(tl.int64)
@@ -651,44 +697,49 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     visits = pid_n * 0
 
-    lo, full_lo, full_hi, hi = _query_bounds(start_n, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL,
-                                             HAS_WINDOW)
+    # Query-row coordinates: the query at position Q_OFF + i is row i, and key j sits at
+    # j - Q_OFF, so that row i sees it exactly when that query sees key j and the mask is the
+    # square one of n_q rows (key j < N iff j - Q_OFF < n_q). SINKS comes shifted already
+    # (the sinks' end minus Q_OFF). With Lq = Lk (no HAS_OFFSET) nothing moves.
+    rel_n = start_n - q_off
+    keys_rel = offs_n - q_off
+    lo, full_lo, full_hi, hi = _query_bounds(rel_n, n_q, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_OFFSET)
     if HAS_SINKS:
-        sink_full, sink_end = _sink_query_bounds(start_n, hi, N_Q, SINKS, BLOCK_M, BLOCK_N)
+        sink_full, sink_end = _sink_query_bounds(rel_n, hi, n_q, SINKS, BLOCK_M, BLOCK_N)
     H = HKV * GROUP
     for g in range(GROUP):  # GQA: sum the contributions of every query head of this kv head
         off_h = off_hk * GROUP + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse_base = LSE + (off_b * H + off_h) * N_Q
-        delta_base = Delta + (off_b * H + off_h) * N_Q
-        dq_base = DQ_ACC + (off_b * H + off_h) * N_Q * HEAD_DIM
+        lse_base = LSE + (off_b * H + off_h) * n_q
+        delta_base = Delta + (off_b * H + off_h) * n_q
+        dq_base = DQ_ACC + (off_b * H + off_h) * n_q * HEAD_DIM
         if IS_CAUSAL:  # query blocks crossing the diagonal
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                                             lo, full_lo, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                                             lo, full_lo, keys_rel, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, n_q, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                              PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                                         full_lo, full_hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                                         full_lo, full_hi, keys_rel, offs_d, stride_qn, stride_qd,
+                                         stride_don, stride_dod, n_q, WINDOW, SINKS, qk_scale,
                                          False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         # query blocks crossing the window's far edge, and the sequence end
         dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                                         full_hi, hi, offs_n, offs_d, stride_qn, stride_qd,
-                                         stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                                         full_hi, hi, keys_rel, offs_d, stride_qn, stride_qd,
+                                         stride_don, stride_dod, n_q, WINDOW, SINKS, qk_scale,
                                          True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D, BLOCK_M,
                                          PRECISION, INTERPRETED, COUNT, FUSED_DQ)
         if HAS_SINKS:  # a key block holding sinks is seen by every later query row
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                                             hi, sink_full, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                                             hi, sink_full, keys_rel, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, n_q, WINDOW, SINKS, qk_scale,
                                              False, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                              BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
             dk, dv, visits = _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                                             sink_full, sink_end, offs_n, offs_d, stride_qn, stride_qd,
-                                             stride_don, stride_dod, N, N_Q, Q_OFF, WINDOW, SINKS, qk_scale,
+                                             sink_full, sink_end, keys_rel, offs_d, stride_qn, stride_qd,
+                                             stride_don, stride_dod, n_q, WINDOW, SINKS, qk_scale,
                                              True, IS_CAUSAL, HAS_WINDOW, HAS_SINKS, HEAD_DIM, EVEN_D,
                                              BLOCK_M, PRECISION, INTERPRETED, COUNT, FUSED_DQ)
 
@@ -790,7 +841,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    N_BUCKET, NQ_BUCKET, W_BUCKET,  # autotuning keys only
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_SINKS: tl.constexpr,
+                   HAS_SINKS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, COUNT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0), IS_CAUSAL)
@@ -800,25 +851,31 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
     off_hk = (off_h // GROUP).to(tl.int64)
     off_h = off_h.to(tl.int64)
     start_m = pid_m * BLOCK_M
+    if HAS_OFFSET:  # fewer queries than keys: row i sits at position Q_OFF + i
+        n_q = N_Q
+        q_off = Q_OFF
+    else:  # Lq = Lk: the code of a square problem, as if there were no offset
+        n_q = N
+        q_off = 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    pos_m = offs_m + Q_OFF  # query positions, as in the forward
+    pos_m = offs_m + q_off  # query positions, as in the forward
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row0 = start_m.to(tl.int64)
     rel = tl.arange(0, BLOCK_M)[:, None]
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qn + rel * stride_qn
-                   + offs_d[None, :] * stride_qd, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
+                   + offs_d[None, :] * stride_qd, offs_m, offs_d, n_q, True, HEAD_DIM, EVEN_D)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_don + rel * stride_don
-                    + offs_d[None, :] * stride_dod, offs_m, offs_d, N_Q, True, HEAD_DIM, EVEN_D)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+                    + offs_d[None, :] * stride_dod, offs_m, offs_d, n_q, True, HEAD_DIM, EVEN_D)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * n_q + offs_m, mask=offs_m < n_q, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visits = pid_m * 0
 
-    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_bounds(start_m, N, n_q, q_off, WINDOW, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     if HAS_SINKS:  # as in the forward
         sink_full, sink_end = _sink_key_bounds(lo, SINKS, BLOCK_N)
         dq, visits = _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, lo * 0, sink_full,
@@ -844,7 +901,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                                BLOCK_N, PRECISION, INTERPRETED, COUNT)
     dq = dq * sm_scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqn + rel * stride_dqn
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, N_Q,
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, offs_d, n_q,
                 HEAD_DIM, EVEN_D)
     if COUNT:
         _count(Visits, visits, pid_m)
@@ -856,7 +913,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
 
 # Keys of every autotuner: the key and query lengths and the window rounded up to a power of
 # two, the head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
-TUNE_KEY = ["N_BUCKET", "NQ_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "PRECISION"]
+TUNE_KEY = ["N_BUCKET", "NQ_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "HAS_OFFSET",
+            "PRECISION"]
 PRE_BLOCK_M = 64
 SMEM_LIMIT = 232448  # bytes per block on H100/H200 (227 KiB); prune configs needing far more
 
@@ -924,6 +982,11 @@ NO_SPILL = {
              + [(128, 32, 8, s) for s in (2, 3, 4)] + [(128, 64, 8, 2)],
     },
 }
+
+# Lq < Lk (HAS_OFFSET, the query-row shift of the dK/dV kernel) with sinks: the configs of
+# NO_SPILL that spill there on sm_90 with triton 3.6 (kernel_stats --n 4096 --q-len 1024
+# --which tuned: 12 and 20 B); autotuning leaves them out of such calls.
+OFFSET_SINKS_SPILL = {"dkdv_fused": {64: [(16, 64, 8, 2), (16, 64, 8, 4)]}}
 
 # fp32 with input_precision="ieee" has no tensor cores: tl.dot becomes FMAs held in registers,
 # where big tiles spill and each config takes tens of seconds to compile. It is tuned over
@@ -1013,8 +1076,10 @@ def _prune(kind):
         # 16-bit, D <= 128: of the candidates (_space), only the measured spill-free ones;
         # a config from elsewhere (a test's, say) was not measured and meets the other rules
         fused = kind == "dkdv" and bool(args.get("FUSED_DQ"))
-        table = NO_SPILL["dkdv_fused" if fused else kind]
-        no_spill = set(table[64 if block_d <= 64 else 128]) if size == 2 and block_d <= 128 else None
+        name = "dkdv_fused" if fused else kind
+        no_spill = set(NO_SPILL[name][64 if block_d <= 64 else 128]) if size == 2 and block_d <= 128 else None
+        if no_spill is not None and args.get("HAS_OFFSET") and args.get("HAS_SINKS"):
+            no_spill -= set(OFFSET_SINKS_SPILL.get(name, {}).get(64 if block_d <= 64 else 128, ()))
         candidates = set(_space(kind))
         kept = []
         for c in configs:
@@ -1147,7 +1212,7 @@ def _common(q, k, v, causal, window, scale, sinks):
     precision, precision_name = _precision(q.dtype)
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
-                PRECISION=precision,
+                HAS_OFFSET=n_q < N, PRECISION=precision,
                 INTERPRETED=interpreted(), COUNT=bool(COUNT_VISITS))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keys = (_pow2(N), _pow2(n_q), _pow2(w) if has_window else 0)
@@ -1228,7 +1293,9 @@ def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
     dq_acc = torch.zeros((B, Hq, n_q, D), dtype=torch.float32, device=q.device) if fused else dummy
     args = (q, k, v, do, lse, delta, dk, dv, dq_acc, vis_kv if vis_kv is not None else dummy,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            Hkv, N, n_q, N - n_q, w, s, qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
+            # the dK/dV kernel works in query-row coordinates (keys shifted by -(N - n_q)): its
+            # SINKS is the sinks' end shifted likewise
+            Hkv, N, n_q, N - n_q, w, s - (N - n_q), qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
     kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta_kv)
     if fused:
         _bwd_dq_cast[(triton.cdiv(n_q, pre_bm), B * Hq)](
