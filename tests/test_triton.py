@@ -655,6 +655,12 @@ def test_interpreter_selected_without_cuda():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "True"]
+    # whichever kernel module comes first (sdpa imports torch.nn.attention.bias, which imports
+    # triton), the interpreter is chosen before triton is imported, and the kernel runs
+    code = ("import torch, ctxbench.kernels.sdpa; from ctxbench.registry import get; from ctxbench.masks import Mask; "
+            "q = torch.randn(1, 2, 20, 16); print(get('triton').call(q, q, q, Mask('causal')).shape[2])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "20", out.stderr
 
 
 def test_without_triton_module_imports_and_refuses(monkeypatch):
