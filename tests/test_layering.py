@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What runs inside a worker to measure a cell, and what it may lean on.
 MEASUREMENT = {"ctxbench.worker", "ctxbench.measure", "ctxbench.perplexity", "ctxbench.passkey",
                "ctxbench.sharded", "ctxbench.reference", "ctxbench.flops", "ctxbench.lm",
-               "ctxbench.model_attention", "ctxbench.bandwidth"}
+               "ctxbench.model_attention", "ctxbench.bandwidth", "ctxbench.kv_layout", "ctxbench.decoding"}
 # What plans, schedules, records and reports cells: measurement code must not import these.
 DRIVER = {"ctxbench.cli", "ctxbench.options", "ctxbench.sweep", "ctxbench.executor", "ctxbench.ray_executor",
           "ctxbench.torchrun", "ctxbench.results", "ctxbench.report", "ctxbench.plots", "ctxbench.summary",
