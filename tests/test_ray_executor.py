@@ -64,9 +64,12 @@ def test_ray_rows_equal_local_rows(cluster, tmp_path, capsys):
             else:
                 assert row[col] == other[col], (key, col, row[col], other[col])
         assert other["status"] == "ok" and float(other["latency_ms"]) > 0
-        assert int(other["peak_mem_bytes"]) > 0
+        # a call of a few KiB can be served from memory the worker already holds: 0 growth
+        assert int(other["peak_mem_bytes"]) >= 0 and other["mem_method"] == row["mem_method"]
         # the row names the node and device that measured it
         assert other["hostname"] and other["device_name"]
+    # the Ray task measured memory: the larger cells grew the worker's resident set
+    assert any(int(r["peak_mem_bytes"]) > 0 for r in remote.values())
 
 
 def test_ray_tasks_that_crash_oom_or_hang_cost_their_row(cluster, tmp_path, capsys):
