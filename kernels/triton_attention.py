@@ -1342,6 +1342,13 @@ def _check(cell) -> str | None:
         return NOT_INSTALLED
     if cell.head_dim > MAX_HEAD_DIM:
         return f"triton supports head_dim <= {MAX_HEAD_DIM} (got {cell.head_dim})"
+    return device_reason(cell, INTERPRETER_MAX_LEN)
+
+
+def device_reason(cell, interpreter_max_len: int) -> str | None:
+    """Why a Triton kernel can't run `cell` on its device, or None: on the CPU only through
+    the interpreter, up to interpreter_max_len keys (tokens) unless --allow-interpreter; on
+    CUDA only compiled, and bf16 from compute capability 8.0. Shared by the Triton kernels."""
     if cell.device == "cpu":
         if not interpreted():
             return ("triton runs on the CPU only through its interpreter, and this process compiles "

@@ -47,18 +47,16 @@ multiplies bf16 bit patterns; widening is exact). Compiled kernels take the plai
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
+from ctxbench.kernels.triton_attention import NOT_INSTALLED, device_reason, interpreted
 from ctxbench.registry import Unsupported, register
 
-# As in triton_attention: the interpreter on a machine without CUDA, set before triton is imported.
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
+# triton_attention (imported above) has chosen the interpreter on a machine without CUDA,
+# before triton is imported.
 try:
     import triton
     import triton.language as tl
@@ -71,7 +69,6 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
-NOT_INSTALLED = "triton is not installed: pip install triton"
 LOG2E = 1.4426950408889634
 MAX_Q_LEN = 16
 MAX_HEAD_DIM = 256
@@ -82,11 +79,6 @@ MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
 DEFAULT_SMS = 132       # H100 / H200, when the device cannot be asked
 _LAST: dict = {}
-
-
-def interpreted() -> bool:
-    """Whether triton kernels run in the interpreter (TRITON_INTERPRET set) in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,21 +457,7 @@ def _check(cell) -> str | None:
         return f"triton_decode is for decoding: 1..{MAX_Q_LEN} query tokens (got {q_len})"
     if cell.head_dim > MAX_HEAD_DIM:
         return f"triton_decode supports head_dim <= {MAX_HEAD_DIM} (got {cell.head_dim})"
-    if cell.device == "cpu":
-        if not interpreted():
-            return ("triton runs on the CPU only through its interpreter, and this process compiles "
-                    "for CUDA (TRITON_INTERPRET is not set)")
-        if not cell.allow_interpreter and cell.n > INTERPRETER_MAX_LEN:
-            return (f"Triton interpreter on CPU is for correctness only; N > {INTERPRETER_MAX_LEN} "
-                    "needs --allow-interpreter")
-    elif cell.device == "cuda":
-        if interpreted():
-            return "TRITON_INTERPRET=1 is set: triton would run interpreted; unset it to run on CUDA"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        if cell.dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
-            return "bfloat16 needs compute capability 8.0 or newer"
-    return None
+    return device_reason(cell, INTERPRETER_MAX_LEN)
 
 
 def _info() -> dict:
