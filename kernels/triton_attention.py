@@ -214,6 +214,10 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     return c
 
 
+# The two matmul helpers under public names, for the other Triton kernels (triton_decode).
+mm, mma = _mm, _mma
+
+
 @_jit
 def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_SINKS: tl.constexpr):

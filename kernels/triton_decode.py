@@ -52,7 +52,7 @@ from typing import Callable
 
 import torch
 
-from ctxbench.kernels.triton_attention import NOT_INSTALLED, device_reason, interpreted
+from ctxbench.kernels.triton_attention import NOT_INSTALLED, device_reason, interpreted, mm, mma
 from ctxbench.registry import Unsupported, register
 
 # triton_attention (imported above) has chosen the interpreter on a machine without CUDA,
@@ -87,32 +87,6 @@ _LAST: dict = {}
 
 
 @_jit
-def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """a @ b in fp32; bf16 widened to fp32 under the interpreter (exact): see the docstring."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            c = tl.dot(a, b, input_precision=PRECISION)
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
-
-
-@_jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; bf16 widened to fp32 under the interpreter (exact)."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            c = tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        c = tl.dot(a, b, acc, input_precision=PRECISION)
-    return c
-
-
-@_jit
 def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_base,
           stride_kn, stride_kp, stride_kd, stride_vn, stride_vp, stride_vd, stride_btn, kv_len, WINDOW, SINKS, qk_scale,
           IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, PAGED: tl.constexpr,
@@ -135,7 +109,7 @@ def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_ba
         kmask = in_seq[None, :] & (offs_d[:, None] < HEAD_DIM)
         vmask = in_seq[:, None] & (offs_d[None, :] < HEAD_DIM)
     kt = tl.load(K + k_base + k_rows[None, :] + offs_d[:, None] * stride_kd, mask=kmask, other=0.0)
-    qk = _mm(q, kt, PRECISION, INTERPRETED)
+    qk = mm(q, kt, PRECISION, INTERPRETED)
     # visibility (ctxbench.masks): j < kv_len, j <= p, and p - W < j or j < S
     ok = in_seq[None, :]
     if IS_CAUSAL:
@@ -152,7 +126,7 @@ def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_ba
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V + v_base + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=vmask, other=0.0)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, INTERPRETED)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, INTERPRETED)
     return acc, l_i, m_new
 
 
