@@ -114,9 +114,11 @@ def cell_text(row: dict[str, Any]) -> str:
     return text if status == "ok" else f"{text}\n[{style}]{status}[/]"
 
 
-def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
-    """A rich Table: one line per implementation, one column per context length (tokens);
-    implementations unsupported at every length are named under it instead."""
+def pivot_table(rows: list[dict[str, Any]], title: str = "",
+                cell: Callable[[dict[str, Any]], str] = cell_text) -> Table:
+    """A rich Table: one line per implementation, one column per context length (tokens), each
+    cell what `cell` makes of its row (latency and memory by default); implementations
+    unsupported at every length are named under it instead."""
     skipped = not_run(rows)
     lengths = sorted({int(r["n"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows if not is_left_out(r, skipped)))
@@ -126,7 +128,7 @@ def pivot_table(rows: list[dict[str, Any]], title: str = "") -> Table:
     for n in lengths:
         table.add_column(f"{n:,}", justify="right")
     for impl in impls:
-        table.add_row(impl, *(cell_text(by_key[(impl, n)]) if (impl, n) in by_key else "" for n in lengths))
+        table.add_row(impl, *(cell(by_key[(impl, n)]) if (impl, n) in by_key else "" for n in lengths))
     return table
 
 
@@ -163,34 +165,22 @@ def perplexity_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def decode_cell(r: dict[str, Any]) -> str:
+    """A decode cell (ctxbench.decoding): ms per generated token and how many greedy tokens
+    matched transformers' own sdpa, or the status."""
+    ms, match, total = number(r.get("ms_per_token")), number(r.get("tokens_match")), number(r.get("decode_tokens"))
+    status = r.get("status", "")
+    if ms is None:
+        return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
+    shown = human_ms(ms) + (f"\n{match:.0f}/{total:.0f} tokens" if match is not None and total else "")
+    return shown if status == "ok" else f"{shown}\n[{STATUS_STYLE.get(status, '')}]{status}[/]"
+
+
 def decode_table(rows: list[dict[str, Any]]) -> Table:
-    """Decode cells (ctxbench.decoding): one line per implementation, one column per prompt
-    length; each cell shows ms per generated token and how many greedy tokens matched
-    transformers' own sdpa, or the status."""
-    skipped = not_run(rows)
-    lengths = sorted({int(r["n"]) for r in rows})
-    impls = list(dict.fromkeys(r["impl"] for r in rows if not is_left_out(r, skipped)))
-    by_key = {(r["impl"], int(r["n"])): r for r in rows}
-    first = rows[0] if rows else {}
-    model = (first.get("model") or "").split(" (")[0] or "model"
-    table = _table(f"decode: ms per generated token / greedy tokens equal to sdpa's ({model})", not_run_lines(skipped))
-    table.add_column("impl \\ N", style="bold")
-    for n in lengths:
-        table.add_column(f"{n:,}", justify="right")
-
-    def text(r: dict[str, Any] | None) -> str:
-        if r is None:
-            return ""
-        ms, match, total = number(r.get("ms_per_token")), number(r.get("tokens_match")), number(r.get("decode_tokens"))
-        status = r.get("status", "")
-        if ms is None:
-            return f"[{STATUS_STYLE.get(status, '')}]{status}[/]"
-        shown = human_ms(ms) + (f"\n{match:.0f}/{total:.0f} tokens" if match is not None and total else "")
-        return shown if status == "ok" else f"{shown}\n[{STATUS_STYLE.get(status, '')}]{status}[/]"
-
-    for impl in impls:
-        table.add_row(impl, *(text(by_key.get((impl, n))) for n in lengths))
-    return table
+    """Decode cells: one line per implementation, one column per prompt length (decode_cell)."""
+    model = ((rows[0].get("model") if rows else "") or "").split(" (")[0] or "model"
+    return pivot_table(rows, f"decode: ms per generated token / greedy tokens equal to sdpa's ({model})",
+                       cell=decode_cell)
 
 
 def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Any) -> None:
