@@ -332,6 +332,9 @@ def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
               help="MiB: a smaller memory increase is never a regression (CPU readings have page-sized noise)")
 @click.option("--max-ppl-increase", default="0.5%", show_default=True, callback=_percent,
               help="perplexity increase (percent) above which it is a regression")
+@click.option("--max-score-drop", default="0%", show_default=True, callback=_percent,
+              help="drop of a retrieval score (passkey's correct; 0..1) in points of percent above which it is a "
+                   "regression")
 @click.option("--normalize-by", default=None, metavar="IMPL",
               help="divide each latency by IMPL's latency in the same cell of the same run first")
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True,
@@ -339,8 +342,8 @@ def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
               help="significance level of the slowdown test")
 def compare_cmd(baseline: str, current: str, max_slowdown: float, max_memory_growth: float,
-                min_memory_growth: float, max_ppl_increase: float, normalize_by: str | None, statistic: str,
-                alpha: float) -> int:
+                min_memory_growth: float, max_ppl_increase: float, max_score_drop: float, normalize_by: str | None,
+                statistic: str, alpha: float) -> int:
     """Compare two sweeps (results.csv files or run folders): a markdown table of changes.
 
     Exit status 1 when a regression passes its threshold, 2 on bad input, else 0.
@@ -350,7 +353,8 @@ def compare_cmd(baseline: str, current: str, max_slowdown: float, max_memory_gro
     if min_memory_growth < 0:
         fail(f"--min-memory-growth must be >= 0 MiB (got {min_memory_growth:g})")
     thresholds = Thresholds(max_slowdown=max_slowdown, max_memory_growth=max_memory_growth,
-                            max_ppl_increase=max_ppl_increase, min_memory_growth_bytes=int(min_memory_growth * 2**20),
+                            max_ppl_increase=max_ppl_increase, max_score_drop=max_score_drop,
+                            min_memory_growth_bytes=int(min_memory_growth * 2**20),
                             alpha=alpha, statistic=statistic)
     try:
         comparison = compare_paths(baseline, current, thresholds, normalize_by)

@@ -10,6 +10,8 @@ is any of:
 * peak memory grown by more than --max-memory-growth (and by at least --min-memory-growth bytes:
   a CPU reading has page-sized noise that is a large fraction of a small cell);
 * perplexity up by more than --max-ppl-increase;
+* a retrieval score (passkey's `correct`, 0..1) down by more than --max-score-drop (points:
+  0.1 is ten points of percent; by default any drop);
 * a status that was ok and is anything else;
 * an error that went over its tolerance.
 
@@ -38,6 +40,8 @@ from ctxbench.results import CorruptResults, read_results
 EXTRA_KEY_COLUMNS: tuple[str, ...] = ("task", "rope", "ppl_scheme", "sinks")
 # Environment columns worth a note when they differ: they explain a change without being one.
 ENV_NOTE_COLUMNS = ("device_name", "torch_version", "torch_threads", "cpu_count", "git_commit")
+# Quality columns in [0, 1] where a drop is a regression (passkey's exact match).
+SCORE_COLUMNS = ("correct",)
 # Significance level of the slowdown test.
 ALPHA = 0.05
 # The latency statistic a slowdown is measured on: the median is the CSV's `latency_ms`; the
@@ -58,6 +62,7 @@ class Thresholds:
     max_slowdown: float = 0.10
     max_memory_growth: float = 0.05
     max_ppl_increase: float = 0.005
+    max_score_drop: float = 0.0  # absolute, on scores in [0, 1]
     min_memory_growth_bytes: int = 2**20
     alpha: float = ALPHA
     statistic: str = "median"  # the latency the slowdown threshold applies to: a key of LATENCY_COLUMNS
@@ -279,6 +284,10 @@ def judge(change: Change, t: Thresholds) -> None:
     ppl = _rel(_num(b, "ppl"), _num(c, "ppl"))
     if ppl is not None and ppl > t.max_ppl_increase:
         change.regressions.append(f"perplexity {100 * ppl:+.2f}%")
+    for col in SCORE_COLUMNS:
+        bq, cq = _num(b, col), _num(c, col)
+        if bq is not None and cq is not None and bq - cq > t.max_score_drop + 1e-12:
+            change.regressions.append(f"{col} {100 * bq:.0f}% -> {100 * cq:.0f}%")
 
 
 @dataclass
@@ -426,6 +435,7 @@ def render_markdown(comp: Comparison) -> str:
         f"alpha {t.alpha:g}",
         f"* also a regression: peak memory over +{100 * t.max_memory_growth:g}% (and at least "
         f"{human_bytes(t.min_memory_growth_bytes)}), perplexity over +{100 * t.max_ppl_increase:g}%, "
+        f"a retrieval score down by more than {100 * t.max_score_drop:g} points, "
         "a status that was ok and is not, an error that went over its tolerance",
     ]
     lines += [f"* note: {n}" for n in comp.notes]

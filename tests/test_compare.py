@@ -165,6 +165,25 @@ def test_planted_perplexity_rise_is_flagged(tmp_path, capsys):
     assert compare(capsys, base, cur, "--max-ppl-increase", "1.5%")[0] == 0
 
 
+def test_a_passkey_key_lost_is_flagged(tmp_path, capsys):
+    """A retrieved key (correct 1) that is no longer retrieved fails the gate; a key found that
+    was missed is not a regression; --max-score-drop 100% lets any drop through."""
+    rng = __import__("random").Random()
+    seed = rng.randrange(1000)
+    trials = [dict(r, task="passkey", depth=0.5, trial=0, correct=int((seed + k) % 3 != 0))
+              for k, r in enumerate(make_rows())]
+    base = write_csv(str(tmp_path / "b" / "results.csv"), trials)
+    rows = [dict(r) for r in trials]
+    lost = next(r for r in rows if r["correct"] == 1)
+    found = next(r for r in rows if r["correct"] == 0)
+    lost["correct"], found["correct"] = 0, 1
+    cur = write_csv(str(tmp_path / "c" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    assert f"**1 regression** in 9 cells: {lost['impl']} N={lost['n']}: correct 100% -> 0%" in out
+    assert compare(capsys, base, cur, "--max-score-drop", "100%")[0] == 0
+
+
 def test_ok_to_oom_is_flagged(base, tmp_path, capsys):
     rows = make_rows()
     oom = cell(rows, "naive", 1024)
