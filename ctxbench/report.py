@@ -21,12 +21,16 @@ import pandas as pd
 
 from ctxbench.fits import FIT_HEADER, FIT_POINTS, fit_row
 from ctxbench.markdown import markdown_table
+from ctxbench.plan import RULER_TASKS
 from ctxbench.plots import config_text, plot_run, split_tasks, to_frame
 from ctxbench.results import read_results
 from ctxbench.formatting import human_bytes, human_ms
 from ctxbench.summary import fits_shown, is_left_out, not_run, not_run_lines
 
 REPORT_NAME = "report.html"
+# Tasks with a report of their own (passkey heatmaps; ruler's Pareto plot, heatmaps and policy
+# table), kept out of the kernel pivots, plots and fits.
+OWN_REPORT_TASKS = ("passkey", *RULER_TASKS)
 
 
 def _finite(x: Any) -> bool:
@@ -194,7 +198,7 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any], pngs: list[str
         parts.append(f"<p>command: <code>{html.escape(' '.join(map(str, meta['argv'])))}</code></p>")
     parts.append("<h2>Plots</h2>")
     parts += [_img(p, os.path.basename(p)) for p in pngs]
-    measured = df[df["task"] != "passkey"] if "task" in df.columns else df
+    measured = df[~df["task"].isin(OWN_REPORT_TASKS)] if "task" in df.columns else df
     if not measured.empty:
         parts.append("<h2>Pivot tables</h2>")
         for tables, notes in pivots(measured):
@@ -205,13 +209,23 @@ def render_html(rows: list[dict[str, Any]], meta: dict[str, Any], pngs: list[str
         parts.append(f"<h2>Scaling fits</h2><p>cost ~ N<sup>p</sup>: p is the least-squares slope of log cost "
                      f"against log N over each implementation's {FIT_POINTS} longest lengths with status ok "
                      "(about 2 for a quadratic cost, about 1 for a linear one).</p>")
-        kept = [r for r in rows if r.get("task") != "passkey"]
+        kept = [r for r in rows if r.get("task") not in OWN_REPORT_TASKS]
         fit_table = pd.DataFrame([fit_row(f) for f in fits_shown(kept)], columns=list(FIT_HEADER))
         parts.append(fit_table.to_html(escape=True, border=0, index=False))
     passkey_rows = [r for r in rows if r.get("task") == "passkey"]
     if passkey_rows:
         header, body = passkey_table(passkey_rows)
         parts.append("<h2>Passkey retrieval</h2><p>keys retrieved / trials (exact-match greedy decoding)</p>")
+        parts.append(pd.DataFrame(body, columns=header).to_html(escape=True, border=0, index=False))
+    ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
+    if ruler_rows:
+        from ctxbench.ruler_report import policy_table
+
+        header, body = policy_table(ruler_rows)
+        parts.append("<h2>KV-cache policies</h2><p>per implementation, context length and (policy, budget): "
+                     "tokens kept per layer and KV head, bytes of the compressed cache, prefill time (the "
+                     "policy's selection included), ms per generated token, the mean RULER score (recall of "
+                     "the expected strings) overall and per task, and the continuation's perplexity</p>")
         parts.append(pd.DataFrame(body, columns=header).to_html(escape=True, border=0, index=False))
     parts.append("<h2>Environment</h2>")
     env = meta.get("environment") or {k: rows[0].get(k, "") for k in ("device_name", "torch_version", "git_commit")}
@@ -235,14 +249,20 @@ def report(run_dir: str) -> list[str]:
     _, rows = read_results(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no rows yet; run or resume the sweep first")
-    # passkey trials (ctxbench.passkey) get their depth x length heatmaps, not the kernel plots
+    # passkey trials (ctxbench.passkey) get their depth x length heatmaps and ruler cells their
+    # Pareto plot and heatmaps (ctxbench.ruler_report), not the kernel plots
     passkey_rows = [r for r in rows if r.get("task") == "passkey"]
-    others = [r for r in rows if r.get("task") != "passkey"]
+    ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
+    others = [r for r in rows if r.get("task") not in OWN_REPORT_TASKS]
     written = plot_run(others, run_dir) if others else []
     if passkey_rows:
         from ctxbench.passkey import heatmaps
 
         written += heatmaps(passkey_rows, run_dir)
+    if ruler_rows:
+        from ctxbench.ruler_report import plots
+
+        written += plots(ruler_rows, run_dir)
     meta = _read_meta(run_dir)
     title = f"ctxbench run {meta.get('run_id') or os.path.basename(os.path.normpath(run_dir))}"
     page = render_html(rows, meta, [p for p in written if p.endswith(".png")], title)

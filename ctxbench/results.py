@@ -19,10 +19,12 @@ STATUSES = ("ok", "oom", "error", "timeout", "unsupported", "wrong", "skipped")
 CONFIG_COLUMNS = ("impl", "n", "query_len", "task", "rope", "batch", "heads", "kv_heads", "head_dim", "dtype",
                   "mask", "window", "sinks", "mode", "device", "allow_interpreter", "ppl_scheme",
                   "ragged", "kv_lens", "page_size",  # the KV layout (ctxbench.kv_layout)
-                  "depth", "trial")  # passkey cells: the key's depth (fraction of the filler) and trial
+                  "depth", "trial",  # passkey and retrieval cells: the key's depth (fraction of the haystack) and trial
+                  "ruler_task", "policy", "kv_budget")  # ruler cells: RULER task, KV-cache policy, budget as given
 # Key columns added after the first release, with the value every row of an older run has.
 KEY_DEFAULTS = {"task": "kernel", "rope": "default", "sinks": "0", "ppl_scheme": "truncated", "depth": "",
-                "trial": "", "query_len": "", "ragged": "False", "kv_lens": "", "page_size": ""}
+                "trial": "", "query_len": "", "ragged": "False", "kv_lens": "", "page_size": "",
+                "ruler_task": "", "policy": "", "kv_budget": ""}
 MEASURE_COLUMNS = (
     "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
     "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
@@ -54,6 +56,12 @@ MEASURE_COLUMNS = (
     # token, bytes of the KV cache held, tokens generated, leading tokens equal to transformers'
     # sdpa attention's
     "prefill_ms", "ms_per_token", "kv_cache_bytes", "decode_tokens", "tokens_match",
+    # ruler cells (tasks retrieval and continuation, ctxbench.kv_compression; prefill_ms,
+    # ms_per_token, kv_cache_bytes (the compressed cache), predicted, n_tokens, model and
+    # ppl/ppl_tokens (continuation) as above): the answers expected (';'-separated), RULER's
+    # recall of them in the greedy text (0..1), ms of the policy's own scoring and selection
+    # (inside prefill_ms), and the cached tokens per layer and head the policy kept
+    "expected", "score", "selection_ms", "kv_kept",
     # distributed implementations (ctxbench.sharded): ranks, each rank's peak memory (JSON
     # list, bytes; peak_mem_bytes is the largest), and the share of a call's time spent waiting
     # for communication (mean over ranks and timed calls)

@@ -1,5 +1,6 @@
 """The terminal summary at the end of a run: the implementation x length pivot of latency,
-memory and status, the scaling fits, perplexity, passkey, and where the files are.
+memory and status, the scaling fits, perplexity, passkey, decode, the KV-cache policies (ctxbench
+ruler), and where the files are.
 
 An implementation whose every cell is `unsupported` (triton on a CPU without its interpreter,
 an SDPA backend pinned on the wrong device) gets no line of its own: it is named once under
@@ -17,6 +18,7 @@ from rich.text import Text
 
 from ctxbench.fits import FIT_HEADER, FIT_POINTS, Fit, fit_all, fit_row
 from ctxbench.formatting import first_line, human_bytes, human_ms, number
+from ctxbench.plan import RULER_TASKS
 
 STATUS_STYLE = {"ok": "green", "wrong": "bold red", "oom": "magenta", "error": "red", "timeout": "yellow",
                 "unsupported": "dim", "skipped": "dim"}
@@ -200,6 +202,11 @@ def print_summary(rows: list[dict[str, Any]], run_dir: str, console: Any) -> Non
     decode_rows = [r for r in rows if r.get("task") == "decode"]
     if decode_rows:
         console.print(decode_table(decode_rows))
+    ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
+    if ruler_rows:
+        from ctxbench.ruler_report import policy_rich
+
+        console.print(policy_rich(ruler_rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -23,7 +23,7 @@ from ctxbench.env import environment
 from ctxbench.executor import Executor, LocalExecutor
 from ctxbench.flops import attention_bytes, attention_flops
 from ctxbench.formatting import first_line, safe_name
-from ctxbench.plan import Cell, Settings, SweepSpec
+from ctxbench.plan import RULER_TASKS, Cell, Settings, SweepSpec
 from ctxbench.results import ResultsWriter, read_results, row_key
 
 # Statuses after which longer lengths of the same implementation are not attempted.
@@ -48,6 +48,12 @@ def _weight(cell: Cell, settings: Settings) -> float:
         return 2 * (cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0) + settings.decode_tokens * 0.1)
     if cell.task == "passkey":  # one forward pass of n tokens; the model stays loaded between trials
         return 0.1 + cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
+    if cell.task in RULER_TASKS:
+        # a prompt's prefill is shared by its (policy, budget) cells (about ten by default), then
+        # a compression and, for retrieval, a few dozen decode steps
+        prefill = cell.n / _ROUGH_LM_TOKENS_PER_S.get(cell.device, 300.0)
+        steps = 20 if cell.task == "retrieval" else 2
+        return 0.2 + prefill / 10 + steps * (0.1 if cell.device == "cpu" else 0.01)
     mask = cell.attention_mask
     flops = attention_flops(cell.batch, cell.heads, cell.q_len, cell.head_dim, mask, cell.mode, n_k=cell.n)
     moved = attention_bytes(cell.batch, cell.heads, cell.kv_heads, cell.q_len, cell.n, cell.head_dim, mask,
@@ -248,7 +254,7 @@ def describe(spec: SweepSpec) -> list[str]:
         lines.append(f"[bold]ctxbench sweep[/] {shape}; impls: {', '.join(spec.impls)}; "
                      f"N: {', '.join(map(str, spec.lengths))}")
     p = spec.ppl
-    if spec.passkey is None:
+    if spec.passkey is None and spec.ruler is None:
         if p is None:
             lines.append("perplexity: none (--ppl-max-len 0, --mask none, or no length within --ppl-max-len)")
         else:
@@ -263,6 +269,16 @@ def describe(spec: SweepSpec) -> list[str]:
             lines.append(f"decode: {s.model or 'default model (SmolLM2-135M-Instruct)'}, a prefill of N tokens of "
                          f"{s.text or 'pydoc_data.topics'} then {s.decode_tokens} greedy tokens with a KV cache, "
                          f"{d.dtype}; N: {', '.join(map(str, ns))}; impls: {', '.join(d.impls)}")
+    elif spec.ruler is not None:
+        r = spec.ruler
+        cont = (f"; continuation: {s.continuation_tokens} tokens scored" if r.continuation
+                else "; no continuation cells")
+        lines.append(f"[bold]ctxbench ruler[/] {c.device} {r.dtype} model {s.model or 'default (SmolLM2-135M-Instruct)'}; "
+                     f"impls: {', '.join(r.impls)}; N: {', '.join(map(str, spec.lengths))}; tasks: "
+                     f"{', '.join(r.tasks)}; depths: {', '.join(f'{d:g}' for d in r.depths)}; {r.trials} prompt(s) "
+                     f"each; haystack: {s.haystack}{cont}")
+        lines.append(f"KV-cache policies: {', '.join(r.policies)}; budgets: {', '.join(r.budgets)} "
+                     "(tokens, or a ratio of N; the full cache once)")
     else:
         k = spec.passkey
         lines.append(f"[bold]ctxbench passkey[/] {c.device} {k.dtype} mask={c.mask}"

@@ -48,7 +48,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Measure the job's cell; never raises for failures of the implementation itself."""
     from ctxbench import registry
     from ctxbench.measure import measure_cell
-    from ctxbench.plan import Cell, Settings
+    from ctxbench.plan import RULER_TASKS, Cell, Settings
 
     cell = Cell(**job["cell"])
     settings = Settings(**job["settings"])
@@ -69,6 +69,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             from ctxbench.decoding import measure_decode
 
             row = measure_decode(impl, cell, settings)
+        elif cell.task in RULER_TASKS:
+            # a prompt under a KV-cache policy; the model and the prompt's prefill stay in this
+            # process for the prompt's next (policy, budget) cell
+            from ctxbench import kv_compression
+
+            measure = kv_compression.measure_retrieval if cell.task == "retrieval" else kv_compression.measure_continuation
+            row = measure(impl, cell, settings)
         elif impl.distributed:
             # one rank of a torchrun sweep (or the whole sequence when there is no torchrun)
             from ctxbench.sharded import measure_sharded_cell

@@ -161,7 +161,7 @@ def test_planted_perplexity_rise_is_flagged(tmp_path, capsys):
     assert code == 1, out
     # Joined on task as well: 18 cells, the kernel and the perplexity row of each (impl, N).
     assert "task" in out.split("joined on:")[1].split(";")[0]
-    assert "**1 regression** in 18 cells: sdpa N=512: perplexity +1.00%" in out
+    assert "**1 regression** in 18 cells: sdpa N=512 task=perplexity: perplexity +1.00%" in out
     assert compare(capsys, base, cur, "--max-ppl-increase", "1.5%")[0] == 0
 
 
@@ -182,6 +182,24 @@ def test_a_passkey_key_lost_is_flagged(tmp_path, capsys):
     assert code == 1, out
     assert f"**1 regression** in 9 cells: {lost['impl']} N={lost['n']}: correct 100% -> 0%" in out
     assert compare(capsys, base, cur, "--max-score-drop", "100%")[0] == 0
+
+
+def test_a_ruler_score_drop_is_flagged_with_its_policy(tmp_path, capsys):
+    """ctxbench ruler's score (recall, 0..1) gates like passkey's: a drop names the cell's policy
+    and budget; a drop within --max-score-drop passes."""
+    rng = __import__("random").Random()
+    scores = [rng.choice([0.25, 0.5, 0.75, 1.0]) for _ in range(3)]
+    trials = [dict(make_rows()[0], task="retrieval", ruler_task="niah_multivalue", depth=0.5, trial=0, policy=p,
+                   kv_budget=b, score=s) for (p, b), s in zip([("full", ""), ("snapkv", "0.25"), ("h2o", "0.25")], scores)]
+    base = write_csv(str(tmp_path / "b" / "results.csv"), trials)
+    rows = [dict(r) for r in trials]
+    rows[1]["score"] = scores[1] - 0.25
+    cur = write_csv(str(tmp_path / "c" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    assert (f"**1 regression** in 3 cells: {rows[1]['impl']} N={rows[1]['n']} policy=snapkv kv_budget=0.25: "
+            f"score {100 * scores[1]:.0f}% -> {100 * (scores[1] - 0.25):.0f}%") in out
+    assert compare(capsys, base, cur, "--max-score-drop", "25.5%")[0] == 0
 
 
 def test_ok_to_oom_is_flagged(base, tmp_path, capsys):

@@ -59,6 +59,9 @@ SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 # Lengths every sweep and passkey command runs at (tokens).
 LENGTHS = "1024,2048"
 MAX_LEN, MIN_LEN = "2048", "1024"
+# ctxbench ruler commands run the tiny model (tests/lm_helpers.py) at a length that holds every
+# task's prompt in its tokens
+RULER_LENGTHS = "480"
 # The run `results/<run-id>` stands for: one implementation at 1024 tokens, so a documented
 # `--resume` that adds lengths (to 2048) or implementations extends it.
 RUN_FIXTURE = ["sweep", "--impls", "sdpa", "--lengths", "1024", "--heads", "2", "--head-dim", "16", "--rep-ms", "5",
@@ -255,7 +258,7 @@ def _set(argv: list[str], name: str, value: str, add: bool = True) -> None:
 
 def is_quality(cmd: DocCommand) -> bool:
     argv = cmd.argv
-    if cmd.command == "passkey":
+    if cmd.command in ("passkey", "ruler"):
         return True
     if cmd.command != "sweep" or "--resume" in argv:
         return False
@@ -275,6 +278,8 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
     argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env_vars.get(m.group(1), m.group(0)), a) for a in cmd.argv]
     placeholders = {"results/<run-id>": ws.made.get("run", ""), "planted-baseline/": ws.made.get("planted", "")}
     argv = [placeholders.get(a, a) for a in argv]
+    if cmd.command == "ruler" and "--resume" not in argv:
+        return rewrite_ruler(argv, ws), env
     if cmd.command not in ("sweep", "passkey"):
         return argv, env
     if "--resume" in argv:  # extend the resumed run; add nothing it would refuse
@@ -313,6 +318,23 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
     elif cmd.command == "sweep":
         _set(argv, "--ppl-max-len", "0")
     return argv, env
+
+
+def rewrite_ruler(argv: list[str], ws: Workspace) -> list[str]:
+    """A `ctxbench ruler` command at the tiny model's size: every task's prompt fits RULER_LENGTHS,
+    a 16-token continuation, the first implementation; tasks, policies and budgets as documented."""
+    for flag in ("--max-len", "--min-len"):
+        if flag in argv:
+            del argv[argv.index(flag):argv.index(flag) + 2]
+    _set(argv, "--lengths", RULER_LENGTHS)
+    _set(argv, "--continuation-tokens", "16")
+    _set(argv, "--model", ws.made["model"])
+    if "--text" in argv:
+        _set(argv, "--text", ws.made["text"])
+    _set(argv, "--out", ws.fresh("ruler"))
+    if "--impls" in argv:
+        _set(argv, "--impls", _flag(tuple(argv), "--impls").split(",")[0])
+    return argv
 
 
 # ---------------------------------------------------------------- the placeholders' runs

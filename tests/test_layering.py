@@ -19,11 +19,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What runs inside a worker to measure a cell, and what it may lean on.
 MEASUREMENT = {"ctxbench.worker", "ctxbench.measure", "ctxbench.perplexity", "ctxbench.passkey",
                "ctxbench.sharded", "ctxbench.reference", "ctxbench.flops", "ctxbench.lm",
-               "ctxbench.model_attention", "ctxbench.bandwidth", "ctxbench.kv_layout", "ctxbench.decoding"}
+               "ctxbench.model_attention", "ctxbench.bandwidth", "ctxbench.kv_layout", "ctxbench.decoding",
+               "ctxbench.kv_policies", "ctxbench.kv_compression", "ctxbench.ruler", "ctxbench.words"}
 # What plans, schedules, records and reports cells: measurement code must not import these.
 DRIVER = {"ctxbench.cli", "ctxbench.options", "ctxbench.sweep", "ctxbench.executor", "ctxbench.ray_executor",
           "ctxbench.torchrun", "ctxbench.results", "ctxbench.report", "ctxbench.plots", "ctxbench.summary",
-          "ctxbench.fits", "ctxbench.compare", "ctxbench.markdown", "ctxbench.kv_memory"}
+          "ctxbench.fits", "ctxbench.compare", "ctxbench.markdown", "ctxbench.kv_memory", "ctxbench.ruler_report"}
 
 
 def module_files() -> dict[str, pathlib.Path]:
