@@ -322,12 +322,16 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
 
 def rewrite_ruler(argv: list[str], ws: Workspace) -> list[str]:
     """A `ctxbench ruler` command at the tiny model's size: every task's prompt fits RULER_LENGTHS,
-    a 16-token continuation, the first implementation; tasks, policies and budgets as documented."""
+    a 16-token continuation, the first implementation; tasks, policies and budgets as documented
+    (two of each when none are)."""
     for flag in ("--max-len", "--min-len"):
         if flag in argv:
             del argv[argv.index(flag):argv.index(flag) + 2]
     _set(argv, "--lengths", RULER_LENGTHS)
     _set(argv, "--continuation-tokens", "16")
+    # a command that names no tasks or policies runs two of each (a cell per task x policy x budget)
+    _set(argv, "--tasks", "niah_single,vt", add="--tasks" not in argv)
+    _set(argv, "--policies", "full,snapkv", add="--policies" not in argv)
     _set(argv, "--model", ws.made["model"])
     if "--text" in argv:
         _set(argv, "--text", ws.made["text"])

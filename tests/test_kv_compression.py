@@ -146,13 +146,13 @@ def test_policy_budgets_plan_each_kept_size_once():
 def test_ruler_command_runs_resumes_and_reports(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["ruler", "--device", "cpu", "--model", tiny, "--lengths", "420", "--tasks", "niah_single,niah_multivalue",
-            "--policies", "full,streaming,snapkv", "--kv-budget", "64", "--continuation-tokens", "16",
+            "--policies", "full,snapkv", "--kv-budget", "64", "--continuation-tokens", "16",
             "--out", str(tmp_path), "--run-id", "r"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     run_dir = only_run_dir(str(tmp_path))
     _, rows = read_results(os.path.join(run_dir, "results.csv"))
-    assert len(rows) == (2 + 1) * 3 and all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
+    assert len(rows) == (2 + 1) * 2 and all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
     assert {(r["task"], r["ruler_task"], r["policy"], r["kv_budget"]) for r in rows} >= {
         ("retrieval", "niah_multivalue", "snapkv", "64"), ("continuation", "", "full", "")}
     assert all(float(r["ppl"]) > 1 for r in rows if r["task"] == "continuation")
@@ -165,6 +165,8 @@ def test_ruler_command_runs_resumes_and_reports(tiny, tmp_path, capsys, monkeypa
     assert len(read_results(os.path.join(run_dir, "results.csv"))[1]) == len(rows)  # nothing measured twice
     code, out, err = run_cli(["report", run_dir], capsys)
     assert code == 0 and "| snapkv@64 |" in out.replace("  ", " ")
+    code, out, err = run_cli(["passkey", "--resume", run_dir], capsys)  # a ruler run resumes as one
+    assert code == 2 and "is a `ctxbench ruler` run; continue it with ctxbench ruler --resume" in err
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -188,10 +190,3 @@ def test_bad_ruler_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, args, fr
     assert not list(tmp_path.iterdir()), "bad input must not leave a run behind"
 
 
-def test_a_sweep_run_is_not_resumed_as_ruler(tiny, tmp_path, capsys):
-    code, _, err = run_cli(["sweep", "--device", "cpu", "--impls", "sdpa", "--lengths", "64", "--rep-ms", "5",
-                            "--heads", "2", "--head-dim", "16", "--ppl-max-len", "0", "--out", str(tmp_path),
-                            "--run-id", "s"], capsys)
-    assert code == 0, err
-    code, _, err = run_cli(["ruler", "--resume", str(tmp_path / "s")], capsys)
-    assert code == 2 and "continue it with ctxbench sweep --resume" in err
