@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import torch
 
-POLICIES = ("full", "streaming", "h2o", "snapkv", "knorm", "random")
+from ctxbench.plan import KV_POLICIES
+
+POLICIES = KV_POLICIES
 SCORED = ("h2o", "snapkv", "knorm", "random")  # the policies that rank tokens by policy_scores
 SINKS = 4            # streaming: attention-sink tokens kept at the start (StreamingLLM's 4)
 WINDOW = 32          # snapkv: observation window, the prompt's last queries (tokens)

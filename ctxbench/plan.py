@@ -71,6 +71,9 @@ class Config:
         return self.attention_mask.sinks
 
 
+# The KV-cache policies of `ctxbench ruler` (ctxbench.kv_policies, which imports torch; here so
+# the planning and report sides can name them without it).
+KV_POLICIES = ("full", "streaming", "h2o", "snapkv", "knorm", "random")
 # The cell tasks of `ctxbench ruler` (ctxbench.kv_compression): a RULER prompt answered from a
 # compressed KV cache, and the corpus's continuation scored after one.
 RULER_TASKS = ("retrieval", "continuation")

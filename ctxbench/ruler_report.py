@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from ctxbench.formatting import human_bytes, human_ms, number, safe_name
 from ctxbench.markdown import markdown_table
-from ctxbench.plan import RULER_TASKS  # re-exported: the CSV tasks of ctxbench ruler
+from ctxbench.plan import KV_POLICIES, RULER_TASKS
+from ctxbench.ruler import TASKS
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-# ctxbench.kv_policies.POLICIES, in its order (that module imports torch, so not imported here).
-POLICY_ORDER = ("full", "streaming", "h2o", "snapkv", "knorm", "random")
-# ctxbench.ruler.TASKS, in its order: the RULER tasks of retrieval rows (column `ruler_task`).
-TASK_ORDER = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+POLICY_ORDER = KV_POLICIES  # the order policies are listed in
+TASK_ORDER = TASKS  # the RULER tasks of retrieval rows (column `ruler_task`), in their order
 # A colour per policy in the plots (matplotlib's tab10 names); full is a black star.
 POLICY_COLOURS = {"streaming": "tab:blue", "h2o": "tab:orange", "snapkv": "tab:green", "knorm": "tab:red",
                   "random": "tab:purple"}
