@@ -42,7 +42,6 @@ import torch
 
 from ctxbench import kv_policies, lm, ruler
 from ctxbench.decoding import cache_bytes
-from ctxbench.formatting import one_line
 from ctxbench.plan import Cell, RulerPlan, parse_budget, resolve_budget
 from ctxbench.registry import Impl, Unsupported
 
@@ -305,12 +304,7 @@ def ruler_plan(impls: list[str], lengths: list[int], *, tasks: list[str], polici
         raise ValueError(f"--continuation-tokens must be >= 0 (got {continuation}); 0 plans no continuation cells")
     if not lengths:
         raise ValueError("--lengths is empty; give e.g. --lengths 4096,8192")
-    ref = lm.resolve_model(model_path)
-    lm.check_dependencies(ref)
-    try:
-        tokenizer = lm.load_tokenizer(ref)
-    except Exception as exc:  # noqa: BLE001 - a folder without a tokenizer, an unreadable file
-        raise lm.ModelError(f"cannot load the tokenizer of {ref.label} ({one_line(exc)})") from None
+    ref, tokenizer = lm.planning_tokenizer(model_path)
     shortest = max(ruler.min_length(tokenizer, t) for t in tasks)
     if min(lengths) < shortest:
         raise ValueError(f"--lengths: the prompts of {', '.join(tasks)} need at least {shortest} tokens "

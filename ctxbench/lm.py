@@ -149,6 +149,17 @@ def load_tokenizer(ref: ModelRef) -> Any:
     return _TOKENIZERS[ref]
 
 
+def planning_tokenizer(model_path: str | None) -> tuple[ModelRef, Any]:
+    """(the model, its tokenizer) for the checks a command makes before its run starts; ModelError
+    (one line) when the model, its dependencies or its tokenizer can't be had."""
+    ref = resolve_model(model_path)
+    check_dependencies(ref)
+    try:
+        return ref, load_tokenizer(ref)
+    except Exception as exc:  # noqa: BLE001 - a folder without a tokenizer, an unreadable file
+        raise ModelError(f"cannot load the tokenizer of {ref.label} ({one_line(exc)})") from None
+
+
 def load_model(ref: ModelRef, dtype: str, device: str) -> Any:
     """The causal LM in `dtype` on `device`, in eval mode; loaded once per process."""
     key = (ref, dtype, device)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctxbench import lm
-from ctxbench.formatting import number, one_line, safe_name
+from ctxbench.formatting import number, safe_name
 from ctxbench.plan import Cell, PasskeyPlan
 from ctxbench.registry import Impl, Unsupported
 
@@ -172,12 +172,7 @@ def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str] | tup
         raise ValueError("--rope is empty; give e.g. --rope default or --rope default,yarn:4")
     if not lengths:
         raise ValueError("--lengths is empty; give e.g. --lengths 1024,2048,4096")
-    ref = lm.resolve_model(model_path)
-    lm.check_dependencies(ref)
-    try:
-        tokenizer = lm.load_tokenizer(ref)
-    except Exception as exc:  # noqa: BLE001 - a folder without a tokenizer, an unreadable file
-        raise lm.ModelError(f"cannot load the tokenizer of {ref.label} ({one_line(exc)})") from None
+    ref, tokenizer = lm.planning_tokenizer(model_path)
     shortest = overhead_tokens(tokenizer)
     if min(lengths) < shortest:
         raise ValueError(f"--lengths: a passkey prompt needs at least {shortest} tokens (got {min(lengths)})")
