@@ -18,7 +18,7 @@ import click
 
 from ctxbench import __version__
 from ctxbench.options import (DEPTHS, PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, RULER_MAX_LEN, SWEEP_MAX_LEN, Options,
-                              UsageError, default, fail)
+                              UsageError, command_of, default, fail)
 
 EXIT_USAGE = 2
 
@@ -235,11 +235,6 @@ def ruler_cmd(**_: Any) -> None:
     Writes results.csv (tasks retrieval and continuation), a quality-vs-KV-bytes Pareto plot,
     depth x length heatmaps per task and a policy table in report.html."""
     run_cells(options_from("ruler"))
-
-
-def command_of(spec: Any) -> str:
-    """The command that runs (and resumes) a spec's cells."""
-    return "passkey" if spec.passkey else "ruler" if spec.ruler else "sweep"
 
 
 def run_cells(o: Options) -> None:

@@ -54,8 +54,9 @@ class Options:
     (ctxbench.cli declares each flag with the default of its field here).
 
     `command` says which command built it ("sweep": kernel and perplexity cells; "passkey":
-    passkey cells only; "ruler": retrieval and continuation cells under KV-cache policies). `given` maps the fields typed on the command line to their flag
-    ("impl_names": "--impls"), which decides what `--resume` may take (`resolve_resume`).
+    passkey cells only; "ruler": retrieval and continuation cells under KV-cache policies).
+    `given` maps the fields typed on the command line to their flag ("impl_names": "--impls"),
+    which decides what `--resume` may take (`resolve_resume`).
     """
 
     command: str = "sweep"
@@ -456,8 +457,6 @@ def ruler_plan(o: Options, config: Config, impls: list[str], lengths: list[int])
     from ctxbench import kv_compression, kv_policies, ruler
     from ctxbench.passkey import parse_depths
 
-    if o.rope != "default":
-        fail("--rope is not a ctxbench ruler flag (the model runs with its own RoPE); use ctxbench passkey --rope")
     try:  # lm.ModelError and registry.RegistryError are ValueErrors, each one line naming the flag
         tasks = ruler.parse_tasks(o.ruler_tasks)
         policies = list(kv_policies.parse_policies(o.policies))
@@ -535,7 +534,7 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
     if refused:
         fail(f"{', '.join(refused)} cannot change when resuming {run_dir}: its configuration is saved in meta.json; "
              f"resume without {'it' if len(refused) == 1 else 'them'}, or start a new run")
-    was = "passkey" if spec.passkey is not None else "ruler" if spec.ruler is not None else "sweep"
+    was = command_of(spec)
     if was != o.command:
         fail(f"{run_dir} is a `ctxbench {was}` run; continue it with ctxbench {was} --resume {o.resume}")
     check_numbers(o)
@@ -565,6 +564,11 @@ def resolve_resume(o: Options, world: int = 1) -> tuple[SweepSpec, str, dict[str
     if "timeout" in o.given and o.timeout != spec.timeout_s:
         changes["timeout_s"] = o.timeout
     return extend_spec(spec, changes), run_dir, changes
+
+
+def command_of(spec: SweepSpec) -> str:
+    """The command that runs (and resumes) a spec's cells: "passkey", "ruler" or "sweep"."""
+    return "passkey" if spec.passkey is not None else "ruler" if spec.ruler is not None else "sweep"
 
 
 def saved_impls(spec: SweepSpec) -> list[str]:
@@ -631,7 +635,7 @@ def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec
         from ctxbench import registry
 
         bad = [n for n in spec.impls if not registry.resolve(n).distributed]
-        model_cmd = "passkey" if spec.passkey is not None else "ruler" if spec.ruler is not None else None
+        model_cmd = command_of(spec) if command_of(spec) != "sweep" else None
         if bad or model_cmd:
             fail(f"under torchrun (WORLD_SIZE={world}) only distributed implementations run (e.g. ring); "
                  f"{', '.join(bad) or model_cmd} would run once per rank: run {'it' if len(bad) <= 1 else 'them'} "
