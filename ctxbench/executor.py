@@ -35,15 +35,24 @@ def default_memory_limit() -> int:
     return int(psutil.virtual_memory().available * 0.85)
 
 
-def worker_env() -> dict[str, str]:
+# glibc's mmap and trim thresholds, pinned in the workers that measure an attention call's peak
+# memory: a freed block above 128 KiB then leaves the resident set at once, which the peak-RSS
+# growth of ctxbench.measure relies on. The price is a fresh mmap, page faults and zeroed pages
+# for every such block, and a model allocates thousands of them per forward pass: pinned, H2O's
+# rescoring of a 4K prompt took 2.1x as long (8.8 s against 4.2 s over the default model's 30
+# layers on the 2-core CPU) and its prefill 1.2x. So a model cell's worker (Cell.runs_a_model:
+# nothing there reads peak RSS) keeps glibc's own thresholds, as any transformers process does.
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def worker_env(pinned_malloc: bool = True) -> dict[str, str]:
     """The worker's environment: the parent's, plus the current directory in
     CTXBENCH_IMPORT_PATH (so --impl module:function resolves as it did here, appended after
-    the installed packages) and a fixed glibc mmap threshold (large blocks are returned to
-    the OS on free, which peak-RSS measurement relies on)."""
+    the installed packages) and, with pinned_malloc, PINNED_MALLOC (unless already set)."""
     env = dict(os.environ)
     env.setdefault("CTXBENCH_IMPORT_PATH", os.getcwd())
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    for name, value in (PINNED_MALLOC.items() if pinned_malloc else ()):
+        env.setdefault(name, value)
     return env
 
 
@@ -95,7 +104,8 @@ class Worker:
     `oom`, when it passes the same limit.
     """
 
-    def __init__(self, memory_limit_bytes: int | None, log_path: str, device: str = "cpu") -> None:
+    def __init__(self, memory_limit_bytes: int | None, log_path: str, device: str = "cpu",
+                 pinned_malloc: bool = True) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         args = [sys.executable, "-c", _BOOT]
@@ -104,7 +114,7 @@ class Worker:
             args += ["--memory-limit", str(int(memory_limit_bytes))]
         # A new session: on timeout the whole process group (threads, helpers) is killed.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
-                                     env=worker_env(), start_new_session=True, text=True)
+                                     env=worker_env(pinned_malloc), start_new_session=True, text=True)
 
     def run(self, cell: Cell, settings: Settings, timeout_s: float) -> dict[str, Any]:
         """Measure one cell; the result dict always has a status. Raises nothing for the
@@ -167,7 +177,8 @@ REPLACE_AFTER = ("error", "oom", "timeout")
 
 
 class WorkerPool:
-    """Worker processes keyed by implementation, replaced after any failure.
+    """Worker processes keyed by implementation and by whether they run a model (whose cells
+    get a worker of their own, without PINNED_MALLOC), replaced after any failure.
 
     With reuse=False every cell gets a fresh process (slower, fully cold).
     """
@@ -175,14 +186,16 @@ class WorkerPool:
     def __init__(self, memory_limit_bytes: int | None, reuse: bool = True) -> None:
         self.memory_limit_bytes = memory_limit_bytes
         self.reuse = reuse
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[tuple[str, bool], Worker] = {}
 
     def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
         """Measured fields with status and message, plus wall_s (seconds, worker start included)."""
         start = time.perf_counter()
-        worker = self.workers.get(cell.impl)
+        key = (cell.impl, cell.runs_a_model)
+        worker = self.workers.get(key)
         if worker is None or not worker.alive:
-            worker = self.workers[cell.impl] = Worker(self.memory_limit_bytes, log_path, cell.device)
+            worker = self.workers[key] = Worker(self.memory_limit_bytes, log_path, cell.device,
+                                                pinned_malloc=not cell.runs_a_model)
         try:
             result = worker.run(cell, settings, timeout_s)
         except BaseException:  # Ctrl-C in the parent: don't leave the worker behind
@@ -190,7 +203,7 @@ class WorkerPool:
             raise
         if result.get("status") in REPLACE_AFTER or not self.reuse or not worker.alive:
             worker.close()
-            del self.workers[cell.impl]
+            del self.workers[key]
         result["wall_s"] = time.perf_counter() - start
         return result
 

@@ -108,6 +108,12 @@ class Cell(Config):
         return self.n if self.query_len is None else self.query_len
 
     @property
+    def runs_a_model(self) -> bool:
+        """Whether the cell runs a whole language model (perplexity, passkey, decode, ruler)
+        rather than one attention call; only an attention call's peak memory is measured."""
+        return self.task != "kernel"
+
+    @property
     def is_ragged(self) -> bool:
         """Whether the sequences of the batch have different KV lengths."""
         return self.ragged or self.kv_lens is not None

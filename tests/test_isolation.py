@@ -145,3 +145,47 @@ def test_an_uncapped_worker_over_its_resident_limit_is_killed_as_oom(tmp_path):
     assert "resident set" in result["message"] and "1.00 GiB" in result["message"]
     assert time.monotonic() - t0 < 120
     assert not worker.alive
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split("=", 1) for kv in f.read().decode().split("\0") if "=" in kv)
+
+
+def test_kernel_workers_pin_glibcs_heap_and_model_cells_get_a_worker_that_does_not(tmp_path, monkeypatch):
+    """A kernel cell's peak RSS needs freed blocks returned to the OS at once (PINNED_MALLOC);
+    a model cell, which reads no peak RSS, runs in a worker of its own with glibc's reuse."""
+    from ctxbench import executor
+    from ctxbench.plan import Cell, Settings
+
+    for name in executor.PINNED_MALLOC:
+        monkeypatch.delenv(name, raising=False)
+    kernel = executor.Worker(None, str(tmp_path / "kernel.log"), "cpu", pinned_malloc=True)
+    model = executor.Worker(None, str(tmp_path / "model.log"), "cpu", pinned_malloc=False)
+    try:
+        assert executor.PINNED_MALLOC.items() <= _environ(kernel.proc.pid).items()
+        assert not executor.PINNED_MALLOC.keys() & _environ(model.proc.pid).keys()
+    finally:
+        kernel.close()
+        model.close()
+
+    started = []
+
+    class Recorder:  # a worker that records how it was started and measures nothing
+        alive = True
+
+        def __init__(self, *args, pinned_malloc):
+            started.append(pinned_malloc)
+
+        def run(self, cell, settings, timeout_s):
+            return {"status": "ok"}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(executor, "Worker", Recorder)
+    pool = executor.WorkerPool(None)
+    for task in ("kernel", "perplexity", "kernel", "retrieval", "passkey"):
+        assert Cell(impl="sdpa", n=64, task=task).runs_a_model == (task != "kernel")
+        pool.run_cell(Cell(impl="sdpa", n=64, task=task), Settings(), timeout_s=5, log_path=str(tmp_path / "x.log"))
+    assert started == [True, False]  # one worker of each kind, each reused
