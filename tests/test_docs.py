@@ -322,8 +322,8 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
 
 def rewrite_ruler(argv: list[str], ws: Workspace) -> list[str]:
     """A `ctxbench ruler` command at the tiny model's size: every task's prompt fits RULER_LENGTHS,
-    a 16-token continuation, the first implementation; tasks, policies and budgets as documented
-    (two of each when none are)."""
+    a 16-token continuation, the first implementation, the first depth, one trial; tasks,
+    policies and budgets as documented (two of each when none are)."""
     for flag in ("--max-len", "--min-len"):
         if flag in argv:
             del argv[argv.index(flag):argv.index(flag) + 2]
@@ -336,8 +336,11 @@ def rewrite_ruler(argv: list[str], ws: Workspace) -> list[str]:
     if "--text" in argv:
         _set(argv, "--text", ws.made["text"])
     _set(argv, "--out", ws.fresh("ruler"))
-    if "--impls" in argv:
-        _set(argv, "--impls", _flag(tuple(argv), "--impls").split(",")[0])
+    for flag in ("--impls", "--depths"):
+        if flag in argv:
+            _set(argv, flag, _flag(tuple(argv), flag).split(",")[0])
+    if "--trials" in argv:
+        _set(argv, "--trials", "1")
     return argv
 
 

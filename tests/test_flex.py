@@ -117,10 +117,12 @@ def check_against_reference(mask: Mask, hq: int, hkv: int, n: int, dtype: torch.
     assert rel <= TOLERANCE[name], f"flex seed={seed} {mask.describe()} Hq={hq} Hkv={hkv} N={n} {name}: {rel:.2e}"
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @needs_cxx
 def test_flex_compiled_matches_float64_window_sinks_gqa():
-    """The default suite's one compiled case (about 20 s of compilation): the mask with the most
-    rules (window + sinks), grouped-query heads and N not a multiple of the block."""
+    """.ci/run's one compiled case (about 30 s of compilation): the mask with the most rules
+    (window + sinks), grouped-query heads and N not a multiple of the block."""
     check_against_reference(Mask("window", 50, 4), 4, 2, 300, torch.float32)
 
 

@@ -48,6 +48,8 @@ def _sweep(tmp_path, run_id: str, extra: list[str], capsys, executor: str = "loc
     return rows_by_cell(os.path.join(str(tmp_path), run_id))
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # a local Ray cluster: about a minute
 def test_ray_rows_equal_local_rows(cluster, tmp_path, capsys):
     extra = ["--impls", "naive,sdpa,chunked", "--lengths", "32,64,100", "--mode", "fwd+bwd"]
     local = _sweep(tmp_path, "local", extra, capsys)
@@ -72,6 +74,8 @@ def test_ray_rows_equal_local_rows(cluster, tmp_path, capsys):
     assert any(int(r["peak_mem_bytes"]) > 0 for r in remote.values())
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # a local Ray cluster: about a minute
 def test_ray_tasks_that_crash_oom_or_hang_cost_their_row(cluster, tmp_path, capsys):
     extra = ["--impls", "sdpa", "--lengths", "32,64,128", "--timeout", "10"]
     for name in ("aborts", "hogs_memory", "sleeps"):
