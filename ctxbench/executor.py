@@ -38,10 +38,11 @@ def default_memory_limit() -> int:
 # glibc's mmap and trim thresholds, pinned in the workers that measure an attention call's peak
 # memory: a freed block above 128 KiB then leaves the resident set at once, which the peak-RSS
 # growth of ctxbench.measure relies on. The price is a fresh mmap, page faults and zeroed pages
-# for every such block, and a model allocates thousands of them per forward pass: pinned, H2O's
-# rescoring of a 4K prompt took 2.1x as long (8.8 s against 4.2 s over the default model's 30
-# layers on the 2-core CPU) and its prefill 1.2x. So a model cell's worker (Cell.runs_a_model:
-# nothing there reads peak RSS) keeps glibc's own thresholds, as any transformers process does.
+# for every such block, and a model allocates thousands of them per forward pass (a KV cache grows
+# by a copy per token): pinned, `ctxbench ruler --lengths 4096,8192` took 31 min 36 s against
+# 12 min 53 s on the 2-core CPU (prefill 1.7x, H2O's rescoring 4.6x, a decode step 2-3.3x as
+# long). So a model cell's worker (Cell.runs_a_model: nothing there reads peak RSS) keeps glibc's
+# own thresholds, as any transformers process does.
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 

@@ -75,6 +75,7 @@ def follow_if_follower() -> bool:
     msg: list[Any] = [None]
     dist.broadcast_object_list(msg, src=0)
     if msg[0] is None:
+        _leave_together()
         sys.exit(2)  # rank 0 printed why
     run_dir, memory_limit_bytes = msg[0]
     _follow(memory_limit_bytes, os.path.join(run_dir, "logs"))
@@ -90,6 +91,17 @@ def release_followers() -> None:
 
     init_driver_group()
     dist.broadcast_object_list([None], src=0)
+    _leave_together()
+
+
+def _leave_together() -> None:
+    """Every rank, when there is no run: wait for the others, then take the group down before
+    exiting. A rank that exits while its peer's gloo pair still reads from it can abort that peer
+    at exit (SIGABRT instead of status 2: seen once in a fresh clone's CI run)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    destroy_group()
 
 
 def start_followers(run_dir: str, memory_limit_bytes: int | None) -> None:
