@@ -179,7 +179,8 @@ REPLACE_AFTER = ("error", "oom", "timeout")
 
 class WorkerPool:
     """Worker processes keyed by implementation and by whether they run a model (whose cells
-    get a worker of their own, without PINNED_MALLOC), replaced after any failure.
+    get a worker of their own, without PINNED_MALLOC; it replaces the implementation's kernel
+    worker, and the other way round), replaced after any failure.
 
     With reuse=False every cell gets a fresh process (slower, fully cold).
     """
@@ -195,6 +196,10 @@ class WorkerPool:
         key = (cell.impl, cell.runs_a_model)
         worker = self.workers.get(key)
         if worker is None or not worker.alive:
+            # one process per implementation at a time: the sweep plans its model cells after its kernels
+            other = self.workers.pop((cell.impl, not cell.runs_a_model), None)
+            if other is not None:
+                other.close()
             worker = self.workers[key] = Worker(self.memory_limit_bytes, log_path, cell.device,
                                                 pinned_malloc=not cell.runs_a_model)
         try:

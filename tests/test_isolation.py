@@ -169,23 +169,28 @@ def test_kernel_workers_pin_glibcs_heap_and_model_cells_get_a_worker_that_does_n
         kernel.close()
         model.close()
 
-    started = []
+    started, closed = [], []
 
     class Recorder:  # a worker that records how it was started and measures nothing
         alive = True
 
         def __init__(self, *args, pinned_malloc):
+            self.pinned = pinned_malloc
             started.append(pinned_malloc)
 
         def run(self, cell, settings, timeout_s):
             return {"status": "ok"}
 
         def close(self):
-            pass
+            closed.append(self.pinned)
 
     monkeypatch.setattr(executor, "Worker", Recorder)
     pool = executor.WorkerPool(None)
-    for task in ("kernel", "perplexity", "kernel", "retrieval", "passkey"):
+    for task in ("kernel", "kernel", "perplexity", "retrieval", "passkey"):
         assert Cell(impl="sdpa", n=64, task=task).runs_a_model == (task != "kernel")
         pool.run_cell(Cell(impl="sdpa", n=64, task=task), Settings(), timeout_s=5, log_path=str(tmp_path / "x.log"))
-    assert started == [True, False]  # one worker of each kind, each reused
+    # a pinned worker for the kernel cells, then one without the pins for the model cells, each
+    # reused; the kernel worker was closed when the first model cell came (one process at a time)
+    assert started == [True, False] and closed == [True]
+    pool.close()
+    assert closed == [True, False]
