@@ -127,6 +127,8 @@ def test_unsupported_cells_are_recorded_not_attempted(tmp_path, capsys):
     assert cells[("sdpa", 16)]["status"] == "ok"
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # two sweeps in subprocesses: about 30 s
 def test_interrupted_sweep_resumes_without_repeating_or_losing_cells(tmp_path):
     out = tmp_path / "runs"
     lengths = "8,16,24,32,40,48"

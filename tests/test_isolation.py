@@ -13,6 +13,8 @@ import pytest
 from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # six workers and a 10 s timeout: about 40 s
 def test_each_failure_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     impls = ["raises", "aborts", "hogs_memory", "sleeps", "wrong"]
     args = ["sweep", "--device", "cpu", "--lengths", "32,64,128", "--heads", "4", "--kv-heads", "2",

@@ -60,6 +60,8 @@ def test_llama_losses_match_eager_and_sdpa():
         assert_close(got, sdpa, f"{impl.name} vs sdpa")
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # about 12 s; the llama case stays in the default suite
 def test_mistral_sliding_window_matches_eager_and_sdpa():
     """Mistral passes its sliding_window to the attention function; ours apply it themselves."""
     x = ids(2)
