@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctxbench.masks import Mask
-from ctxbench.plan import Cell
+from ctxbench.core.masks import Mask
+from ctxbench.engine.plan import Cell
 from ctxbench.registry import all_impls
 
 LENGTHS = [1024, 4096]

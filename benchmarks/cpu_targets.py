@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from ctxbench.masks import Mask
-from ctxbench.procfs import reset_rss_peak, status_kib
+from ctxbench.core.masks import Mask
+from ctxbench.core.procfs import reset_rss_peak, status_kib
 from ctxbench.registry import all_impls
 
 B, H, D = 1, 8, 64

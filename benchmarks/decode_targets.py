@@ -15,7 +15,7 @@ least 0.8x sdpa's speed (latency ratio sdpa / chunked >= 0.8).
 With --sweep: `ctxbench sweep --query-len 1 --max-len 1048576` at the shape above finishes in
 under 5 minutes (wall time of the whole command: worker starts, inputs, checks, timing).
 
-GB/s counts the minimum traffic (ctxbench.flops.attention_bytes: K and V once, Q and O).
+GB/s counts the minimum traffic (ctxbench.core.flops.attention_bytes: K and V once, Q and O).
 Latency is measured as in cpu_targets.py (interleaved rounds, samples taken while other
 processes used more than 10% of the CPUs dropped and retaken, median of the kept ones). Timings
 on these shared cores move by up to 2x between processes: the ratios within one process are
@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_targets import latencies  # noqa: E402
 
-from ctxbench.bandwidth import cpu_read_gbps  # noqa: E402
-from ctxbench.flops import attention_bytes  # noqa: E402
-from ctxbench.masks import Mask  # noqa: E402
+from ctxbench.engine.bandwidth import cpu_read_gbps  # noqa: E402
+from ctxbench.core.flops import attention_bytes  # noqa: E402
+from ctxbench.core.masks import Mask  # noqa: E402
 from ctxbench.registry import all_impls  # noqa: E402
 
 B, HQ, HKV, D = 1, 32, 8, 128

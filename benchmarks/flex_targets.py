@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_targets import B, D, H, WINDOW, latencies  # noqa: E402
 
-from ctxbench.masks import Mask  # noqa: E402
+from ctxbench.core.masks import Mask  # noqa: E402
 from ctxbench.registry import all_impls  # noqa: E402
 
 N = 16384

@@ -2,7 +2,7 @@
 `ctxbench report`, `ctxbench compare` and `ctxbench kv`.
 
 The CLI declares each flag once (OPTIONS below), turns what click parsed into one
-ctxbench.options.Options, and hands it to ctxbench.options.resolve, the one validation of
+ctxbench.engine.options.Options, and hands it to ctxbench.engine.options.resolve, the one validation of
 every command that runs cells. Every user mistake becomes one line that says what was wrong
 and what to do, exit status 2. Heavy modules (torch, rich, pandas) are imported inside the
 commands, so `ctxbench --help` stays fast.
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 
 from ctxbench import __version__
-from ctxbench.options import (DEPTHS, PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, RULER_MAX_LEN, SWEEP_MAX_LEN, Options,
+from ctxbench.engine.options import (DEPTHS, PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, RULER_MAX_LEN, SWEEP_MAX_LEN, Options,
                               UsageError, command_of, default, fail)
 
 EXIT_USAGE = 2
@@ -190,7 +190,7 @@ def list_cmd() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ctxbench import registry
+    from ctxbench.core import registry
 
     impls = registry.all_impls()
     table = Table(title="attention implementations", title_justify="left")
@@ -240,9 +240,10 @@ def ruler_cmd(**_: Any) -> None:
 def run_cells(o: Options) -> None:
     """Validate, start the executor and run the cells of `ctxbench sweep`, `passkey` or `ruler`.
 
-    Under torchrun every rank runs this: followers measure what rank 0 sends (ctxbench.torchrun).
+    Under torchrun every rank runs this: followers measure what rank 0 sends (ctxbench.engine.torchrun).
     """
-    from ctxbench import options, torchrun
+    from ctxbench.engine import options
+    from ctxbench.engine import torchrun
 
     if torchrun.follow_if_follower():
         return
@@ -260,11 +261,11 @@ def run_cells(o: Options) -> None:
 
 def start_executor(spec: Any, o: Options) -> Any:
     """The sweep's executor; a missing ray or an unreachable cluster is a one-line error."""
-    from ctxbench.formatting import first_line
-    from ctxbench.sweep import make_executor
+    from ctxbench.core.formatting import first_line
+    from ctxbench.engine.sweep import make_executor
 
     if o.executor == "ray":
-        from ctxbench.ray_executor import RayMissing
+        from ctxbench.engine.ray_executor import RayMissing
 
         try:
             return make_executor(spec, "ray", o.address)
@@ -280,8 +281,8 @@ def start_executor(spec: Any, o: Options) -> Any:
 def run_and_report(spec: Any, run_dir: str, ex: Any, changes: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from ctxbench.summary import print_summary
-    from ctxbench.sweep import describe, run_sweep
+    from ctxbench.reports.summary import print_summary
+    from ctxbench.engine.sweep import describe, run_sweep
 
     console = Console(stderr=False)
     for line in describe(spec):
@@ -301,10 +302,10 @@ def run_and_report(spec: Any, run_dir: str, ex: Any, changes: dict[str, Any]) ->
 
 def write_report(run_dir: str, console: Any) -> None:
     """Plots and report.html at the end of a run; a failure here costs the report, never the run."""
-    from ctxbench.formatting import one_line
+    from ctxbench.core.formatting import one_line
 
     try:
-        from ctxbench.report import report
+        from ctxbench.reports.report import report
 
         written = report(run_dir)
         console.print(f"report: {written[-1]} (plots: {', '.join(os.path.basename(p) for p in written[:-1])})")
@@ -321,9 +322,9 @@ def report_cmd(run: str, out: str) -> None:
 
     Prints the files written, then the pivot table and the scaling fits as markdown.
     """
-    from ctxbench.report import OWN_REPORT_TASKS, fits_markdown, passkey_markdown, pivot_markdown, report
-    from ctxbench.ruler_report import RULER_TASKS
-    from ctxbench.results import CorruptResults, read_results
+    from ctxbench.reports.report import OWN_REPORT_TASKS, fits_markdown, passkey_markdown, pivot_markdown, report
+    from ctxbench.measurements.ruler.report import RULER_TASKS
+    from ctxbench.engine.results import CorruptResults, read_results
 
     run_dir = run if os.path.isdir(run) else os.path.join(out, run)
     if not os.path.isdir(run_dir):
@@ -340,12 +341,12 @@ def report_cmd(run: str, out: str) -> None:
     if measured:
         click.echo("\n" + pivot_markdown(measured) + "\n\n" + fits_markdown(measured))
     if passkey_rows:
-        from ctxbench.passkey import passkey_summary
+        from ctxbench.measurements.passkey.measure import passkey_summary
 
         click.echo("\n" + passkey_markdown(passkey_rows) + "\n\n" + passkey_summary(passkey_rows))
     ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
     if ruler_rows:
-        from ctxbench.ruler_report import policy_markdown
+        from ctxbench.measurements.ruler.report import policy_markdown
 
         click.echo("\n" + policy_markdown(ruler_rows))
 
@@ -388,7 +389,7 @@ def compare_cmd(baseline: str, current: str, max_slowdown: float, max_memory_gro
 
     Exit status 1 when a regression passes its threshold, 2 on bad input, else 0.
     """
-    from ctxbench.compare import BadInput, Thresholds, compare_paths
+    from ctxbench.reports.compare import BadInput, Thresholds, compare_paths
 
     if min_memory_growth < 0:
         fail(f"--min-memory-growth must be >= 0 MiB (got {min_memory_growth:g})")
@@ -420,8 +421,8 @@ def kv_cmd(model: str, gpu_memory: str, dtype: str, lengths: str | None, utiliza
            params: str | None) -> None:
     """KV-cache bytes per sequence of MODEL (a preset, a config.json, or a folder holding one)
     at each context length, and what fits in one GPU after the weights."""
-    from ctxbench import kv_memory
-    from ctxbench.options import parse_dtype, parse_lengths
+    from ctxbench.reports import kv_memory
+    from ctxbench.engine.options import parse_dtype, parse_lengths
 
     # fp8 is a KV-cache and weight format, not a dtype the sweeps run: only this command takes it
     dtype_name = "fp8" if dtype.strip().lower() in ("fp8", "float8") else None

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 
 LOG2E = math.log2(math.e)
 # The running max starts finite so that a row with no visible key in a tile gives

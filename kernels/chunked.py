@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 
 from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles, split_k
-from ctxbench.kv_layout import gather
-from ctxbench.masks import Mask
+from ctxbench.core.kv_layout import gather
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Runner, register
 
 # Score-tile budget in fp32 elements for all (batch, head) pairs together: 1M elements =

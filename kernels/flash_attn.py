@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import register
 
 _AVAILABLE = importlib.util.find_spec("flash_attn") is not None

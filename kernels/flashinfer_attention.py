@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import register
 
 _AVAILABLE = importlib.util.find_spec("flashinfer") is not None

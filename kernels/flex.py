@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Runner, register
 
 BLOCK_SIZE = 128  # FlexAttention's default block, in tokens, for queries and keys

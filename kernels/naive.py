@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ctxbench.kv_layout import gather_all, ragged_visible
-from ctxbench.masks import Mask
+from ctxbench.core.kv_layout import gather_all, ragged_visible
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Runner, register
 
 

@@ -29,9 +29,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import register
-from ctxbench.shards import shard_bounds
+from ctxbench.core.shards import shard_bounds
 
 LOG2E = math.log2(math.e)
 

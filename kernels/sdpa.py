@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from ctxbench.kv_layout import gather_all, ragged_visible
-from ctxbench.masks import Mask
+from ctxbench.core.kv_layout import gather_all, ragged_visible
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Runner, Unsupported, register
 
 

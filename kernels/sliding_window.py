@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ctxbench.kernels._blockwise import MaskBias, QueryBlock, Tile, attention, sink_tiles
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Runner, register
 
 # fp32 elements of one score tile for all (batch, head) pairs: 4 MiB, the L2 caches of the

@@ -7,7 +7,7 @@ limits: any N >= 1, head dims that are not powers of two, fp32/fp16/bf16, groupe
 attention, causal and sliding-window masks, non-contiguous inputs, and fewer queries than keys.
 
 Fewer queries than keys (Lq < Lk: chunked prefill against a KV cache). The Lq queries are the
-last Lq positions (bottom-right alignment, ctxbench.masks): query row i sits at position
+last Lq positions (bottom-right alignment, ctxbench.core.masks): query row i sits at position
 p = Q_OFF + i with Q_OFF = Lk - Lq, and every rule below holds with positions in place of rows.
 The kernels take N = Lk (keys), N_Q = Lq (query rows) and Q_OFF as int arguments (never
 constexprs: one compiled kernel serves every offset); the bounds keep the q side (rows < N_Q)
@@ -221,7 +221,7 @@ mm, mma = _mm, _mma
 @_jit
 def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_SINKS: tl.constexpr):
-    """[len(rows), len(cols)] visibility (ctxbench.masks convention), keys >= N invisible:
+    """[len(rows), len(cols)] visibility (ctxbench.core.masks convention), keys >= N invisible:
     key j is visible to the query at position p iff j <= p and (p - WINDOW < j or j < SINKS).
     rows are query positions (row + Q_OFF), N the number of keys."""
     ok = cols[None, :] < N
@@ -1386,7 +1386,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable.
 
     q may hold fewer rows than k and v (Lq <= Lk: chunked prefill against a KV cache); they
-    are the last Lq positions (bottom-right alignment, ctxbench.masks).
+    are the last Lq positions (bottom-right alignment, ctxbench.core.masks).
     sinks: with a window, the first `sinks` keys stay visible to every later query."""
     if triton is None:
         raise Unsupported(NOT_INSTALLED)

@@ -2,7 +2,7 @@
 
 Decode: Lq = 1..16 query tokens per sequence, the last Lq positions of a sequence whose keys
 are cached (contiguous [B, Hkv, Lk, D], ragged through kv_lens, or paged as in vLLM). Queries
-are bottom-right aligned (FlashAttention >= 2.1, ctxbench.masks): for sequence b with
+are bottom-right aligned (FlashAttention >= 2.1, ctxbench.core.masks): for sequence b with
 kv_len keys, query row i sits at position p = kv_len - Lq + i and sees key j when
 j <= p (causal) and, with a window W, p - W < j or j < S (S attention sinks).
 
@@ -110,7 +110,7 @@ def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_ba
         vmask = in_seq[:, None] & (offs_d[None, :] < HEAD_DIM)
     kt = tl.load(K + k_base + k_rows[None, :] + offs_d[:, None] * stride_kd, mask=kmask, other=0.0)
     qk = mm(q, kt, PRECISION, INTERPRETED)
-    # visibility (ctxbench.masks): j < kv_len, j <= p, and p - W < j or j < S
+    # visibility (ctxbench.core.masks): j < kv_len, j <= p, and p - W < j or j < S
     ok = in_seq[None, :]
     if IS_CAUSAL:
         ok = ok & (cols[None, :] <= pos[:, None])
@@ -314,7 +314,7 @@ def prepare_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     [B, max_pages] of pool pages (key j of sequence b: page block_table[b, j // page_size],
     slot j % page_size), kv_lens required, at most max_pages * page_size.
     causal / window (keys, the query's own included) / sinks (keys kept visible beside a
-    window): ctxbench.masks' rule at position kv_len - Lq + i; a window implies causal.
+    window): ctxbench.core.masks' rule at position kv_len - Lq + i; a window implies causal.
     scale: multiplies q.k (default 1/sqrt(D)). num_splits: parts the visible keys of each
     (sequence, kv head) are split into (default: choose_num_splits).
     Hq % Hkv == 0 (GQA), D <= 256 (any, padded), fp32/fp16/bf16 (one dtype); softmax

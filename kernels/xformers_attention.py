@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Unsupported, register
 
 _AVAILABLE = importlib.util.find_spec("xformers") is not None

@@ -22,7 +22,7 @@ TEXT_CHARS = 40_000
 
 @functools.lru_cache(maxsize=1)
 def corpus_text() -> str:
-    from ctxbench.lm import default_corpus_text
+    from ctxbench.models.lm import default_corpus_text
 
     return default_corpus_text()[:TEXT_CHARS]
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from ctxbench.cli import main
-from ctxbench.results import read_results
+from ctxbench.engine.results import read_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MISBEHAVING = os.path.join(HERE, "misbehaving.py")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ctxbench.cli import main
-from ctxbench.env import ENV_FIELDS
-from ctxbench.results import COLUMNS, read_results
+from ctxbench.core.env import ENV_FIELDS
+from ctxbench.engine.results import COLUMNS, read_results
 from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
 
 # Kernel cells only: perplexity cells (a language model per worker) have their own tests.

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from ctxbench.compare import BadInput, Thresholds, compare_paths, slowdown_test
-from ctxbench.results import COLUMNS, ResultsWriter
+from ctxbench.reports.compare import BadInput, Thresholds, compare_paths, slowdown_test
+from ctxbench.engine.results import COLUMNS, ResultsWriter
 from sweep_helpers import run_cli
 
 IMPLS = ("naive", "chunked", "sdpa")
@@ -40,7 +40,7 @@ def make_rows(extra: dict[str, str] | None = None) -> list[dict[str, object]]:
 
 
 def finish(row: dict[str, object]) -> dict[str, object]:
-    """Fill the latency quantiles from the samples, as ctxbench.measure does."""
+    """Fill the latency quantiles from the samples, as ctxbench.measurements.kernel.measure does."""
     s = sorted(row["latency_samples_ms"])  # type: ignore[arg-type]
     if s:
         row.update(latency_ms=(s[4] + s[5]) / 2, latency_p20_ms=s[2], latency_p80_ms=s[7], latency_min_ms=s[0],
@@ -314,8 +314,8 @@ def test_compare_imports_no_heavy_library():
     import sys
 
     heavy = ("pandas", "matplotlib", "seaborn", "scipy", "torch")
-    code = ("import sys, ctxbench.compare, ctxbench.markdown; "
+    code = ("import sys, ctxbench.reports.compare, ctxbench.reports.markdown; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", f"importing ctxbench.compare imported {done.stdout.strip()}"
+    assert done.stdout.strip() == "[]", f"importing ctxbench.reports.compare imported {done.stdout.strip()}"

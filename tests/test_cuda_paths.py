@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from ctxbench import sharded
-from ctxbench.measure import throughput
-from ctxbench.plan import Cell, Settings
+from ctxbench.measurements.kernel import sharded
+from ctxbench.measurements.kernel.measure import throughput
+from ctxbench.engine.plan import Cell, Settings
 
 
 def test_nccl_group_uses_the_local_rank_device(monkeypatch):
@@ -78,7 +78,7 @@ def test_decode_bandwidth_fraction_of_the_h200(monkeypatch):
 def test_cuda_defaults_of_a_sweep(monkeypatch, tmp_path):
     """On a CUDA machine a sweep defaults to bf16, 100 ms timing budgets and a shorter warm-up,
     and its workers are started without the address-space cap (tests/test_isolation.py)."""
-    from ctxbench import options
+    from ctxbench.engine import options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     o = options.Options(lengths="64,128", impl_names="sdpa", ppl_max_len=0, out=str(tmp_path))

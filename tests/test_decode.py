@@ -1,9 +1,9 @@
 """Fewer queries than keys (decode, chunked prefill): the bottom-right convention, the
 implementations that declare it, the byte counts and bandwidth columns, and the CLI's checks.
 
-Every implementation is checked against the float64 reference (ctxbench.reference) on fresh
+Every implementation is checked against the float64 reference (ctxbench.core.reference) on fresh
 random inputs; the reference itself is checked against a brute-force loop over (query, key)
-pairs written here from the convention's definition, independently of ctxbench.masks.
+pairs written here from the convention's definition, independently of ctxbench.core.masks.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxbench import bandwidth, registry
-from ctxbench.flops import attention_bytes, attention_flops
-from ctxbench.masks import Mask
-from ctxbench.measure import make_inputs
-from ctxbench.plan import Cell, Config
-from ctxbench.reference import TOLERANCE, errors, reference_attention
+from ctxbench import registry
+
+from ctxbench.engine import bandwidth
+from ctxbench.core.flops import attention_bytes, attention_flops
+from ctxbench.core.masks import Mask
+from ctxbench.measurements.kernel.measure import make_inputs
+from ctxbench.engine.plan import Cell, Config
+from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from sweep_helpers import only_run_dir, run_cli
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -229,7 +231,7 @@ def test_bad_query_lengths_are_one_line_and_exit_2(args, fragment, tmp_path, cap
 # ---------------------------------------------------------------- ragged batches and paged caches
 
 def test_pages_hold_each_sequence_in_a_shuffled_order(gen):
-    from ctxbench.kv_layout import gather, gather_all, paginate
+    from ctxbench.core.kv_layout import gather, gather_all, paginate
 
     k, v = torch.randn(2, 3, 2, 50, 8, generator=gen).unbind(0)
     lengths = [50, 17, 33]
@@ -246,7 +248,7 @@ def test_pages_hold_each_sequence_in_a_shuffled_order(gen):
 
 
 def test_ragged_lengths_are_drawn_from_the_seed():
-    from ctxbench.kv_layout import draw_lengths
+    from ctxbench.core.kv_layout import draw_lengths
 
     a = draw_lengths(4096, 8, 1, seed=0)
     assert a == draw_lengths(4096, 8, 1, seed=0) and a != draw_lengths(4096, 8, 1, seed=1)
@@ -260,7 +262,7 @@ RAGGED = ["naive", "sdpa", "chunked"]
 @pytest.mark.parametrize("name", RAGGED)
 @pytest.mark.parametrize("n_q", [1, 4, 40])
 def test_ragged_and_paged_batches_match_the_reference(name, n_q, gen):
-    from ctxbench.kv_layout import KVLayout, paginate
+    from ctxbench.core.kv_layout import KVLayout, paginate
 
     impl = registry.get(name)
     assert impl.ragged and impl.paged

@@ -1,4 +1,4 @@
-"""Decode cells (ctxbench.decoding): a real model prefills and generates through an
+"""Decode cells (ctxbench.measurements.decode.measure): a real model prefills and generates through an
 implementation with a KV cache; the tokens, the cache bytes and the columns are checked against
 transformers' own attention and a hand count."""
 
@@ -13,9 +13,9 @@ import torch
 
 import lm_helpers as H
 from ctxbench import registry
-from ctxbench.decoding import cache_bytes, greedy, measure_decode
-from ctxbench.model_attention import attention_name
-from ctxbench.plan import Cell
+from ctxbench.measurements.decode.measure import cache_bytes, greedy, measure_decode
+from ctxbench.models.attention import attention_name
+from ctxbench.engine.plan import Cell
 from sweep_helpers import only_run_dir, run_cli
 
 

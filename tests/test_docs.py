@@ -465,7 +465,7 @@ def test_documented_command_runs(cmd: DocCommand, workspace: Workspace, monkeypa
                               cwd=workspace.root, env=dict(os.environ, **env))
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
-        import ctxbench.report
+        import ctxbench.reports.report
         from ctxbench import registry
 
         # a documented --impl file registers its function: keep that out of the other tests
@@ -473,7 +473,7 @@ def test_documented_command_runs(cmd: DocCommand, workspace: Workspace, monkeypa
         monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
         monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
         if cmd.command in ("sweep", "passkey"):
-            monkeypatch.setattr(ctxbench.report, "report", lambda run_dir: [os.path.join(run_dir, "report.html")])
+            monkeypatch.setattr(ctxbench.reports.report, "report", lambda run_dir: [os.path.join(run_dir, "report.html")])
         code = _main(argv)
         out, err = capsys.readouterr()
     assert code == cmd.expect, (

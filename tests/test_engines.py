@@ -20,9 +20,9 @@ import torch
 from sweep_helpers import only_run_dir, run_cli
 
 from ctxbench import registry
-from ctxbench.masks import Mask
-from ctxbench.plan import Cell
-from ctxbench.results import read_results
+from ctxbench.core.masks import Mask
+from ctxbench.engine.plan import Cell
+from ctxbench.engine.results import read_results
 
 MASKS = [Mask("none"), Mask("causal"), Mask("window", 1), Mask("window", 5), Mask("window", 64)]
 

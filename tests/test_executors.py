@@ -1,4 +1,4 @@
-"""The Executor protocol (ctxbench.executor): the local, Ray and torchrun executors all have it."""
+"""The Executor protocol (ctxbench.engine.executor): the local, Ray and torchrun executors all have it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import inspect
 import sys
 import types
 
-from ctxbench import torchrun
-from ctxbench.executor import Executor, LocalExecutor
-from ctxbench.ray_executor import RayExecutor
+from ctxbench.engine import torchrun
+from ctxbench.engine.executor import Executor, LocalExecutor
+from ctxbench.engine.ray_executor import RayExecutor
 
 METHODS = ("submit", "wait", "close", "__enter__", "__exit__")
 

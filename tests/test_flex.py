@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ctxbench.kernels import flex as flex_mod
-from ctxbench.masks import Mask
-from ctxbench.plan import Cell
-from ctxbench.reference import TOLERANCE, errors, reference_attention
+from ctxbench.core.masks import Mask
+from ctxbench.engine.plan import Cell
+from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import all_impls
 from sweep_helpers import only_run_dir, rows_by_cell, run_cli
 
@@ -83,8 +83,8 @@ def test_cpu_refusals_are_unsupported_rows_with_the_reason(monkeypatch):
 
 
 def test_flex_is_in_default_sweeps_on_cuda_and_named_only_on_the_cpu():
-    from ctxbench.options import resolve_impls
-    from ctxbench.plan import Config
+    from ctxbench.engine.options import resolve_impls
+    from ctxbench.engine.plan import Config
 
     assert "flex" not in resolve_impls([], [], Config(device="cpu"))
     assert "sdpa" in resolve_impls([], [], Config(device="cpu"))
@@ -157,7 +157,7 @@ def test_inductor_cache_location_is_documented():
 
 def test_ragged_mask_mod_is_each_sequences_mask():
     """A ragged batch's document mask: sequence b sees its own kv_lens[b] keys, bottom-right."""
-    from ctxbench.kv_layout import ragged_visible
+    from ctxbench.core.kv_layout import ragged_visible
 
     lengths, n_q, n_k = [900, 130, 517], 3, 900
     kv_lens = torch.tensor(lengths)
@@ -178,7 +178,7 @@ def test_ragged_mask_mod_is_each_sequences_mask():
 @pytest.mark.slow
 @needs_cxx
 def test_flex_compiled_decode_ragged_matches_float64():
-    from ctxbench.kv_layout import KVLayout
+    from ctxbench.core.kv_layout import KVLayout
 
     g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
     lengths = [700, 129, 1000]

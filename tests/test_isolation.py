@@ -71,9 +71,9 @@ def test_workers_die_with_the_sweep(tmp_path):
     # closed stdin that would end an idle worker.
     script.write_text(textwrap.dedent(f"""
         import sys, threading, time
-        from ctxbench.executor import Worker
-        from ctxbench.plan import Settings
-        from ctxbench.plan import Cell, Config
+        from ctxbench.engine.executor import Worker
+        from ctxbench.engine.plan import Settings
+        from ctxbench.engine.plan import Cell, Config
         w = Worker(None, sys.argv[1])
         cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), {MISBEHAVING + ":sleeps"!r}, 64)
         threading.Thread(target=w.run, args=(cell, Settings(rep_ms=5), 600), daemon=True).start()
@@ -109,7 +109,7 @@ def _address_space_limit(pid: int) -> str:
 def test_cpu_workers_cap_their_address_space_and_cuda_workers_do_not(tmp_path):
     """RLIMIT_AS would break CUDA (a context reserves more virtual memory than the host has),
     so a worker for CUDA cells runs uncapped and is watched instead; a CPU worker keeps the cap."""
-    from ctxbench.executor import Worker
+    from ctxbench.engine.executor import Worker
 
     limit = 6 * 2**30
     cpu = Worker(limit, str(tmp_path / "cpu.log"), "cpu")
@@ -132,8 +132,8 @@ def test_cpu_workers_cap_their_address_space_and_cuda_workers_do_not(tmp_path):
 def test_an_uncapped_worker_over_its_resident_limit_is_killed_as_oom(tmp_path):
     """The resident-set watch that protects the host from a CUDA worker, exercised on the CPU:
     the worker runs without an address-space cap and is killed once it holds more than the limit."""
-    from ctxbench.executor import Worker
-    from ctxbench.plan import Cell, Settings
+    from ctxbench.engine.executor import Worker
+    from ctxbench.engine.plan import Cell, Settings
     from misbehaving import TRIGGER
 
     worker = Worker(1 * 2**30, str(tmp_path / "w.log"), "cuda")
@@ -157,8 +157,8 @@ def _environ(pid: int) -> dict[str, str]:
 def test_kernel_workers_pin_glibcs_heap_and_model_cells_get_a_worker_that_does_not(tmp_path, monkeypatch):
     """A kernel cell's peak RSS needs freed blocks returned to the OS at once (PINNED_MALLOC);
     a model cell, which reads no peak RSS, runs in a worker of its own with glibc's reuse."""
-    from ctxbench import executor
-    from ctxbench.plan import Cell, Settings
+    from ctxbench.engine import executor
+    from ctxbench.engine.plan import Cell, Settings
 
     for name in executor.PINNED_MALLOC:
         monkeypatch.delenv(name, raising=False)

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from ctxbench.kernels import _blockwise, chunked as chunked_mod, sliding_window as sliding_mod
-from ctxbench.masks import Mask
-from ctxbench.plan import Cell
-from ctxbench.reference import TOLERANCE, errors, reference_attention
+from ctxbench.core.masks import Mask
+from ctxbench.engine.plan import Cell
+from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import Unsupported, all_impls
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

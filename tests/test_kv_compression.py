@@ -1,4 +1,4 @@
-"""A model answering from a compressed KV cache (ctxbench.kv_compression) and `ctxbench ruler`:
+"""A model answering from a compressed KV cache (ctxbench.measurements.ruler.compression) and `ctxbench ruler`:
 the full cache reproduces transformers' own uncompressed greedy tokens and teacher-forced
 losses, the observed queries give H2O the eager attention's own weights, the compressed cache
 holds exactly the kept tensors, and the command runs, resumes, reports and refuses bad input."""
@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import lm_helpers as H
-from ctxbench import kv_compression as kc
-from ctxbench import kv_policies as kp
-from ctxbench import lm, registry, ruler
-from ctxbench.decoding import cache_bytes
-from ctxbench.plan import Cell, Config, RulerPlan
-from ctxbench.results import read_results
+from ctxbench.measurements.ruler import compression as kc
+from ctxbench.measurements.ruler import policies as kp
+from ctxbench import registry
+from ctxbench.models import lm
+from ctxbench.measurements.ruler import prompts as ruler
+from ctxbench.measurements.decode.measure import cache_bytes
+from ctxbench.engine.plan import Cell, Config, RulerPlan
+from ctxbench.engine.results import read_results
 from sweep_helpers import only_run_dir, run_cli
 
 
@@ -64,7 +66,7 @@ def test_full_cache_reproduces_the_uncompressed_greedy_tokens(tiny):
 
 
 def prepare(ckpt: str):
-    from ctxbench.perplexity import prepare as prepare_model
+    from ctxbench.measurements.perplexity.measure import prepare as prepare_model
 
     return prepare_model(registry.get("sdpa"), cell(), ckpt)
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from ctxbench import kv_memory as kv
+from ctxbench.reports import kv_memory as kv
 from ctxbench.cli import main
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30

@@ -1,4 +1,4 @@
-"""KV-cache policies (ctxbench.kv_policies) against float64 references and constructed cases."""
+"""KV-cache policies (ctxbench.measurements.ruler.policies) against float64 references and constructed cases."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ctxbench import kv_policies as kp
-from ctxbench.plan import parse_budgets, resolve_budget
+from ctxbench.measurements.ruler import policies as kp
+from ctxbench.engine.plan import parse_budgets, resolve_budget
 
 
 def _qk(n: int, hq: int = 4, hkv: int = 2, d: int = 16, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,14 +17,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # What runs inside a worker to measure a cell, and what it may lean on.
-MEASUREMENT = {"ctxbench.worker", "ctxbench.measure", "ctxbench.perplexity", "ctxbench.passkey",
-               "ctxbench.sharded", "ctxbench.reference", "ctxbench.flops", "ctxbench.lm",
-               "ctxbench.model_attention", "ctxbench.bandwidth", "ctxbench.kv_layout", "ctxbench.decoding",
-               "ctxbench.kv_policies", "ctxbench.kv_compression", "ctxbench.ruler", "ctxbench.words"}
+MEASUREMENT = {"ctxbench.engine.worker", "ctxbench.measurements.kernel.measure", "ctxbench.measurements.perplexity.measure", "ctxbench.measurements.passkey.measure",
+               "ctxbench.measurements.kernel.sharded", "ctxbench.core.reference", "ctxbench.core.flops", "ctxbench.models.lm",
+               "ctxbench.models.attention", "ctxbench.engine.bandwidth", "ctxbench.core.kv_layout", "ctxbench.measurements.decode.measure",
+               "ctxbench.measurements.ruler.policies", "ctxbench.measurements.ruler.compression", "ctxbench.measurements.ruler.prompts", "ctxbench.measurements.ruler.words"}
 # What plans, schedules, records and reports cells: measurement code must not import these.
-DRIVER = {"ctxbench.cli", "ctxbench.options", "ctxbench.sweep", "ctxbench.executor", "ctxbench.ray_executor",
-          "ctxbench.torchrun", "ctxbench.results", "ctxbench.report", "ctxbench.plots", "ctxbench.summary",
-          "ctxbench.fits", "ctxbench.compare", "ctxbench.markdown", "ctxbench.kv_memory", "ctxbench.ruler_report"}
+DRIVER = {"ctxbench.cli", "ctxbench.engine.options", "ctxbench.engine.sweep", "ctxbench.engine.executor", "ctxbench.engine.ray_executor",
+          "ctxbench.engine.torchrun", "ctxbench.engine.results", "ctxbench.reports.report", "ctxbench.reports.plots", "ctxbench.reports.summary",
+          "ctxbench.reports.fits", "ctxbench.reports.compare", "ctxbench.reports.markdown", "ctxbench.reports.kv_memory", "ctxbench.measurements.ruler.report"}
 
 
 def module_files() -> dict[str, pathlib.Path]:
@@ -46,15 +46,15 @@ def imports(path: pathlib.Path) -> list[tuple[str, str, int]]:
 
 def test_every_module_is_placed() -> None:
     """A new ctxbench module must be put on one side (or be a shared leaf) deliberately."""
-    shared = {"ctxbench.plan", "ctxbench.masks", "ctxbench.registry", "ctxbench.formatting", "ctxbench.procfs", "ctxbench.shards",
-              "ctxbench.env", "ctxbench.__main__"}
+    shared = {"ctxbench.engine.plan", "ctxbench.core.masks", "ctxbench.registry", "ctxbench.core.formatting", "ctxbench.core.procfs", "ctxbench.core.shards",
+              "ctxbench.core.env", "ctxbench.__main__"}
     unplaced = {m for m in module_files() if m.startswith("ctxbench.") and not m.startswith("ctxbench.kernels.")
                 } - MEASUREMENT - DRIVER - shared
     assert not unplaced, f"place these modules in tests/test_layering.py: {sorted(unplaced)}"
 
 
 @pytest.mark.parametrize("module", sorted(MEASUREMENT | {m for m in module_files() if ".kernels." in m}
-                                          | {"ctxbench.plan", "ctxbench.masks", "ctxbench.registry"}))
+                                          | {"ctxbench.engine.plan", "ctxbench.core.masks", "ctxbench.registry"}))
 def test_measurement_never_imports_the_driver(module: str) -> None:
     path = module_files()[module]
     bad = [f"{path.name}:{line} imports {mod}" + (f".{name}" if name else "")

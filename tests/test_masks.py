@@ -1,4 +1,4 @@
-"""ctxbench.masks.Mask against brute force: every answer it gives (visible pairs, counts, key
+"""ctxbench.core.masks.Mask against brute force: every answer it gives (visible pairs, counts, key
 spans, tile flags) is recomputed here by looping over (query, key) pairs with the rule written
 out independently, for masks and shapes drawn at random from a fixed, printed seed.
 """
@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from ctxbench.masks import Mask
+from ctxbench.core.masks import Mask
 from ctxbench.registry import Impl
 
 SEED = 20240610
@@ -79,7 +79,7 @@ def test_visible_takes_any_rows_and_cols():
 
 
 def old_visible_pairs(n: int, causal: bool, window: int | None, sinks: int = 0) -> int:
-    """ctxbench.masks.visible_pairs before the Mask, kept as an independent closed form."""
+    """ctxbench.core.masks.visible_pairs before the Mask, kept as an independent closed form."""
     if window is not None:
         w = min(window, n)
         pairs = w * (w + 1) // 2 + (n - w) * w

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import lm_helpers as H
-from ctxbench import lm
-from ctxbench.masks import Mask
-from ctxbench.model_attention import PaddingUnsupported, attention_name, make_attention_function
-from ctxbench.plan import Cell
+from ctxbench.models import lm
+from ctxbench.core.masks import Mask
+from ctxbench.models.attention import PaddingUnsupported, attention_name, make_attention_function
+from ctxbench.engine.plan import Cell
 from ctxbench.registry import Impl, all_impls
 
 N = 96

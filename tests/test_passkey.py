@@ -13,13 +13,14 @@ import torch
 from rich.console import Console
 
 import lm_helpers as H
-from ctxbench import lm, passkey
-from ctxbench.model_attention import attention_name
-from ctxbench.plan import Cell, Config, PasskeyPlan, Settings, SweepSpec, build_cells
+from ctxbench.models import lm
+from ctxbench.measurements.passkey import measure as passkey
+from ctxbench.models.attention import attention_name
+from ctxbench.engine.plan import Cell, Config, PasskeyPlan, Settings, SweepSpec, build_cells
 from ctxbench.registry import RegistryError, all_impls
-from ctxbench.report import report
-from ctxbench.results import read_results
-from ctxbench.sweep import read_meta, run_sweep
+from ctxbench.reports.report import report
+from ctxbench.engine.results import read_results
+from ctxbench.engine.sweep import read_meta, run_sweep
 from sweep_helpers import run_cli
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import lm_helpers as H
-from ctxbench import lm
-from ctxbench.plan import Settings
-from ctxbench.perplexity import Accumulator, Window, measure_perplexity, plan_windows
-from ctxbench.plan import Cell
+from ctxbench.models import lm
+from ctxbench.engine.plan import Settings
+from ctxbench.measurements.perplexity.measure import Accumulator, Window, measure_perplexity, plan_windows
+from ctxbench.engine.plan import Cell
 from ctxbench.registry import Unsupported, all_impls
 from sweep_helpers import only_run_dir, run_cli
-from ctxbench.results import read_results
+from ctxbench.engine.results import read_results
 
 
 @pytest.fixture(scope="module")

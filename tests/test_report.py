@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from ctxbench.fits import fit_all, fit_impl, slope
-from ctxbench.report import fits_markdown, pivot_markdown, report
-from ctxbench.results import COLUMNS, ResultsWriter, read_results
+from ctxbench.reports.fits import fit_all, fit_impl, slope
+from ctxbench.reports.report import fits_markdown, pivot_markdown, report
+from ctxbench.engine.results import COLUMNS, ResultsWriter, read_results
 from sweep_helpers import only_run_dir, run_cli
 
 # Kernel cells only: a perplexity cell runs a language model (tens of seconds on a CPU).
@@ -76,12 +76,12 @@ def test_sweep_summary_prints_the_fits(tmp_path, capsys):
 
 
 def test_a_plotting_failure_keeps_the_run(tmp_path, capsys, monkeypatch):
-    import ctxbench.report
+    import ctxbench.reports.report
 
     def broken(run_dir: str) -> list[str]:
         raise RuntimeError("no fonts\nsecond line")
 
-    monkeypatch.setattr(ctxbench.report, "report", broken)
+    monkeypatch.setattr(ctxbench.reports.report, "report", broken)
     code, out, err = run_cli(["sweep", *SMALL, "--impls", "sdpa", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     run_dir = only_run_dir(str(tmp_path))
@@ -203,7 +203,7 @@ def _rendered(table) -> str:
 
 
 def test_an_impl_unsupported_everywhere_is_named_once_under_the_terminal_pivots():
-    from ctxbench.summary import perplexity_table, pivot_table
+    from ctxbench.reports.summary import perplexity_table, pivot_table
 
     rows = never_ran_rows()
     kernel = [r for r in rows if r["task"] == "kernel"]
@@ -223,7 +223,7 @@ def test_an_impl_unsupported_everywhere_is_named_once_under_the_terminal_pivots(
 
 
 def test_an_impl_unsupported_everywhere_is_named_once_in_the_markdown_and_html(tmp_path):
-    from ctxbench.report import render_html
+    from ctxbench.reports.report import render_html
 
     rows = never_ran_rows()
     md = pivot_markdown(rows)
@@ -240,7 +240,7 @@ def test_an_impl_unsupported_everywhere_is_named_once_in_the_markdown_and_html(t
 
 
 def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
-    from ctxbench.plots import figures, legend_labels
+    from ctxbench.reports.plots import figures, legend_labels
 
     rows = never_ran_rows()
     rows.append(dict(rows[0], impl="chunked", status="oom", latency_ms="", tflops="", peak_mem_bytes=""))
@@ -255,7 +255,7 @@ def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
 def test_passkey_table_counts_retrieved_keys_per_depth_and_length():
     """report.html and `ctxbench report` show passkey runs as keys retrieved / trials, not as a
     kernel pivot."""
-    from ctxbench.report import passkey_markdown, passkey_table
+    from ctxbench.reports.report import passkey_markdown, passkey_table
 
     rows = []
     for n, depth, trial, status, correct in [(256, 0.0, 0, "ok", "1"), (256, 0.0, 1, "ok", "0"),

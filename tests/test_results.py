@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ctxbench.results import COLUMNS, ResultsWriter, UnknownColumns, read_results
+from ctxbench.engine.results import COLUMNS, ResultsWriter, UnknownColumns, read_results
 
 
 def test_unknown_key_raises_and_writes_nothing(tmp_path):

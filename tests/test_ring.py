@@ -19,9 +19,9 @@ import torch
 
 from ctxbench.kernels import ring_attention as ring_mod
 from ctxbench.kernels.ring_attention import last_stats, ring_attention
-from ctxbench.masks import Mask
-from ctxbench.reference import TOLERANCE, errors, reference_attention
-from ctxbench.shards import shard_bounds
+from ctxbench.core.masks import Mask
+from ctxbench.core.reference import TOLERANCE, errors, reference_attention
+from ctxbench.core.shards import shard_bounds
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAUNCH_TIMEOUT_S = 120  # a hung ring fails the test instead of blocking the run

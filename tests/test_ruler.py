@@ -10,8 +10,12 @@ import re
 
 import pytest
 
-from ctxbench import lm, passkey, ruler
-from ctxbench.words import WORDS
+from ctxbench.models import lm
+
+from ctxbench.measurements.passkey import measure as passkey
+
+from ctxbench.measurements.ruler import prompts as ruler
+from ctxbench.measurements.ruler.words import WORDS
 
 NIAH_NEEDLE = re.compile(r"One of the special magic numbers for (\w+) is: (\d+)\.")
 VT_STATEMENT = re.compile(r"VAR ([A-Z]+) = (\w+)\.")

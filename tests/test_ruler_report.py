@@ -1,4 +1,4 @@
-"""ctxbench.ruler_report: the policy summary's numbers, the Pareto front, the tables and the plots,
+"""ctxbench.measurements.ruler.report: the policy summary's numbers, the Pareto front, the tables and the plots,
 on results.csv-like rows (dicts of strings) with fresh random numbers each run (the seed is in
 every assert message)."""
 
@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from ctxbench.ruler_report import (
+from ctxbench.measurements.ruler.report import (
     RULER_TASKS,
     budget_label,
     heatmaps,

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from ctxbench.masks import Mask
-from ctxbench.model_attention import make_attention_function
+from ctxbench.core.masks import Mask
+from ctxbench.models.attention import make_attention_function
 from ctxbench.registry import Impl, all_impls
 from setup_plugins import FIRST_CALL_SLEEP_S, SETUP_SLEEP_S
 from sweep_helpers import HERE, only_run_dir, rows_by_cell, run_cli

@@ -43,9 +43,9 @@ pytest.importorskip("triton")
 
 from ctxbench import registry  # noqa: E402
 from ctxbench.kernels import triton_attention as ta  # noqa: E402
-from ctxbench.masks import Mask  # noqa: E402
-from ctxbench.plan import Cell  # noqa: E402
-from ctxbench.reference import TOLERANCE, errors, reference_attention  # noqa: E402
+from ctxbench.core.masks import Mask  # noqa: E402
+from ctxbench.engine.plan import Cell  # noqa: E402
+from ctxbench.core.reference import TOLERANCE, errors, reference_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -657,7 +657,7 @@ def test_interpreter_selected_without_cuda():
     assert out.stdout.split() == ["1", "True"]
     # whichever kernel module comes first (sdpa imports torch.nn.attention.bias, which imports
     # triton), the interpreter is chosen before triton is imported, and the kernel runs
-    code = ("import torch, ctxbench.kernels.sdpa; from ctxbench.registry import get; from ctxbench.masks import Mask; "
+    code = ("import torch, ctxbench.kernels.sdpa; from ctxbench.registry import get; from ctxbench.core.masks import Mask; "
             "q = torch.randn(1, 2, 20, 16); print(get('triton').call(q, q, q, Mask('causal')).shape[2])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "20", out.stderr

@@ -1,7 +1,7 @@
 """Tests of the Triton split-K decode kernel (kernels/triton_decode.py) on the CPU.
 
 The kernels run in Triton's interpreter, so shapes are small (Lk <= ~600). Checked against the
-float64 reference (ctxbench.reference, bottom-right: q_offset = kv_len - Lq), on fresh random
+float64 reference (ctxbench.core.reference, bottom-right: q_offset = kv_len - Lq), on fresh random
 inputs (seeds printed, from each case's name through zlib.crc32):
 * every Lq (1, 3, 16), GQA group (1, 4, 8), head dim (64, 80, 128), mask (none, causal,
   windows shorter and longer than the cache, window + sinks) and dtype (fp32/fp16/bf16),
@@ -34,9 +34,9 @@ pytest.importorskip("triton")
 from ctxbench.kernels import triton_decode as td
 
 from ctxbench import registry
-from ctxbench.masks import Mask
-from ctxbench.plan import Cell, Config
-from ctxbench.reference import errors, reference_attention
+from ctxbench.core.masks import Mask
+from ctxbench.engine.plan import Cell, Config
+from ctxbench.core.reference import errors, reference_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}

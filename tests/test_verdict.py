@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ctxbench.measure import GRAD_TOLERANCE_FACTOR, verdict
+from ctxbench.measurements.kernel.measure import GRAD_TOLERANCE_FACTOR, verdict
 
 
 def test_error_within_tolerance_is_ok():
