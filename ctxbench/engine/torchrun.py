@@ -29,8 +29,8 @@ from typing import Any
 
 from ctxbench.engine.executor import LocalExecutor, WorkerPool
 from ctxbench.core.formatting import safe_name
-from ctxbench.engine.plan import Cell, Settings
-from ctxbench.measurements.kernel.sharded import ENV_ADDR, ENV_PORT, ENV_RANK, ENV_WORLD, destroy_group
+from ctxbench.core.cell import Cell, Settings
+from ctxbench.core.shards import ENV_ADDR, ENV_PORT, ENV_RANK, ENV_WORLD, destroy_group
 
 # Workers' process groups use ports above torchrun's MASTER_PORT, a new one per cell.
 PORT_SPAN = 1000
@@ -157,7 +157,7 @@ class DistributedExecutor(LocalExecutor):
 
         index = self._count
         self._count += 1
-        dist.broadcast_object_list([("cell", asdict(cell), asdict(settings), timeout_s, index)], src=0)
+        dist.broadcast_object_list([("cell", cell.to_json(), asdict(settings), timeout_s, index)], src=0)
         _worker_env(index)
         result = super().run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -189,7 +189,7 @@ def _follow(memory_limit_bytes: int | None, log_dir: str) -> None:
                 dist.destroy_process_group()
                 return
             _, cell_json, settings_json, timeout_s, index = msg[0]
-            cell = Cell(**cell_json)
+            cell = Cell.from_json(cell_json)
             _worker_env(index)
             log_path = os.path.join(log_dir, f"{safe_name(cell.impl)}.rank{rank}.log")  # beside rank 0's
             result = pool.run_cell(cell, Settings(**settings_json), timeout_s=timeout_s, log_path=log_path)

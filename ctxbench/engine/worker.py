@@ -45,44 +45,18 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Measure the job's cell; never raises for failures of the implementation itself."""
-    from ctxbench.core import registry
-    from ctxbench.measurements.kernel.measure import measure_cell
-    from ctxbench.engine.plan import RULER_TASKS, Cell, Settings
+    """Measure the job's cell with its kind's measurement (ctxbench.core.kinds: Kind.measure);
+    never raises for failures of the implementation itself. What a kind loads (a model, a
+    prompt's prefill, compiled kernels) stays in this process for the next cell."""
+    from ctxbench.core import kinds, registry
+    from ctxbench.core.cell import Cell, Settings
 
-    cell = Cell(**job["cell"])
+    cell = Cell.from_json(job["cell"])
     settings = Settings(**job["settings"])
+    kind = kinds.find(cell.kind, job.get("kind_origin"))
     impl = registry.resolve(cell.impl)
     try:
-        if cell.task == "perplexity":
-            # The model stays loaded in this process (ctxbench.models.lm caches it) for the next cell.
-            from ctxbench.measurements.perplexity.measure import measure_perplexity
-
-            row = measure_perplexity(impl, cell, settings)
-        elif cell.task == "passkey":
-            # one trial; the model stays loaded for the next one, as for perplexity
-            from ctxbench.measurements.passkey.measure import measure_passkey
-
-            row = measure_passkey(impl, cell, settings)
-        elif cell.task == "decode":
-            # a prefill and greedy tokens through the model with a KV cache; the model stays loaded
-            from ctxbench.measurements.decode.measure import measure_decode
-
-            row = measure_decode(impl, cell, settings)
-        elif cell.task in RULER_TASKS:
-            # a prompt under a KV-cache policy; the model and the prompt's prefill stay in this
-            # process for the prompt's next (policy, budget) cell
-            from ctxbench.measurements.ruler import compression as kv_compression
-
-            measure = kv_compression.measure_retrieval if cell.task == "retrieval" else kv_compression.measure_continuation
-            row = measure(impl, cell, settings)
-        elif impl.distributed:
-            # one rank of a torchrun sweep (or the whole sequence when there is no torchrun)
-            from ctxbench.measurements.kernel.sharded import measure_sharded_cell
-
-            row = measure_sharded_cell(impl, cell, settings)
-        else:
-            row = measure_cell(impl, cell, settings)
+        row = kind.measure(impl, cell, settings)
     except registry.Unsupported as exc:
         return {"status": "unsupported", "message": first_line(str(exc)) or "unsupported"}
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row

@@ -29,20 +29,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctxbench.core import kinds
+from ctxbench.core.cell import key_columns as config_columns
 from ctxbench.core.formatting import human_bytes, human_ms, number
-from ctxbench.reports.markdown import markdown_table
-from ctxbench.engine.plan import KEY_FIELDS
 from ctxbench.engine.results import CorruptResults, read_results
+from ctxbench.reports.markdown import markdown_table
 
-# Configuration columns beyond the Cell's (KEY_FIELDS) that identify a row when present in both
-# files: a perplexity row is a different measurement from a kernel row of the same implementation
-# and length. A new configuration column is added here and nowhere else.
-EXTRA_KEY_COLUMNS: tuple[str, ...] = ("task", "rope", "ppl_scheme", "sinks")
 # Environment columns worth a note when they differ: they explain a change without being one.
 ENV_NOTE_COLUMNS = ("device_name", "torch_version", "torch_threads", "cpu_count", "git_commit")
-# Quality columns in [0, 1] where a drop is a regression (passkey's exact match; ctxbench ruler's
-# recall of the expected answers).
-SCORE_COLUMNS = ("correct", "score")
 # Significance level of the slowdown test.
 ALPHA = 0.05
 # The latency statistic a slowdown is measured on: the median is the CSV's `latency_ms`; the
@@ -117,12 +111,13 @@ def load_table(path: str, label: str) -> Table:
 
 
 def key_columns(base: Table, cur: Table) -> list[str]:
-    """The configuration columns rows are joined on: every Cell field and extra column both tables have.
+    """The configuration columns rows are joined on (ctxbench.core.cell.key_columns: the kind, the shared
+    configuration and every kind's fields) that both tables have.
 
     A column only one side has (a baseline from before it existed) cannot be joined on; read_results
     fills the ones it knows a default for, so those are on both sides.
     """
-    return [c for c in dict.fromkeys(KEY_FIELDS + EXTRA_KEY_COLUMNS) if c in base.header and c in cur.header]
+    return [c for c in config_columns() if c in base.header and c in cur.header]
 
 
 def _index(table: Table, keys: list[str]) -> tuple[dict[tuple, dict[str, str]], int]:
@@ -285,7 +280,7 @@ def judge(change: Change, t: Thresholds) -> None:
     ppl = _rel(_num(b, "ppl"), _num(c, "ppl"))
     if ppl is not None and ppl > t.max_ppl_increase:
         change.regressions.append(f"perplexity {100 * ppl:+.2f}%")
-    for col in SCORE_COLUMNS:
+    for col in kinds.score_columns():  # each kind names its scores in [0, 1] (Kind.score_columns)
         bq, cq = _num(b, col), _num(c, col)
         if bq is not None and cq is not None and bq - cq > t.max_score_drop + 1e-12:
             change.regressions.append(f"{col} {100 * bq:.0f}% -> {100 * cq:.0f}%")
@@ -365,7 +360,7 @@ def compare_tables(base: Table, cur: Table, thresholds: Thresholds = Thresholds(
         if n:
             comp.notes.append(f"{table.label} {table.path} has {n} rows repeating a configuration; "
                               "the last of each is used")
-    one_sided = [c for c in dict.fromkeys(KEY_FIELDS + EXTRA_KEY_COLUMNS) if (c in base.header) != (c in cur.header)]
+    one_sided = [c for c in config_columns() if (c in base.header) != (c in cur.header)]
     if one_sided:
         comp.notes.append(f"not joined on {', '.join(one_sided)} (present in only one of the files)")
     for col in ENV_NOTE_COLUMNS:

@@ -69,14 +69,14 @@ def _exponent(points: dict[int, float], n_points: int) -> tuple[float | None, tu
 
 
 def fit_impl(rows: list[dict[str, Any]], impl: str, n_points: int = FIT_POINTS) -> Fit:
-    """The Fit of one implementation from its CSV rows (a later row for a length wins)."""
+    """The Fit of one implementation from its kernel rows (a later row for a length wins)."""
     lat: dict[int, float] = {}
     mem: dict[int, float] = {}
     ran: list[int] = []
     stops: dict[int, str] = {}
     for r in rows:
-        if r.get("impl") != impl or r.get("task", "kernel") == "perplexity":
-            continue  # a perplexity cell times a whole model, not the kernel
+        if r.get("impl") != impl:
+            continue
         n, status = int(r["n"]), r.get("status", "")
         if status in FIT_STATUSES:
             ran.append(n)
@@ -97,8 +97,9 @@ def fit_impl(rows: list[dict[str, Any]], impl: str, n_points: int = FIT_POINTS) 
 
 
 def fit_all(rows: list[dict[str, Any]], n_points: int = FIT_POINTS) -> list[Fit]:
-    """One Fit per implementation with kernel rows, in the order they first appear in `rows`."""
-    impls = list(dict.fromkeys(r["impl"] for r in rows if r.get("task", "kernel") != "perplexity"))
+    """One Fit per implementation of `rows` (kernel rows: the fits are of one attention call's
+    cost), in the order they first appear."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
     return [fit_impl(rows, impl, n_points) for impl in impls]
 
 

@@ -27,22 +27,10 @@ from typing import Any
 import torch
 
 from ctxbench.models import lm
-from ctxbench.engine.plan import Cell
+from ctxbench.core.cell import Cell
+from ctxbench.models.kv_cache import cache_bytes
+from ctxbench.models.prepare import prepare
 from ctxbench.core.registry import Impl, Unsupported
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes of the key and value tensors a transformers cache holds (DynamicCache and kin)."""
-    layers = getattr(cache, "layers", None)
-    tensors: list[torch.Tensor] = []
-    if layers is not None:
-        for layer in layers:
-            tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                        if isinstance(t, torch.Tensor)]
-    else:  # older caches iterate as (key, value) pairs
-        for pair in cache:
-            tensors += [t for t in pair if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _sync(device: str) -> None:
@@ -75,8 +63,6 @@ def greedy(model: Any, ids: torch.Tensor, steps: int, device: str) -> tuple[list
 def measure_decode(impl: Impl, cell: Cell, settings: Any) -> dict[str, Any]:
     """Measure one decode cell (see the module docstring); returns the CSV fields with status
     and message."""
-    from ctxbench.measurements.perplexity.measure import prepare  # the same "model with this impl and rope" step
-
     if settings.decode_tokens < 2:
         raise ValueError(f"decode cells need at least 2 tokens (got {settings.decode_tokens})")
     model, ref = prepare(impl, cell, settings.model)

@@ -21,7 +21,7 @@ import torch
 from ctxbench.core.formatting import first_line
 from ctxbench.core.flops import attention_bytes, attention_flops, device_peak_tflops
 from ctxbench.core.kv_layout import KVLayout, draw_lengths, paginate
-from ctxbench.engine.plan import Cell, Settings
+from ctxbench.core.cell import Cell, Settings
 from ctxbench.core.procfs import reset_rss_peak, status_kib
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention, sample_rows
 from ctxbench.core.registry import Impl, Runner
@@ -414,3 +414,14 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     row.update(throughput(cell, timing["latency_ms"], s, lengths=lengths))
     row["status"], row["message"] = status, message
     return row
+
+
+def measure_kernel(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
+    """The kernel kind's measurement in the worker: one attention call (measure_cell), or, for a
+    distributed implementation, this rank's share of it (ctxbench.measurements.kernel.sharded;
+    the whole sequence when the sweep runs without torchrun)."""
+    if impl.distributed:
+        from ctxbench.measurements.kernel.sharded import measure_sharded_cell
+
+        return measure_sharded_cell(impl, cell, s)
+    return measure_cell(impl, cell, s)

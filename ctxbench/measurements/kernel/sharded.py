@@ -27,23 +27,10 @@ import torch
 import torch.distributed as dist
 
 from ctxbench.measurements.kernel.measure import make_inputs, peak_memory, quantiles, repeats, throughput, verdict
-from ctxbench.engine.plan import Cell, Settings
+from ctxbench.core.cell import Cell, Settings
 from ctxbench.core.reference import TOLERANCE, reference_attention, sample_rows
 from ctxbench.core.registry import Impl
-from ctxbench.core.shards import shard_bounds
-
-# Environment of a worker that is one rank of a distributed cell (set by the driver,
-# ctxbench.engine.torchrun): its rank, the world size, and the address and port its group meets at.
-ENV_RANK, ENV_WORLD, ENV_ADDR, ENV_PORT = ("CTXBENCH_DIST_RANK", "CTXBENCH_DIST_WORLD", "CTXBENCH_DIST_ADDR",
-                                          "CTXBENCH_DIST_PORT")
-
-
-def destroy_group() -> None:
-    """Destroy this process's default process group, if any (an undestroyed gloo group can
-    abort the process at exit: "terminate called ...")."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
+from ctxbench.core.shards import ENV_ADDR, ENV_PORT, ENV_RANK, ENV_WORLD, destroy_group, shard_bounds
 
 def ensure_group(device: str) -> tuple[int, int]:
     """Join this cell's process group (once per worker); returns (rank, world size)."""

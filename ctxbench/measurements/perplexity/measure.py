@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ctxbench.models import lm
-from ctxbench.models.attention import attention_name
-from ctxbench.engine.plan import Cell
+from ctxbench.measurements.perplexity import SCHEMES
+from ctxbench.models.prepare import prepare
+from ctxbench.core.cell import Cell
 from ctxbench.core.registry import Impl, Unsupported
 
 LOSS_BINS = 16
-SCHEMES = ("truncated", "strided")
 # Positions whose logits go through cross entropy at once (bounds the fp32 copy of the logits).
 CE_CHUNK = 1024
 
@@ -131,24 +131,16 @@ def corpus_nll(model: Any, corpus: lm.Corpus, windows: list[Window], length: int
     return acc, seconds
 
 
-def prepare(impl: Impl, cell: Cell, model_path: str) -> tuple[Any, lm.ModelRef]:
-    """The (cached) model with `cell`'s RoPE variant and `impl` as its attention, and its ModelRef."""
-    ref = lm.resolve_model(model_path)
-    model = lm.load_model(ref, cell.dtype, cell.device)
-    lm.set_rope(model, cell.rope)
-    model.set_attn_implementation(attention_name(impl, window=cell.attn_window, sinks=cell.attn_sinks))
-    return model, ref
-
-
 def measure_perplexity(impl: Impl, cell: Cell, settings: Any) -> dict[str, Any]:
     """Measure one perplexity cell; returns the measured CSV fields with status and message."""
     model, ref = prepare(impl, cell, settings.model)
     corpus = lm.load_corpus(settings.text, ref)
-    windows = plan_windows(len(corpus), cell.n, cell.ppl_scheme, settings.ppl_stride, settings.ppl_tokens)
+    scheme = cell.get("ppl_scheme")
+    windows = plan_windows(len(corpus), cell.n, scheme, settings.ppl_stride, settings.ppl_tokens)
     acc, seconds = corpus_nll(model, corpus, windows, cell.n, cell.device)
     row = acc.result()
     row.update(ppl_windows=len(windows), model=ref.label, corpus_sha256=corpus.sha256,
-               ppl_stride=min(settings.ppl_stride, cell.n) if cell.ppl_scheme == "strided" else None,
+               ppl_stride=min(settings.ppl_stride, cell.n) if scheme == "strided" else None,
                tokens_per_s=len(windows) * cell.n / seconds if seconds > 0 else None)
     finite = math.isfinite(row["bits_per_byte"])
     row["status"] = "ok" if finite else "wrong"

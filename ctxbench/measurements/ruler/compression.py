@@ -12,12 +12,12 @@ One cell = (implementation, context length N, prompt, KV-cache policy, budget). 
   `kv_kept` of the N - 1 per layer and KV head: the budget (--kv-budget: tokens, or a ratio of
   N), or all of them for the full cache. The kept keys and values are gathered into a fresh
   cache; they keep the rotary positions they were computed at, as kvpress and the papers do.
-* Answer (task "retrieval", a RULER prompt of ctxbench.measurements.ruler.prompts). The last prompt token is fed at
+* Answer (kind "retrieval", a RULER prompt of ctxbench.measurements.ruler.prompts). The last prompt token is fed at
   its own position N - 1 against the compressed cache, then greedy tokens follow one by one at
   positions N, N + 1, ... (explicit position_ids: the cache is shorter than the context) until
   the end-of-turn token or the sample's max_new_tokens. Every answer token comes from the
   compressed cache. score: RULER's recall of the expected strings in the answer (ruler.score).
-* Continuation (task "continuation"). The prompt is the first N corpus tokens; the last one is
+* Continuation (kind "continuation"). The prompt is the first N corpus tokens; the last one is
   fed with the next --continuation-tokens M corpus tokens in one pass against the compressed
   cache, and ppl is the perplexity of those M tokens (each predicted from the compressed
   context and the continuation before it).
@@ -40,14 +40,14 @@ from typing import Any
 
 import torch
 
-from ctxbench.measurements.ruler import policies as kv_policies
-
-from ctxbench.models import lm
-
-from ctxbench.measurements.ruler import prompts as ruler
-from ctxbench.measurements.decode.measure import cache_bytes
-from ctxbench.engine.plan import Cell, RulerPlan, parse_budget, resolve_budget
+from ctxbench.core.cell import Cell
 from ctxbench.core.registry import Impl, Unsupported
+from ctxbench.measurements.ruler import policies as kv_policies
+from ctxbench.measurements.ruler import prompts as ruler
+from ctxbench.measurements.ruler.budgets import parse_budget, resolve_budget
+from ctxbench.models import lm
+from ctxbench.models.kv_cache import cache_bytes, layer_kv
+from ctxbench.models.prepare import prepare
 
 
 @dataclass
@@ -125,24 +125,18 @@ def prefill_of(model: Any, ids: list[int], device: str, what: tuple) -> Prefill:
     return _LAST[0]
 
 
-def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) [1, Hkv, L, D] of one layer of a transformers cache."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache[layer][0], cache[layer][1]
-
-
 def compress(prefill: Prefill, policy: str, keep: int, seed: int) -> tuple[Any, float]:
     """(a new cache holding `keep` of the prefill's tokens per layer and KV head as `policy`
     chooses, selection ms): the policy's scores (computed once per prefill and policy, their
     ms counted in every cell that uses them) plus this selection and gather."""
     from transformers import DynamicCache
 
+    chosen = kv_policies.get(policy)
     n = prefill.length
-    if policy in kv_policies.SCORED and policy not in prefill.scores:
+    if chosen.scored and policy not in prefill.scores:
         t0 = time.perf_counter()
-        per_layer = [kv_policies.policy_scores(policy, prefill.queries[i], layer_kv(prefill.cache, i)[0],
-                                               scaling=prefill.scaling, seed=seed, layer=i)
+        per_layer = [chosen.score(prefill.queries[i], layer_kv(prefill.cache, i)[0], scaling=prefill.scaling,
+                                  seed=seed, layer=i)
                      for i in sorted(prefill.queries)]
         prefill.scores[policy] = (per_layer, (time.perf_counter() - t0) * 1e3)
     per_layer, score_ms = prefill.scores.get(policy, ([None] * len(prefill.queries), 0.0))
@@ -150,7 +144,7 @@ def compress(prefill: Prefill, policy: str, keep: int, seed: int) -> tuple[Any, 
     cache = DynamicCache()
     for i, scores in zip(sorted(prefill.queries), per_layer):
         keys, values = layer_kv(prefill.cache, i)
-        index = kv_policies.select(policy, scores, n, keep).to(keys.device)
+        index = chosen.keep(scores, n, keep).to(keys.device)
         cache.update(kv_policies.gather(keys, index), kv_policies.gather(values, index), i)
     return cache, score_ms + (time.perf_counter() - t0) * 1e3
 
@@ -205,14 +199,12 @@ def continuation_nll(model: Any, cache: Any, ids: list[int], position: int, devi
 def kept_tokens(cell: Cell, cached: int) -> int:
     """Tokens per layer and KV head the cell's policy keeps of `cached`: its budget (tokens, or
     a ratio of the context N), at most all of them; all of them for the full cache."""
-    if cell.policy == "full" or cell.kv_budget is None:
+    if cell.kv_budget is None:  # the full cache (planned without a budget)
         return cached
     return min(resolve_budget(parse_budget(cell.kv_budget), cell.n), cached)
 
 
 def _model_for(impl: Impl, cell: Cell, settings: Any) -> tuple[Any, lm.ModelRef, tuple]:
-    from ctxbench.measurements.perplexity.measure import prepare  # the same "model with this impl and rope" step
-
     model, ref = prepare(impl, cell, settings.model)
     return model, ref, (ref.label, impl.name, cell.dtype, cell.device, cell.rope, cell.attn_window, cell.attn_sinks)
 
@@ -279,41 +271,3 @@ def measure_continuation(impl: Impl, cell: Cell, settings: Any) -> dict[str, Any
     if not math.isfinite(mean):
         row.update(status="wrong", message="non-finite loss: the attention output has NaN or inf")
     return row
-
-
-# ---------------------------------------------------------------- planning (in the CLI)
-
-def ruler_plan(impls: list[str], lengths: list[int], *, tasks: list[str], policies: list[str], budgets: list[str],
-               depths: list[float], trials: int, continuation: int, model_path: str | None,
-               dtype: str) -> RulerPlan:
-    """The cells of `ctxbench ruler`, after checking what a run needs before it starts: the
-    implementations (resolvable, taking a KV cache, none distributed), trials >= 1, continuation
-    tokens >= 0, the model and its tokenizer, and that the shortest length holds every task's
-    prompt. Raises lm.ModelError or ValueError, each one line naming the flag."""
-    from ctxbench.core import registry
-
-    if not impls:
-        raise ValueError("no implementation given; e.g. --impls sdpa")
-    for name in impls:
-        impl = registry.resolve(name)  # RegistryError (a ValueError) naming the problem
-        if impl.distributed:
-            raise ValueError(f"{name} is a distributed implementation; ctxbench ruler runs a whole model in one "
-                             "process, which can't give it a rank's shard")
-        if not impl.kv_cache:
-            raise ValueError(f"{name} does not take a KV cache (kv_cache=True), which ctxbench ruler decodes "
-                             "against; choose e.g. --impls sdpa")
-    if trials < 1:
-        raise ValueError(f"--trials must be at least 1 (got {trials})")
-    if continuation < 0:
-        raise ValueError(f"--continuation-tokens must be >= 0 (got {continuation}); 0 plans no continuation cells")
-    if not lengths:
-        raise ValueError("--lengths is empty; give e.g. --lengths 4096,8192")
-    ref, tokenizer = lm.planning_tokenizer(model_path)
-    shortest = max(ruler.min_length(tokenizer, t) for t in tasks)
-    if min(lengths) < shortest:
-        raise ValueError(f"--lengths: the prompts of {', '.join(tasks)} need at least {shortest} tokens "
-                         f"(got {min(lengths)}); raise --min-len or --lengths")
-    heads, kv_heads, head_dim = lm.model_shape(lm.load_config(ref))
-    return RulerPlan(impls=list(dict.fromkeys(impls)), tasks=list(tasks), policies=list(policies),
-                     budgets=list(budgets), depths=list(dict.fromkeys(float(d) for d in depths)), trials=trials,
-                     continuation=continuation, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)

@@ -78,7 +78,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from ctxbench.measurements.passkey import measure as passkey
+from ctxbench.measurements.passkey.prompt import FILLER
 from ctxbench.measurements.ruler.words import WORDS
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
@@ -292,5 +292,5 @@ def parse_tasks(text: str) -> list[str]:
 
 def filler_ids(tokenizer: Any, count: int) -> list[int]:
     """`count` tokens of passkey's filler sentences repeated (the "filler" haystack)."""
-    unit = _encode(tokenizer, passkey.FILLER)
+    unit = _encode(tokenizer, FILLER)
     return (unit * (count // len(unit) + 1))[:count]

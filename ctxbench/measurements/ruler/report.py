@@ -25,26 +25,29 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from ctxbench.core.formatting import human_bytes, human_ms, number, safe_name
-from ctxbench.reports.markdown import markdown_table
-from ctxbench.engine.plan import KV_POLICIES, RULER_TASKS
+from ctxbench.measurements.ruler.policies import POLICY_NAMES
 from ctxbench.measurements.ruler.prompts import TASKS
+from ctxbench.reports.markdown import markdown_table
+from ctxbench.reports.report import table_html
+from ctxbench.reports.section import Section
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-POLICY_ORDER = KV_POLICIES  # the order policies are listed in
+POLICY_ORDER = POLICY_NAMES  # the order policies are listed in
 TASK_ORDER = TASKS  # the RULER tasks of retrieval rows (column `ruler_task`), in their order
 # A colour per policy in the plots (matplotlib's tab10 names); full is a black star.
 POLICY_COLOURS = {"streaming": "tab:blue", "h2o": "tab:orange", "snapkv": "tab:green", "knorm": "tab:red",
                   "random": "tab:purple"}
 HEATMAP_COLUMNS = 4  # subplots per row of a heatmap figure
+RULER_KINDS = ("retrieval", "continuation")  # the kinds of ctxbench.measurements.ruler
 
 
 # ---------------------------------------------------------------- rows and groups
 
 def ruler_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of `ctxbench ruler` (task retrieval or continuation) among results.csv rows."""
-    return [r for r in rows if r.get("task") in RULER_TASKS]
+    """The rows of `ctxbench ruler` (kinds retrieval and continuation) among results.csv rows."""
+    return [r for r in rows if r.get("kind") in RULER_KINDS]
 
 
 def budget_label(row: dict[str, Any]) -> str:
@@ -83,8 +86,8 @@ def _summarise(key: tuple[str, int, str, str], group: list[dict[str, Any]]) -> d
     """The record of one (impl, n, policy, kv_budget) group of rows (see policy_summary)."""
     impl, n, policy, kv_budget = key
     ok = [r for r in group if r.get("status") == "ok"]
-    retrieval = [r for r in ok if r.get("task") == "retrieval"]
-    continuation = [r for r in ok if r.get("task") == "continuation"]
+    retrieval = [r for r in ok if r.get("kind") == "retrieval"]
+    continuation = [r for r in ok if r.get("kind") == "continuation"]
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in retrieval:
         by_task.setdefault(str(r.get("ruler_task") or ""), []).append(r)
@@ -305,7 +308,7 @@ def heatmaps(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     import seaborn as sns
     from matplotlib.figure import Figure
 
-    ok = [r for r in ruler_rows(rows) if r.get("task") == "retrieval" and r.get("status") == "ok"]
+    ok = [r for r in ruler_rows(rows) if r.get("kind") == "retrieval" and r.get("status") == "ok"]
     df = pd.DataFrame(ok)
     written: list[str] = []
     if df.empty:
@@ -349,3 +352,26 @@ def heatmaps(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
 def plots(rows: list[dict[str, Any]], run_dir: str) -> list[str]:
     """pareto_plot and heatmaps of the ruler rows of `rows` into run_dir; every path written."""
     return pareto_plot(rows, run_dir) + heatmaps(rows, run_dir)
+
+
+class RulerSection(Section):
+    title = "KV-cache policies"
+
+    def terminal(self, rows: list[dict[str, Any]], console: Any) -> None:
+        console.print(policy_rich(rows))
+
+    def markdown(self, rows: list[dict[str, Any]]) -> str:
+        return policy_markdown(rows)
+
+    def plots(self, rows: list[dict[str, Any]], run_dir: str) -> list[str]:
+        return plots(rows, run_dir)
+
+    def html(self, rows: list[dict[str, Any]]) -> str:
+        header, body = policy_table(rows)
+        return ("<p>per implementation, context length and (policy, budget): tokens kept per layer and KV head, bytes "
+                "of the compressed cache, prefill time (the policy's selection included), ms per generated token, the "
+                "mean RULER score (recall of the expected strings) overall and per task, and the continuation's "
+                "perplexity</p>" + table_html(header, body))
+
+
+SECTION = RulerSection()
