@@ -13,15 +13,21 @@ import torch
 
 import lm_helpers as H
 from ctxbench import registry
-from ctxbench.measurements.decode.measure import cache_bytes, greedy, measure_decode
+from ctxbench.measurements.decode.measure import greedy, measure_decode
+from ctxbench.models.kv_cache import cache_bytes
 from ctxbench.models.attention import attention_name
-from ctxbench.engine.plan import Cell
+from ctxbench.core.cell import Cell, Config
 from sweep_helpers import only_run_dir, run_cli
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     return H.checkpoint(str(tmp_path_factory.mktemp("tiny")))
+
+
+def decode_cell(impl: str, n: int, **config) -> Cell:
+    """A decode cell of `impl` at n tokens (the kind has no fields of its own)."""
+    return Cell.of(Config(**config), impl, n, "decode")
 
 
 def settings(ckpt: str, tokens: int = 6) -> SimpleNamespace:
@@ -48,7 +54,7 @@ def test_greedy_with_the_cache_equals_greedy_without_it():
 @pytest.mark.parametrize("name", ["sdpa", "chunked", "naive"])
 def test_exact_implementations_decode_the_same_tokens(name, ckpt):
     impl = registry.get(name)
-    cell = Cell(impl=name, n=200, task="decode", heads=4, kv_heads=2, head_dim=16)
+    cell = decode_cell(name, 200, heads=4, kv_heads=2, head_dim=16)
     row = measure_decode(impl, cell, settings(ckpt))
     assert row["status"] == "ok", row["message"]
     assert row["tokens_match"] == row["decode_tokens"] == 6
@@ -64,14 +70,14 @@ def test_a_wrong_decoder_is_caught(ckpt):
                                                                 enable_gqa=q.shape[1] != k.shape[1])
 
     impl = registry.Impl("top_left_test", top_left, kv_cache=True)
-    row = measure_decode(impl, Cell(impl="top_left_test", n=120, task="decode"), settings(ckpt, tokens=8))
+    row = measure_decode(impl, decode_cell("top_left_test", 120), settings(ckpt, tokens=8))
     assert row["status"] == "wrong" and row["tokens_match"] < 8
     assert "differ from transformers' sdpa" in row["message"]
 
 
 def test_decode_cells_need_a_kv_cache_declaration():
     impl = registry.Impl("square_test", lambda q, k, v, *, causal, window, scale=None: q)
-    assert "kv_cache=True" in impl.unsupported_reason(Cell(impl="square_test", n=64, task="decode"))
+    assert "kv_cache=True" in impl.unsupported_reason(decode_cell("square_test", 64))
 
 
 def test_decode_sweep_writes_the_columns(tmp_path, capsys, ckpt):
@@ -80,7 +86,7 @@ def test_decode_sweep_writes_the_columns(tmp_path, capsys, ckpt):
                               "--decode-tokens", "3", "--model", ckpt, "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = list(csv.DictReader(open(os.path.join(only_run_dir(str(tmp_path)), "results.csv"))))
-    decode = [r for r in rows if r["task"] == "decode"]
+    decode = [r for r in rows if r["kind"] == "decode"]
     assert [(r["impl"], r["n"]) for r in decode] == [("sdpa", "64")]  # only up to --decode-max-len
     assert decode[0]["status"] == "ok" and decode[0]["tokens_match"] == "3"
     assert "3/3 tokens" in out  # the terminal decode table

@@ -7,20 +7,30 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
 from rich.console import Console
 
 import lm_helpers as H
-from ctxbench.models import lm
-from ctxbench.measurements.passkey import measure as passkey
-from ctxbench.models.attention import attention_name
-from ctxbench.engine.plan import Cell, Config, PasskeyPlan, Settings, SweepSpec, build_cells
-from ctxbench.registry import RegistryError, all_impls
-from ctxbench.reports.report import report
+from ctxbench.core import kinds
+from ctxbench.core.cell import Cell, Config, Settings, key_columns
+from ctxbench.core.flags import UsageError
+from ctxbench.engine.options import Options
+from ctxbench.engine.plan import PlanContext, SweepSpec
 from ctxbench.engine.results import read_results
 from ctxbench.engine.sweep import read_meta, run_sweep
+from ctxbench.measurements.flags import parse_depths
+from ctxbench.measurements.kernel import KernelPlan
+from ctxbench.measurements.passkey import PasskeyPlan, passkey_plan
+from ctxbench.measurements.passkey import prompt as passkey  # the prompts and their scoring
+from ctxbench.measurements.passkey.measure import measure_passkey
+from ctxbench.measurements.passkey.report import passkey_summary
+from ctxbench.models import lm
+from ctxbench.models.attention import attention_name
+from ctxbench.registry import all_impls
+from ctxbench.reports.report import report
 from sweep_helpers import run_cli
 
 
@@ -82,9 +92,9 @@ def test_passkey_cells_follow_the_length_major_plan():
     plan = PasskeyPlan(impls=["sdpa", "chunked"], ropes=["default", "yarn:2"], depths=[0, 0.5], trials=2,
                        heads=4, kv_heads=2, head_dim=16, dtype="float32")
     config = Config(heads=8, head_dim=64, batch=4, mode="fwd+bwd", mask="window", window=32, sinks=2)
-    cells = build_cells(config, ["naive"], [200, 256], passkey=plan)
-    assert [c.task for c in cells] == (["kernel"] + ["passkey"] * 16) * 2
-    pk = [c for c in cells if c.task == "passkey"]
+    cells = spec_of([200, 256], config=config, kernel=["naive"], passkey=plan).cells()
+    assert [c.kind for c in cells] == (["kernel"] + ["passkey"] * 16) * 2
+    pk = [c for c in cells if c.kind == "passkey"]
     assert len({c.key for c in pk}) == 32
     for c in pk:
         assert (c.batch, c.heads, c.kv_heads, c.head_dim, c.mode) == (1, 4, 2, 16, "fwd")
@@ -92,41 +102,61 @@ def test_passkey_cells_follow_the_length_major_plan():
         assert (c.attn_window, c.attn_sinks) == (32, 2)
     assert pk[0].label == "passkey sdpa N=200 d=0" and pk[-1].label == "passkey chunked N=256 d=0.5 #1 yarn:2"
     kernel = cells[0]
-    assert kernel.depth is None and kernel.trial is None and kernel.key[-2:] == ("", "")
+    key = dict(zip(key_columns(), kernel.key))
+    assert kernel.depth is None and kernel.trial is None and (key["depth"], key["trial"]) == ("", "")
 
 
 def test_passkey_plan_checks_its_input_in_one_line(tiny, tmp_path):
-    ok = dict(ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=tiny)
-    plan = passkey.passkey_plan(["sdpa"], [200, 256], **ok)
+    ok = dict(ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=tiny, dtype="float32")
+    plan = passkey_plan(["sdpa"], [200, 256], **ok)
     assert (plan.heads, plan.kv_heads, plan.head_dim, plan.depths, plan.ropes) == (4, 2, 16, [0.0, 1.0], ["default"])
-    cases = [(dict(depths=[0, 1.5]), ValueError, "--depths"), (dict(trials=0), ValueError, "--trials"),
-             (dict(ropes=["bogus"]), lm.ModelError, "unknown --rope"),
-             (dict(model_path=str(tmp_path / "none")), lm.ModelError, "no such file or folder")]
-    for change, kind, fragment in cases:
-        with pytest.raises(kind) as exc:
-            passkey.passkey_plan(["sdpa"], [200], **{**ok, **change})
+    cases = [(dict(trials=0), "--trials"), (dict(model_path=str(tmp_path / "none")), "no such file or folder")]
+    for change, fragment in cases:
+        with pytest.raises(UsageError) as exc:
+            passkey_plan(["sdpa"], [200], **{**ok, **change})
         assert fragment in str(exc.value) and "\n" not in str(exc.value), change
-    with pytest.raises(ValueError, match="needs at least 164 tokens"):
-        passkey.passkey_plan(["sdpa"], [8, 256], **ok)
-    with pytest.raises(RegistryError, match="unknown implementation"):
-        passkey.passkey_plan(["nosuch"], [200], **ok)
-    assert passkey.parse_depths("0, 0.5,1,1") == [0.0, 0.5, 1.0]
+    with pytest.raises(UsageError, match="needs at least 164 tokens"):
+        passkey_plan(["sdpa"], [8, 256], **ok)
+    with pytest.raises(UsageError, match="unknown implementation"):
+        passkey_plan(["nosuch"], [200], **ok)
+    # the depths and RoPE variants are flags parsed by the kind's plan (passkey_plan takes them parsed)
+    kind = kinds.get("passkey")
+    flags = dict(depths="0,1", rope="default", trials=1, model_path=tiny)
+    context = lambda **change: PlanContext(options=Options("passkey", {**flags, **change}),  # noqa: E731
+                                           config=Config(), lengths=[200], impls=["sdpa"], named=True)
+    assert kind.plan(context()) == passkey_plan(["sdpa"], [200], **ok)
+    for change, fragment in ((dict(depths="0,1.5"), "--depths"), (dict(rope="bogus"), "unknown --rope")):
+        with pytest.raises(UsageError) as exc:
+            kind.plan(context(**change))
+        assert fragment in str(exc.value) and "\n" not in str(exc.value), change
+    assert parse_depths("0, 0.5,1,1") == [0.0, 0.5, 1.0]
     for bad in ("", "x", "0,-0.1"):
         with pytest.raises(ValueError, match="--depths"):
-            passkey.parse_depths(bad)
+            parse_depths(bad)
 
 
 # --- passkey cells in the sweep ------------------------------------------------------------
+
+
+def spec_of(lengths: list[int], *, config: Config | None = None, kernel: list[str] | None = None,
+            passkey: PasskeyPlan | None = None, timeout_s: float = 60.0, memory_limit_bytes: int | None = None,
+            settings: Settings | None = None) -> SweepSpec:
+    """A run of kernel cells of the `kernel` implementations (if any), then `passkey`'s cells, at each length."""
+    plans = {"kernel": KernelPlan(impls=list(kernel))} if kernel else {}
+    if passkey is not None:
+        plans["passkey"] = passkey
+    return SweepSpec(command="passkey", config=config or Config(device="cpu"), lengths=lengths, timeout_s=timeout_s,
+                     memory_limit_bytes=memory_limit_bytes, settings=settings or Settings(), plans=plans)
 
 
 def passkey_spec(model: str, impls: list[str], lengths: list[int], *, config: Config | None = None,
                  ropes: tuple[str, ...] = ("default",), depths: tuple[float, ...] = (0.0, 1.0), trials: int = 1,
                  timeout_s: float = 120.0, memory_limit_bytes: int | None = None) -> SweepSpec:
     """What `ctxbench passkey` builds: a sweep with no kernel cells and a passkey plan."""
-    plan = passkey.passkey_plan(impls, lengths, ropes=list(ropes), depths=list(depths), trials=trials,
-                                model_path=model)
-    return SweepSpec(config=config or Config(device="cpu"), impls=[], lengths=lengths, timeout_s=timeout_s,
-                     memory_limit_bytes=memory_limit_bytes, settings=Settings(seed=0, model=model), passkey=plan)
+    plan = passkey_plan(impls, lengths, ropes=list(ropes), depths=list(depths), trials=trials, model_path=model,
+                        dtype="float32")
+    return spec_of(lengths, config=config, passkey=plan, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes,
+                   settings=Settings(seed=0, model=model))
 
 
 def sweep(spec: SweepSpec, run_dir: str) -> tuple[list[dict[str, str]], str]:
@@ -150,7 +180,7 @@ def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
     by = {(r["impl"], r["rope"], r["n"], r["depth"], r["trial"]): r for r in rows}
     assert len(by) == len(rows)  # one row per (impl, rope, n, depth, trial)
     for (impl, rope, n, depth, trial), r in by.items():
-        assert r["task"] == "passkey" and r["status"] == "ok", r["message"]
+        assert r["kind"] == "passkey" and r["status"] == "ok", r["message"]
         assert (r["mask"], r["window"], r["sinks"], r["heads"], r["kv_heads"]) == ("window", "32", "2", "4", "2")
         assert r["correct"] in ("0", "1") and int(r["n_tokens"]) == int(n) and r["model"] == tiny
         assert r["key"] == passkey.make_key(0, int(n), float(depth), int(trial)) and r["torch_version"]
@@ -164,16 +194,19 @@ def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
         "passkey-chunked-default.png", "passkey-chunked-yarn_2.png", "passkey-sdpa-default.png",
         "passkey-sdpa-yarn_2.png"]
     assert "report.html" in written and not any(p.startswith("latency") for p in written)
-    assert passkey.passkey_summary(rows).endswith(f"/{len(rows)} keys retrieved; 0 trials not ok")
+    assert passkey_summary(rows).endswith(f"/{len(rows)} keys retrieved; 0 trials not ok")
     # resume: the spec comes back from meta.json and nothing runs again
     again = SweepSpec.from_json(read_meta(run_dir)["spec"])
     assert again == spec
     _, out = sweep(again, run_dir)
     assert f"{len(rows)} cells done, 0 to go" in " ".join(out.split())
     assert len(read_results(os.path.join(run_dir, "results.csv"))[1]) == len(rows)
-    old = spec.to_json()
+    # a meta.json from before kinds (a `passkey` entry beside the kernel's `impls`) resumes as the same run
+    old = {k: v for k, v in spec.to_json().items() if k not in ("command", "plans")}
+    old.update(impls=[], ppl=None, passkey=asdict(spec.plans["passkey"]))
+    assert SweepSpec.from_json(old) == spec
     del old["passkey"]  # a meta.json from before passkey cells
-    assert SweepSpec.from_json(old).passkey is None
+    assert "passkey" not in SweepSpec.from_json(old).plans
 
 
 MISBEHAVING_MODEL_ATTENTION = """
@@ -219,7 +252,7 @@ def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, 
     run_dir = str(tmp_path / "pk")
     _, rows = read_results(os.path.join(run_dir, "results.csv"))
     by = {(r["impl"], int(r["n"])): r for r in rows}
-    assert len(by) == len(rows) == 3 * 3 and {r["task"] for r in rows} == {"passkey"}
+    assert len(by) == len(rows) == 3 * 3 and {r["kind"] for r in rows} == {"passkey"}
     for n in (200, 256, 320):
         assert by[("sdpa", n)]["status"] == "ok", by[("sdpa", n)]["message"]
         crashed = by[(aborts, n)]
@@ -230,7 +263,7 @@ def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, 
             assert crashed["status"] == "ok", crashed["message"]
         expected = {200: "ok", 256: "oom", 320: "skipped"}[n]
         assert by[(oom, n)]["status"] == expected, (n, by[(oom, n)]["status"], by[(oom, n)]["message"])
-    assert by[(oom, 320)]["message"] == f"not attempted: {oom} (passkey) ran out of memory at N=256"
+    assert by[(oom, 320)]["message"] == f"not attempted: {oom} (passkey cells) ran out of memory at N=256"
 
 
 class Scripted:
@@ -265,14 +298,13 @@ class Scripted:
 def test_an_oom_at_n_skips_only_longer_passkey_lengths(tmp_path):
     """chunked's passkey trials run out of memory at 256: every other depth, trial and RoPE
     variant at 256 is still attempted, 320 is skipped, and neither sdpa's trials nor chunked's
-    kernel cells are touched (the rule keys on implementation and task)."""
+    kernel cells are touched (the rule keys on implementation and kind)."""
     plan = PasskeyPlan(impls=["sdpa", "chunked"], ropes=["default", "yarn:2"], depths=[0.0, 1.0], trials=2,
                        heads=4, kv_heads=2, head_dim=16, dtype="float32")
-    spec = SweepSpec(config=Config(device="cpu"), impls=["chunked"], lengths=[200, 256, 320], timeout_s=60.0,
-                     memory_limit_bytes=None, passkey=plan)
+    spec = spec_of([200, 256, 320], kernel=["chunked"], passkey=plan)
 
     def outcome(cell):
-        if cell.task == "passkey" and cell.impl == "chunked" and cell.n >= 256:
+        if cell.kind == "passkey" and cell.impl == "chunked" and cell.n >= 256:
             return {"status": "oom", "message": "MemoryError"}
         return {"status": "ok", "message": ""}
 
@@ -281,16 +313,16 @@ def test_an_oom_at_n_skips_only_longer_passkey_lengths(tmp_path):
     assert len(rows) == len(spec.cells()) == 3 + 2 * 2 * 3 * 2 * 2
     status = {}
     for r in rows:
-        status.setdefault((r["task"], r["impl"], int(r["n"])), set()).add(r["status"])
+        status.setdefault((r["kind"], r["impl"], int(r["n"])), set()).add(r["status"])
     assert status[("passkey", "chunked", 200)] == {"ok"} and status[("passkey", "chunked", 256)] == {"oom"}
     assert status[("passkey", "chunked", 320)] == {"skipped"}
     assert all(status[("passkey", "sdpa", n)] == {"ok"} and status[("kernel", "chunked", n)] == {"ok"}
                for n in (200, 256, 320))
-    assert sum(c.task == "passkey" and c.impl == "chunked" and c.n == 256 for c in ex.submitted) == 8
-    assert not any(c.task == "passkey" and c.impl == "chunked" and c.n == 320 for c in ex.submitted)
+    assert sum(c.kind == "passkey" and c.impl == "chunked" and c.n == 256 for c in ex.submitted) == 8
+    assert not any(c.kind == "passkey" and c.impl == "chunked" and c.n == 320 for c in ex.submitted)
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert len(skipped) == 8 and {r["message"] for r in skipped} == {
-        "not attempted: chunked (passkey) ran out of memory at N=256"}
+        "not attempted: chunked (passkey cells) ran out of memory at N=256"}
 
 
 # --- sinks reach the model -----------------------------------------------------------------
@@ -313,12 +345,12 @@ def test_sinks_change_what_the_passkey_measurement_sees(tiny, impl, monkeypatch)
     logits = {}
     for name, kw in (("window", {"mask": "window", "window": 16}),
                      ("window+sinks", {"mask": "window", "window": 16, "sinks": 4}), ("causal", {})):
-        cell = Cell(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu", impl=impl, n=256,
-                    task="passkey", depth=0.5, trial=0, **kw)
+        config = Config(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu", **kw)
+        cell = Cell.of(config, impl, 256, "passkey", rope="default", depth=0.5, trial=0)
         if name == "causal" and all_impls()[impl].unsupported_reason(cell) is not None:
             continue  # sliding_window declares only windows
         assert all_impls()[impl].unsupported_reason(cell) is None
-        row = passkey.measure_passkey(all_impls()[impl], cell, settings)
+        row = measure_passkey(all_impls()[impl], cell, settings)
         assert row["status"] == "ok" and row["n_tokens"] == 256
         logits[name] = seen.pop()
     assert (logits["window"] - logits["window+sinks"]).abs().max() > 1e-3, "the sinks were dropped"
@@ -338,8 +370,9 @@ def test_default_model_retrieves_a_key_in_the_sweeps_measurement():
         lm.check_dependencies(ref)
     except lm.ModelError as exc:
         pytest.skip(str(exc))
-    plan = passkey.passkey_plan(["sdpa"], [1024], depths=[0.0, 1.0])
-    rows = [passkey.measure_passkey(all_impls()["sdpa"], cell, Settings()) for cell in plan.cells(Config(), 1024)]
+    plan = passkey_plan(["sdpa"], [1024], ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=None,
+                        dtype="float32")
+    rows = [measure_passkey(all_impls()["sdpa"], cell, Settings()) for cell in plan.cells(Config(), 1024)]
     assert all(r["status"] == "ok" and r["n_tokens"] == 1024 for r in rows)
     assert sum(r["correct"] for r in rows) >= 1 and any(r["predicted"] == r["key"] for r in rows)
 

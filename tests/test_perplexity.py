@@ -12,9 +12,8 @@ import torch
 
 import lm_helpers as H
 from ctxbench.models import lm
-from ctxbench.engine.plan import Settings
+from ctxbench.core.cell import Cell, Config, Settings
 from ctxbench.measurements.perplexity.measure import Accumulator, Window, measure_perplexity, plan_windows
-from ctxbench.engine.plan import Cell
 from ctxbench.registry import Unsupported, all_impls
 from sweep_helpers import only_run_dir, run_cli
 from ctxbench.engine.results import read_results
@@ -117,9 +116,10 @@ def test_corpus_bytes_partition_the_text(tiny):
 # --- implementations agree --------------------------------------------------------------
 
 
-def ppl_cell(impl: str, n: int, **kw) -> Cell:
-    return Cell(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu", impl=impl, n=n,
-                task="perplexity", **kw)
+def ppl_cell(impl: str, n: int, *, rope: str = "default", ppl_scheme: str = "truncated", **config) -> Cell:
+    """A perplexity cell of `impl` at n tokens: the tiny model's shape unless `config` says otherwise."""
+    shape = dict(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", device="cpu")
+    return Cell.of(Config(**{**shape, **config}), impl, n, "perplexity", rope=rope, ppl_scheme=ppl_scheme)
 
 
 def test_every_exact_implementation_matches_sdpa(tiny):
@@ -182,8 +182,8 @@ def test_sweep_records_perplexity_rows(tiny, tmp_path, capsys):
                               "--out", str(tmp_path)], capsys)
     assert code == 0, err
     _, rows = read_results(os.path.join(only_run_dir(str(tmp_path)), "results.csv"))
-    kernel = [r for r in rows if r["task"] == "kernel"]
-    ppl = [r for r in rows if r["task"] == "perplexity"]
+    kernel = [r for r in rows if r["kind"] == "kernel"]
+    ppl = [r for r in rows if r["kind"] == "perplexity"]
     assert len(kernel) == 4 and all(r["rope"] == "default" and r["ppl"] == "" for r in kernel)
     assert sorted((r["impl"], r["n"], r["rope"]) for r in ppl) == [
         ("chunked", "32", "default"), ("chunked", "32", "linear:2"), ("sdpa", "32", "default"), ("sdpa", "32", "linear:2")]
@@ -255,8 +255,7 @@ def test_default_model_sinks_rescue_a_sliding_window():
     rows = {}
     for label, kw in (("full", {}), ("window", {"mask": "window", "window": 256}),
                       ("window+4 sinks", {"mask": "window", "window": 256, "sinks": 4})):
-        cell = Cell(batch=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype="float32", device="cpu",
-                    impl="sdpa", n=2048, task="perplexity", **kw)
+        cell = ppl_cell("sdpa", 2048, heads=heads, kv_heads=kv_heads, head_dim=head_dim, **kw)
         rows[label] = measure_perplexity(all_impls()["sdpa"], cell, settings)
         print(label, rows[label]["ppl"], rows[label]["bits_per_byte"])
     assert rows["window"]["ppl"] > rows["window+4 sinks"]["ppl"] >= rows["full"]["ppl"] * 0.99

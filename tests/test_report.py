@@ -8,9 +8,10 @@ import re
 
 import pytest
 
+from ctxbench.engine.results import ResultsWriter, columns, read_results
+from ctxbench.measurements.kernel.report import fits_markdown, pivot_markdown
 from ctxbench.reports.fits import fit_all, fit_impl, slope
-from ctxbench.reports.report import fits_markdown, pivot_markdown, report
-from ctxbench.engine.results import COLUMNS, ResultsWriter, read_results
+from ctxbench.reports.report import markdown, report
 from sweep_helpers import only_run_dir, run_cli
 
 # Kernel cells only: a perplexity cell runs a language model (tens of seconds on a CPU).
@@ -91,7 +92,7 @@ def test_a_plotting_failure_keeps_the_run(tmp_path, capsys, monkeypatch):
     assert not os.path.exists(os.path.join(run_dir, "report.html"))
 
 
-def _synthetic(path: str, rows: list[dict[str, object]], header: tuple[str, ...] = COLUMNS) -> None:
+def _synthetic(path: str, rows: list[dict[str, object]], header: tuple[str, ...] = columns()) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     w = ResultsWriter(path, header)
     for r in rows:
@@ -141,10 +142,10 @@ def test_fit_with_one_point_says_so():
 
 def test_report_of_synthetic_run_marks_oom_and_plots_perplexity(tmp_path, capsys):
     run = tmp_path / "syn"
-    ppl_rows = [{"impl": impl, "n": n, "task": "perplexity", "status": "ok", "ppl": 10.0 + n / 2**12,
+    ppl_rows = [{"impl": impl, "n": n, "kind": "perplexity", "status": "ok", "ppl": 10.0 + n / 2**12,
                  "latency_ms": 1e3} for impl in ("naive", "window") for n in (256, 1024, 4096)]
     rows = scaling_rows() + ppl_rows
-    _synthetic(str(run / "results.csv"), rows, COLUMNS + tuple(c for c in ("task", "ppl") if c not in COLUMNS))
+    _synthetic(str(run / "results.csv"), rows, columns() + tuple(c for c in ("kind", "ppl") if c not in columns()))
     written = report(str(run))
     assert sorted(os.path.basename(p) for p in written) == sorted(
         PLOTS + ["ppl.png", "ppl.svg", "report.html"])
@@ -154,7 +155,9 @@ def test_report_of_synthetic_run_marks_oom_and_plots_perplexity(tmp_path, capsys
     assert "<td>2.00</td>" in page and "<td>4K-32K (4 pts)</td>" in page
     assert "<td>1.00</td>" in page and "<td>8K-64K (4 pts)</td>" in page
     assert "<td>10.06</td>" in page and "<td>11</td>" in page  # perplexity pivot: 10 + N/4096
-    md = pivot_markdown(rows)
+    _, saved = read_results(str(run / "results.csv"))
+    md = markdown(saved)  # what `ctxbench report` prints: each section's markdown, the kernel cells' first
+    assert md.startswith(pivot_markdown([r for r in saved if r["kind"] == "kernel"]))
     assert "1 s" not in md  # the perplexity rows are not in the kernel's pivot
     assert md.splitlines()[0].startswith("| impl \\ N | 256 | 512 |")
     assert "| naive |" in md and md.splitlines()[2].endswith("| oom |")
@@ -179,14 +182,14 @@ def never_ran_rows() -> list[dict[str, object]]:
     common = {"run_id": "syn", "batch": 1, "heads": 2, "kv_heads": 2, "head_dim": 16, "dtype": "float32",
               "mask": "causal", "mode": "fwd", "device": "cpu", "allow_interpreter": "False", "message": ""}
     rows: list[dict[str, object]] = []
-    for task in ("kernel", "perplexity"):
-        for rope in (("default",) if task == "kernel" else ("default", "yarn:4")):
+    for kind in ("kernel", "perplexity"):
+        for rope in (("default",) if kind == "kernel" else ("default", "yarn:4")):
             for impl in ("naive", "sdpa", "triton"):
                 for n in (256, 512, 1024):
-                    r = dict(common, impl=impl, n=n, task=task, rope=rope, ppl_scheme="truncated")
+                    r = dict(common, impl=impl, n=n, kind=kind, rope=rope, ppl_scheme="truncated")
                     if impl == "triton":
                         r.update(status="unsupported", message=TRITON_CPU)
-                    elif task == "kernel":
+                    elif kind == "kernel":
                         r.update(status="ok", latency_ms=n / 100, tflops=1.0, peak_mem_bytes=n * 2**12)
                     else:
                         r.update(status="ok", ppl=12.0, bits_per_byte=0.9, model="tiny.gguf", latency_ms=1e3)
@@ -203,48 +206,62 @@ def _rendered(table) -> str:
 
 
 def test_an_impl_unsupported_everywhere_is_named_once_under_the_terminal_pivots():
-    from ctxbench.reports.summary import perplexity_table, pivot_table
+    from ctxbench.measurements.kernel.report import cell_text
+    from ctxbench.measurements.perplexity.report import perplexity_table
+    from ctxbench.reports.summary import pivot_table
 
     rows = never_ran_rows()
-    kernel = [r for r in rows if r["task"] == "kernel"]
-    text = _rendered(pivot_table(kernel, title="latency"))
+    kernel = [r for r in rows if r["kind"] == "kernel"]
+    text = _rendered(pivot_table(kernel, "latency", cell_text))
     assert "│ naive" in text and "│ sdpa" in text
     assert "│ triton" not in text and "unsupported" not in text
     assert text.count(f"not run: triton ({TRITON_CPU})") == 1 and text.count("interpreter") == 1
-    ppl = _rendered(perplexity_table([r for r in rows if r["task"] == "perplexity"]))
+    ppl = _rendered(perplexity_table([r for r in rows if r["kind"] == "perplexity"]))
     assert "│ sdpa, yarn:4" in ppl and "│ triton" not in ppl and "unsupported" not in ppl
     # one line for the implementation, not one per RoPE variant
     assert ppl.count(f"not run: triton ({TRITON_CPU})") == 1 and ppl.count("interpreter") == 1
     # A line that ran somewhere stays, with its unsupported cells shown as such.
     partly = [dict(r, status="unsupported", message="N > 512 needs --allow-interpreter", latency_ms="")
               if r["impl"] == "sdpa" and r["n"] == 1024 else r for r in kernel]
-    text = _rendered(pivot_table(partly))
+    text = _rendered(pivot_table(partly, "", cell_text))
     assert "│ sdpa" in text and "unsupported" in text and "not run: sdpa" not in text
 
 
 def test_an_impl_unsupported_everywhere_is_named_once_in_the_markdown_and_html(tmp_path):
     from ctxbench.reports.report import render_html
+    from ctxbench.reports.summary import sections_of
 
     rows = never_ran_rows()
-    md = pivot_markdown(rows)
+    kernel = [r for r in rows if r["kind"] == "kernel"]
+    md = pivot_markdown(kernel)
     assert "| naive |" in md and "| sdpa |" in md and "| triton |" not in md and "unsupported" not in md
     assert md.count(f"not run: triton ({TRITON_CPU})") == 1
     assert md.splitlines()[-2] == ""  # a paragraph of its own, not a row of the table
-    assert "| naive |" in fits_markdown(rows) and "triton" not in fits_markdown(rows)
-    page = render_html([{k: str(v) for k, v in r.items()} for r in rows], {}, [], "run")
+    assert "| naive |" in fits_markdown(kernel) and "triton" not in fits_markdown(kernel)
+    # report.html as report() builds it, less the plots: each section's tables under its <h2>
+    text = [{k: str(v) for k, v in r.items()} for r in rows]
+    sections = [(section.title, [], section.html([r for r in text if r["kind"] in covered]))
+                for section, covered in sections_of(text)]
+    page = render_html(text, {}, sections, "run")
+    assert re.findall(r"<h2>(.*?)</h2>", page) == ["Attention calls", "Perplexity", "Environment"]
     assert "<td>triton</td>" not in page  # in no pivot and no fit
-    assert "unsupported" not in page.split("<h2>Pivot tables</h2>")[1].split("<h2>Scaling fits")[0]
+    kernel_pivots = page.split("<h2>Attention calls</h2>")[1].split("<h3>Scaling fits</h3>")[0]
+    ppl_pivots = page.split("<h2>Perplexity</h2>")[1].split("<h2>Environment</h2>")[0]
+    assert "unsupported" not in kernel_pivots and "unsupported" not in ppl_pivots
     # named once under the kernel pivots and once under the perplexity pivots
     assert page.count('<p class="not-run">not run: triton (') == 2
     assert page.count("interpreter") == 2
 
 
 def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
-    from ctxbench.reports.plots import figures, legend_labels
+    from ctxbench.measurements.kernel.report import figures as kernel_figures
+    from ctxbench.measurements.perplexity.report import figures as perplexity_figures
+    from ctxbench.reports.plots import legend_labels
 
     rows = never_ran_rows()
     rows.append(dict(rows[0], impl="chunked", status="oom", latency_ms="", tflops="", peak_mem_bytes=""))
-    figs = dict(figures(rows))
+    figs = dict(kernel_figures([r for r in rows if r["kind"] == "kernel"])
+                + perplexity_figures([r for r in rows if r["kind"] == "perplexity"]))
     assert set(figs) == {"latency", "tflops", "memory", "ppl"}
     for name in ("latency", "tflops", "memory"):
         assert legend_labels(figs[name]) == ["naive", "sdpa"], name
@@ -255,13 +272,13 @@ def test_plot_legends_leave_out_an_impl_with_nothing_plotted():
 def test_passkey_table_counts_retrieved_keys_per_depth_and_length():
     """report.html and `ctxbench report` show passkey runs as keys retrieved / trials, not as a
     kernel pivot."""
-    from ctxbench.reports.report import passkey_markdown, passkey_table
+    from ctxbench.measurements.passkey.report import passkey_markdown, passkey_table
 
     rows = []
     for n, depth, trial, status, correct in [(256, 0.0, 0, "ok", "1"), (256, 0.0, 1, "ok", "0"),
                                              (256, 0.5, 0, "ok", "1"), (512, 0.0, 0, "oom", ""),
                                              (512, 0.0, 1, "skipped", ""), (512, 0.5, 0, "ok", "1")]:
-        rows.append({"impl": "sdpa", "rope": "default", "task": "passkey", "n": str(n), "depth": str(depth),
+        rows.append({"impl": "sdpa", "rope": "default", "kind": "passkey", "n": str(n), "depth": str(depth),
                      "trial": str(trial), "status": status, "correct": correct})
     header, body = passkey_table(rows)
     assert header == ["impl", "depth", "256", "512"]

@@ -67,6 +67,10 @@ class Cell(Config):
 
     @classmethod
     def of(cls, config: Config, impl: str, n: int, kind: str, **params: Any) -> "Cell":
+        """A cell of `kind` with its fields `params` (each one the kind declares; ValueError if not)."""
+        unknown = set(params) - {f.name for f in kinds.get(kind).fields}
+        if unknown:
+            raise ValueError(f"kind {kind!r} has no field {', '.join(sorted(unknown))}")
         return cls(**asdict(config), impl=impl, n=n, kind=kind, params=tuple(params.items()))
 
     def get(self, name: str, default: Any = None) -> Any:

@@ -51,8 +51,8 @@ class PasskeyPlan(ModelPlan):
 def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str], depths: list[float], trials: int,
                  model_path: str | None, dtype: str) -> PasskeyPlan:
     """The passkey cells of a run, after checking what a run needs before it starts: the
-    implementations (resolvable, none distributed), trials >= 1, the model and its tokenizer,
-    and that the shortest length holds a prompt. UsageError (one line naming the flag) if not.
+    implementations (resolvable, none distributed), depths in [0, 1], trials >= 1, the RoPE
+    variants, the model and its tokenizer, and that the shortest length holds a prompt. UsageError (one line naming the flag) if not.
     The model's shape comes from its config; the model itself is loaded by the workers."""
     from ctxbench.measurements.passkey.prompt import overhead_tokens
     from ctxbench.models import lm
@@ -60,8 +60,12 @@ def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str], dept
     if not impls:
         fail("no implementation given; e.g. --impls sdpa,chunked")
     one_process_impls("passkey", impls)
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        fail(f"--depths {','.join(f'{d:g}' for d in depths) or '(none)'} must be fractions between 0 and 1, "
+             "e.g. 0,0.5,1")
     if trials < 1:
         fail(f"--trials must be at least 1 (got {trials})")
+    ropes = parse_ropes(",".join(ropes))
     if not lengths:
         fail("--lengths is empty; give e.g. --lengths 1024,2048,4096")
     try:
