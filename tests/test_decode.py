@@ -24,7 +24,7 @@ from ctxbench.engine import bandwidth
 from ctxbench.core.flops import attention_bytes, attention_flops
 from ctxbench.core.masks import Mask
 from ctxbench.measurements.kernel.measure import make_inputs
-from ctxbench.engine.plan import Cell, Config
+from ctxbench.core.cell import Cell, Config
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from sweep_helpers import only_run_dir, run_cli
 
@@ -100,15 +100,22 @@ def test_bytes_moved_by_hand():
         4 * 32 * 128 * sum(1000 - 16 + i + 1 for i in range(16))
 
 
+def kernel_cell(impl: str, n: int, *, query_len: int | None = None, ragged: bool = False,
+                page_size: int | None = None, **config) -> Cell:
+    """A kernel cell (every Cell of this file is built here)."""
+    return Cell.of(Config(**config), impl, n, "kernel", query_len=query_len, ragged=ragged, kv_lens=None,
+                   page_size=page_size, allow_interpreter=False)
+
+
 def test_square_cells_are_unchanged_by_the_query_length():
     """query_len = n is today's square cell: the same inputs, mask, FLOPs and bytes."""
-    square = Cell.of(Config(heads=4, kv_heads=2, head_dim=16), "sdpa", 64)
-    same = Cell.of(Config(heads=4, kv_heads=2, head_dim=16, query_len=64), "sdpa", 64)
+    square = kernel_cell("sdpa", 64, heads=4, kv_heads=2, head_dim=16)
+    same = kernel_cell("sdpa", 64, query_len=64, heads=4, kv_heads=2, head_dim=16)
     assert same.q_len == square.q_len == 64
     assert same.attention_mask == square.attention_mask == Mask("causal")
     for a, b in zip(make_inputs(square, 3, False), make_inputs(same, 3, False)):
         assert torch.equal(a, b)
-    decode = Cell.of(Config(heads=4, kv_heads=2, head_dim=16, query_len=2), "sdpa", 64)
+    decode = kernel_cell("sdpa", 64, query_len=2, heads=4, kv_heads=2, head_dim=16)
     q, k, v, dout = make_inputs(decode, 3, False)
     assert q.shape == dout.shape == (1, 4, 2, 16) and k.shape == v.shape == (1, 2, 64, 16)
     assert decode.attention_mask == Mask("causal", q_offset=62)
@@ -233,10 +240,10 @@ def test_sdpa_top_left_causal_would_be_wrong(gen):
 def test_undeclared_implementations_are_unsupported_for_fewer_queries():
     registry.register("square_only_test")(lambda q, k, v, *, causal, window, scale=None: q)
     impl = registry.get("square_only_test")
-    decode = Cell.of(Config(query_len=1), "square_only_test", 64)
+    decode = kernel_cell("square_only_test", 64, query_len=1)
     reason = impl.unsupported_reason(decode)
     assert reason is not None and "kv_cache=True" in reason and "1 queries against 64 keys" in reason
-    assert impl.unsupported_reason(Cell.of(Config(query_len=64), "square_only_test", 64)) is None
+    assert impl.unsupported_reason(kernel_cell("square_only_test", 64, query_len=64)) is None
     with pytest.raises(ValueError, match="q_offset must be Lk - Lq"):
         impl.prepare(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 8, 4), torch.ones(1, 1, 8, 4), Mask("causal"))
 
@@ -346,11 +353,11 @@ def test_ragged_and_paged_batches_match_the_reference(name, n_q, gen):
 
 def test_ragged_cells_need_a_declaration():
     registry.register("not_ragged_test", kv_cache=True)(lambda q, k, v, *, causal, window, scale=None: q)
-    cell = Cell.of(Config(query_len=1, ragged=True), "not_ragged_test", 64)
+    cell = kernel_cell("not_ragged_test", 64, query_len=1, ragged=True)
     assert "does not support ragged batches" in registry.get("not_ragged_test").unsupported_reason(cell)
     # a paged (not ragged) cell runs it on contiguous K and V
-    assert registry.get("not_ragged_test").unsupported_reason(Cell.of(Config(query_len=1, page_size=16),
-                                                                      "not_ragged_test", 64)) is None
+    assert registry.get("not_ragged_test").unsupported_reason(kernel_cell(
+        "not_ragged_test", 64, query_len=1, page_size=16)) is None
 
 
 def test_ragged_paged_sweep_counts_only_real_tokens(tmp_path, capsys):

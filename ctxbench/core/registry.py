@@ -277,8 +277,9 @@ def _first_doc_line(fn: Callable) -> str:
 
 def load_builtins() -> None:
     """Import every module of ctxbench.kernels (the kernels/ folder) once, so that the built-in
-    implementations register themselves; modules named with a leading underscore are helpers.
-    Adding a file to kernels/ adds a built-in."""
+    implementations register themselves (a helper module registers nothing; one named with a
+    leading underscore is left for the modules that use it). Adding a file to kernels/ adds a
+    built-in."""
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return

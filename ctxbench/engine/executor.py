@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ctxbench.core import kinds
 from ctxbench.core.cell import Cell, Settings
+from ctxbench.engine.worker import job_line
 
 
 # The worker starts with the current directory removed from sys.path: run from a checkout of
@@ -131,7 +132,7 @@ class Worker:
             deadline = time.monotonic() + timeout_s
             next_rss = 0.0
             try:
-                self.proc.stdin.write(f"{job_path} {result_path}\n")
+                self.proc.stdin.write(job_line(job_path, result_path))
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 pass  # it died between cells: classified below

@@ -367,10 +367,12 @@ def resolve_resume(o: Options) -> tuple[SweepSpec, str, dict[str, Any]]:
     if o.given.keys() & {"impl_names", "impl_specs"}:
         names = impl_names(o)
         validate_impls(names, list(o.impl_specs))
-        missing = [n for n in saved if names and n not in names and n not in o.impl_specs]
+        # --impls names registered implementations; a saved --impl spec (module:function) stays
+        registered = [n for n in saved if ":" not in n]
+        missing = [n for n in registered if names and n not in names]
         if missing:
             fail(f"resuming {run_dir}: --impls leaves out {', '.join(missing)} of the run; a resumed run can only "
-                 f"gain implementations (give --impls {','.join(dict.fromkeys(saved + names))})")
+                 f"gain implementations (give --impls {','.join(dict.fromkeys(registered + names))})")
         added = [n for n in dict.fromkeys(names + list(o.impl_specs)) if n not in saved]
         if added:
             changes["impls"] = saved + added

@@ -33,8 +33,9 @@ def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], 
                changes: dict[str, Any] | None = None) -> None:
     """meta.json: the command line, the spec and the environment of a run (kept across resumes).
 
-    `changes`: what a resume added (lengths, implementations, timeout); the saved spec becomes
-    `spec` and the invocation records them."""
+    The spec saved is the run's as it is now: `spec`, with what a resume added (`changes`:
+    lengths, implementations, timeout, which the invocation records too) and a bandwidth probed
+    once (so a later resume divides by the same figure)."""
     path = os.path.join(run_dir, "meta.json")
     meta: dict[str, Any] = {}
     if os.path.exists(path):
@@ -43,9 +44,7 @@ def write_meta(run_dir: str, spec: SweepSpec, run_id: str, env: dict[str, str], 
     meta.setdefault("run_id", run_id)
     meta.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("argv", argv)
-    meta.setdefault("spec", spec.to_json())
-    if changes:
-        meta["spec"] = spec.to_json()
+    meta["spec"] = spec.to_json()
     meta["environment"] = env
     invocation: dict[str, Any] = {"argv": argv, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.executable}
     if changes:

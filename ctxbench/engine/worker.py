@@ -1,6 +1,6 @@
 """The worker: a separate process that measures cells, one at a time.
 
-    python -m ctxbench.engine.worker [--memory-limit BYTES]    (then 'JOB.json RESULT.json' lines on stdin)
+    python -m ctxbench.engine.worker [--memory-limit BYTES]    (then '["JOB.json", "RESULT.json"]' lines on stdin)
 
 JOB.json holds the cell and the measurement settings; RESULT.json gets the measured
 fields, or a status (oom, unsupported, error) and a one-line message. The full traceback
@@ -72,6 +72,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def job_line(job_path: str, result_path: str) -> str:
+    """The stdin line that hands a worker one job: a JSON list, so a path may hold spaces."""
+    return json.dumps([job_path, result_path]) + "\n"
+
+
 def _write_result(result: dict[str, Any], result_path: str) -> None:
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
@@ -80,7 +85,7 @@ def _write_result(result: dict[str, Any], result_path: str) -> None:
 
 
 def serve(memory_limit_bytes: int | None) -> None:
-    """Measure jobs named on stdin, one 'JOB.json RESULT.json' line each, until stdin closes.
+    """Measure jobs named on stdin, one '["JOB.json", "RESULT.json"]' line each, until stdin closes.
 
     One process serves many cells of one implementation, which saves the start-up (torch
     import, CUDA context, compilation caches) per cell; the executor replaces it after any
@@ -91,7 +96,7 @@ def serve(memory_limit_bytes: int | None) -> None:
     for line in sys.stdin:
         if not line.strip():
             continue
-        job_path, result_path = line.split()
+        job_path, result_path = json.loads(line)  # job_line's format
         with open(job_path) as f:
             job = json.load(f)
         try:
