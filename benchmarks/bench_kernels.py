@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
-from ctxbench.engine.plan import Cell
 from ctxbench.registry import all_impls
 
 LENGTHS = [1024, 4096]
@@ -31,8 +31,9 @@ def cases() -> list:
             continue
         for mask, window in (("causal", None), ("window", WINDOW)):
             for n in LENGTHS:
-                cell = Cell(batch=B, heads=H, kv_heads=H, head_dim=D, dtype="float32", mask=mask,
-                            window=window, mode="fwd", device="cpu", impl=name, n=n)
+                config = Config(batch=B, heads=H, kv_heads=H, head_dim=D, dtype="float32", mask=mask, window=window,
+                                mode="fwd", device="cpu")
+                cell = Cell.of(config, name, n, "kernel")
                 if impl.unsupported_reason(cell) is None:
                     out.append(pytest.param(impl, n, window, id=f"{name}-{mask}-{n}"))
     return out

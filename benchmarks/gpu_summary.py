@@ -3,7 +3,9 @@
     python benchmarks/gpu_summary.py OUTDIR
 
 Reads every OUTDIR/*/results.csv (runs named check* are the correctness checks, every other
-run a performance stage; a stage stopped at its budget simply has fewer rows); writes
+run a performance stage; a stage stopped at its budget simply has fewer rows), its kernel rows
+only (column `kind`; `task` in files written before kinds had that name; neither in the first
+ones, all kernel rows); writes
 OUTDIR/all_results.csv, OUTDIR/perf_tflops.png|svg and OUTDIR/perf_latency.png|svg; prints the
 correctness verdicts, a TFLOP/s table per mask and mode, and the issue's performance goals with
 the measured ratio for each.
@@ -18,10 +20,18 @@ import sys
 import pandas as pd
 
 
+def kernel_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The kernel rows of one results.csv: column `kind`, or `task` as files written before kinds
+    called it; a file with neither (or an empty cell) is of kernel rows, the first ctxbench's only kind."""
+    df = df.rename(columns={"task": "kind"}) if "kind" not in df.columns else df.drop(columns="task", errors="ignore")
+    kind = df["kind"].fillna("kernel") if "kind" in df.columns else pd.Series("kernel", index=df.index)
+    return df[kind == "kernel"].assign(kind="kernel")
+
+
 def load(out: str) -> pd.DataFrame:
     frames = []
     for path in sorted(glob.glob(os.path.join(out, "*", "results.csv"))):
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = kernel_rows(pd.read_csv(path, keep_default_na=False, na_values=[""]))
         run = os.path.basename(os.path.dirname(path))
         df["run"] = run
         if run.endswith("-fuseddq"):

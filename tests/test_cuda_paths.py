@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
+from ctxbench.core.cell import Cell, Config, Settings
 from ctxbench.measurements.kernel import sharded
 from ctxbench.measurements.kernel.measure import throughput
-from ctxbench.engine.plan import Cell, Settings
 
 
 def test_nccl_group_uses_the_local_rank_device(monkeypatch):
@@ -48,7 +48,8 @@ def test_peak_fraction_from_the_device_name(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
     rng = random.Random(7)
     n = rng.choice([1024, 4096, 32768])
-    cell = Cell(impl="x", n=n, heads=32, kv_heads=8, head_dim=128, dtype=dtype, device="cuda", mask="causal")
+    cell = Cell.of(Config(heads=32, kv_heads=8, head_dim=128, dtype=dtype, device="cuda", mask="causal"), "x", n,
+                   "kernel")
     latency_ms = rng.uniform(0.1, 50.0)
     row = throughput(cell, latency_ms, Settings(), devices=2)
     flops = 4.0 * 32 * 128 * n * (n + 1) // 2  # causal pairs, forward
@@ -64,8 +65,8 @@ def test_decode_bandwidth_fraction_of_the_h200(monkeypatch):
     """A CUDA decode cell's GB/s is divided by the run's bandwidth (the H200's datasheet 4.8 TB/s),
     once per GPU."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
-    cell = Cell(impl="x", n=131072, query_len=1, batch=8, heads=32, kv_heads=8, head_dim=128, dtype="bfloat16",
-                device="cuda", mask="causal")
+    cell = Cell.of(Config(batch=8, heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", device="cuda", mask="causal"),
+                   "x", 131072, "kernel", query_len=1)
     s = Settings(bandwidth_gbps=4800.0, bandwidth_probe_gbps=4300.0, bandwidth_source="datasheet HBM peak")
     row = throughput(cell, 0.5, s)
     moved = 8 * 2 * (2 * 32 * 128 + 2 * 8 * 131072 * 128)
@@ -81,8 +82,8 @@ def test_cuda_defaults_of_a_sweep(monkeypatch, tmp_path):
     from ctxbench.engine import options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    o = options.Options(lengths="64,128", impl_names="sdpa", ppl_max_len=0, out=str(tmp_path))
+    o = options.Options("sweep", {"lengths": "64,128", "impl_names": "sdpa", "ppl_max_len": 0, "out": str(tmp_path)})
     spec = options.build_spec(o)
     assert spec.config.device == "cuda" and spec.config.dtype == "bfloat16"
     assert spec.settings.rep_ms == 100.0 and spec.settings.warmup_ms == 25.0
-    assert spec.ppl is None
+    assert "perplexity" not in spec.plans

@@ -20,8 +20,8 @@ import torch
 from sweep_helpers import only_run_dir, run_cli
 
 from ctxbench import registry
+from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
-from ctxbench.engine.plan import Cell
 from ctxbench.engine.results import read_results
 
 MASKS = [Mask("none"), Mask("causal"), Mask("window", 1), Mask("window", 5), Mask("window", 64)]
@@ -61,7 +61,7 @@ def test_declared_capabilities(name, dtypes, modes):
 
 def _cell(impl: str, **kw) -> Cell:
     base = {"device": "cuda", "dtype": "float16", "heads": 8, "kv_heads": 2, "head_dim": 64, "mask": "causal", "mode": "fwd"}
-    return Cell(**{**base, **kw}, impl=impl, n=1024)
+    return Cell.of(Config(**{**base, **kw}), impl, 1024, "kernel")
 
 
 @pytest.mark.parametrize("module, name, hint", [

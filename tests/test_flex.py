@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ctxbench.kernels import flex as flex_mod
+from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
-from ctxbench.engine.plan import Cell
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import all_impls
 from sweep_helpers import only_run_dir, rows_by_cell, run_cli
@@ -71,25 +71,35 @@ def test_mask_mod_is_the_mask_rule():
         assert torch.equal(got, mask.visible(torch.arange(n_q), torch.arange(n_k))), mask
 
 
+def flex_cell(**config) -> Cell:
+    """A kernel cell of flex at N=256 under Config(**config)."""
+    return Cell.of(Config(**config), "flex", 256, "kernel")
+
+
 def test_cpu_refusals_are_unsupported_rows_with_the_reason(monkeypatch):
     impl = all_impls()["flex"]
     assert impl.setup and impl.sinks and impl.modes == frozenset({"fwd", "bwd", "fwd+bwd"})
-    cell = Cell(impl="flex", n=256, device="cpu", dtype="float32", mask="causal", mode="fwd+bwd")
+    cell = flex_cell(device="cpu", dtype="float32", mask="causal", mode="fwd+bwd")
     assert "forward-only" in impl.unsupported_reason(cell)
-    assert impl.unsupported_reason(Cell(impl="flex", n=256, device="cuda", dtype="bfloat16", mode="bwd")) is None
+    assert impl.unsupported_reason(flex_cell(device="cuda", dtype="bfloat16", mode="bwd")) is None
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    reason = impl.unsupported_reason(Cell(impl="flex", n=256, device="cpu", dtype="float32", mode="fwd"))
+    reason = impl.unsupported_reason(flex_cell(device="cpu", dtype="float32", mode="fwd"))
     assert "C++ compiler" in reason and "/nonexistent/c++" in reason and "CXX" in reason
 
 
 def test_flex_is_in_default_sweeps_on_cuda_and_named_only_on_the_cpu():
-    from ctxbench.engine.options import resolve_impls
-    from ctxbench.engine.plan import Config
+    from ctxbench.engine.options import Options, choose_impls
+    from ctxbench.engine.plan import PlanContext
 
-    assert "flex" not in resolve_impls([], [], Config(device="cpu"))
-    assert "sdpa" in resolve_impls([], [], Config(device="cpu"))
-    assert "flex" in resolve_impls([], [], Config(device="cuda", dtype="bfloat16"))
-    assert resolve_impls(["flex"], [], Config(device="cpu")) == ["flex"]
+    def sweep_impls(config: Config, impls: str | None = None) -> list[str]:
+        """The implementations `ctxbench sweep [--impls IMPLS]` resolves for `config`."""
+        o = Options("sweep", {"impl_names": impls})
+        return choose_impls(o, PlanContext(options=o, config=config, lengths=[1024], impls=[], named=bool(impls)))
+
+    assert "flex" not in sweep_impls(Config(device="cpu"))
+    assert "sdpa" in sweep_impls(Config(device="cpu"))
+    assert "flex" in sweep_impls(Config(device="cuda", dtype="bfloat16"))
+    assert sweep_impls(Config(device="cpu"), "flex") == ["flex"]
 
 
 def test_a_sweep_without_a_compiler_records_unsupported(tmp_path, capsys, monkeypatch):

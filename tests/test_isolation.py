@@ -72,10 +72,9 @@ def test_workers_die_with_the_sweep(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, threading, time
         from ctxbench.engine.executor import Worker
-        from ctxbench.engine.plan import Settings
-        from ctxbench.engine.plan import Cell, Config
+        from ctxbench.core.cell import Cell, Config, Settings
         w = Worker(None, sys.argv[1])
-        cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), {MISBEHAVING + ":sleeps"!r}, 64)
+        cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), {MISBEHAVING + ":sleeps"!r}, 64, "kernel")
         threading.Thread(target=w.run, args=(cell, Settings(rep_ms=5), 600), daemon=True).start()
         print(w.proc.pid, flush=True)
         time.sleep(600)
@@ -132,12 +131,13 @@ def test_cpu_workers_cap_their_address_space_and_cuda_workers_do_not(tmp_path):
 def test_an_uncapped_worker_over_its_resident_limit_is_killed_as_oom(tmp_path):
     """The resident-set watch that protects the host from a CUDA worker, exercised on the CPU:
     the worker runs without an address-space cap and is killed once it holds more than the limit."""
+    from ctxbench.core.cell import Cell, Config, Settings
     from ctxbench.engine.executor import Worker
-    from ctxbench.engine.plan import Cell, Settings
     from misbehaving import TRIGGER
 
     worker = Worker(1 * 2**30, str(tmp_path / "w.log"), "cuda")
-    cell = Cell(impl=f"{MISBEHAVING}:hogs_memory", n=TRIGGER, heads=2, kv_heads=2, head_dim=16, device="cpu")
+    cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16, device="cpu"), f"{MISBEHAVING}:hogs_memory", TRIGGER,
+                   "kernel")
     try:
         t0 = time.monotonic()
         result = worker.run(cell, Settings(rep_ms=5), timeout_s=120)
@@ -157,8 +157,8 @@ def _environ(pid: int) -> dict[str, str]:
 def test_kernel_workers_pin_glibcs_heap_and_model_cells_get_a_worker_that_does_not(tmp_path, monkeypatch):
     """A kernel cell's peak RSS needs freed blocks returned to the OS at once (PINNED_MALLOC);
     a model cell, which reads no peak RSS, runs in a worker of its own with glibc's reuse."""
+    from ctxbench.core.cell import Cell, Settings
     from ctxbench.engine import executor
-    from ctxbench.engine.plan import Cell, Settings
 
     for name in executor.PINNED_MALLOC:
         monkeypatch.delenv(name, raising=False)
@@ -188,9 +188,9 @@ def test_kernel_workers_pin_glibcs_heap_and_model_cells_get_a_worker_that_does_n
 
     monkeypatch.setattr(executor, "Worker", Recorder)
     pool = executor.WorkerPool(None)
-    for task in ("kernel", "kernel", "perplexity", "retrieval", "passkey"):
-        assert Cell(impl="sdpa", n=64, task=task).runs_a_model == (task != "kernel")
-        pool.run_cell(Cell(impl="sdpa", n=64, task=task), Settings(), timeout_s=5, log_path=str(tmp_path / "x.log"))
+    for kind in ("kernel", "kernel", "perplexity", "retrieval", "passkey"):
+        assert Cell(impl="sdpa", n=64, kind=kind).runs_a_model == (kind != "kernel")
+        pool.run_cell(Cell(impl="sdpa", n=64, kind=kind), Settings(), timeout_s=5, log_path=str(tmp_path / "x.log"))
     # a pinned worker for the kernel cells, then one without the pins for the model cells, each
     # reused; the kernel worker was closed when the first model cell came (one process at a time)
     assert started == [True, False] and closed == [True]

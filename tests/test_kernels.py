@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ctxbench.kernels import _blockwise, chunked as chunked_mod, sliding_window as sliding_mod
+from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
-from ctxbench.engine.plan import Cell
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import Unsupported, all_impls
 
@@ -90,8 +90,9 @@ def random_qkv(seed: int, b: int, hq: int, hkv: int, n: int, d: int, dtype: torc
 
 def cell_for(impl, *, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool,
              window: int | None, mode: str = "fwd") -> Cell:
-    return Cell(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).kind,
-                window=window, mode=mode, device="cpu", impl=impl.name, n=n)
+    config = Config(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).kind,
+                    window=window, mode=mode, device="cpu")
+    return Cell.of(config, impl.name, n, "kernel")
 
 
 def run_or_skip(impl, cell: Cell, q, k, v, causal, window, scale=None) -> torch.Tensor:

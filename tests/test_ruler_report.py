@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from ctxbench.measurements.ruler.report import (
-    RULER_TASKS,
+    RULER_KINDS,
     budget_label,
     heatmaps,
     pareto_front,
@@ -38,17 +38,17 @@ def kept_of(policy: str, budget: str, n: int) -> int:
     return int(float(budget) * n) if "." in budget else int(budget)
 
 
-def row(rng: random.Random, task: str, n: int, policy: str, budget: str, *, impl: str = "sdpa",
+def row(rng: random.Random, kind: str, n: int, policy: str, budget: str, *, impl: str = "sdpa",
         ruler_task: str = "", depth: float | None = None, trial: int | None = None, status: str = "ok") -> dict:
     """One results.csv row as read back: every value a string, "" where missing."""
     kept = kept_of(policy, budget, n)
-    r = {"impl": impl, "n": str(n), "task": task, "ruler_task": ruler_task, "policy": policy, "kv_budget": budget,
+    r = {"impl": impl, "n": str(n), "kind": kind, "ruler_task": ruler_task, "policy": policy, "kv_budget": budget,
          "depth": "" if depth is None else f"{depth:g}", "trial": "" if trial is None else str(trial),
          "status": status, "message": "", "model": MODEL, "kv_kept": str(kept),
          "kv_cache_bytes": str(kept * 30 * 2 * 3 * 64 * 2 + rng.randrange(0, 100)),
          "prefill_ms": repr(rng.uniform(5, 500)), "selection_ms": repr(rng.uniform(0, 5)),
          "ms_per_token": "", "score": "", "expected": "", "predicted": "", "ppl": "", "ppl_tokens": ""}
-    if task == "retrieval":
+    if kind == "retrieval":
         r.update(ms_per_token=repr(rng.uniform(1, 40)), score=repr(rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()])))
     else:
         r.update(ppl=repr(rng.uniform(3, 80)), ppl_tokens="256")
@@ -78,7 +78,7 @@ def failures(rng: random.Random, rows: list[dict], count: int) -> list[dict]:
     """`count` rows turned to a random non-ok status (in place); the failed rows."""
     failed = rng.sample(rows, count)
     for r in failed:
-        bad = row(rng, r["task"], int(r["n"]), r["policy"], r["kv_budget"], impl=r["impl"],
+        bad = row(rng, r["kind"], int(r["n"]), r["policy"], r["kv_budget"], impl=r["impl"],
                   ruler_task=r["ruler_task"], status=rng.choice(["error", "oom", "timeout", "wrong"]))
         r.clear()
         r.update(bad)
@@ -86,11 +86,11 @@ def failures(rng: random.Random, rows: list[dict], count: int) -> list[dict]:
 
 
 def other_rows(rng: random.Random) -> list[dict]:
-    """Rows of other tasks that look like ruler rows in every other column."""
+    """Rows of other kinds that look like ruler rows in every other column."""
     out = []
-    for task in ("kernel", "passkey", "perplexity", "decode"):
+    for kind in ("kernel", "passkey", "perplexity", "decode"):
         r = row(rng, "retrieval", 512, "full", "", ruler_task="niah_single", depth=0.5, trial=0)
-        r.update(task=task, score="0.0", ppl="1e9", kv_cache_bytes="1", ms_per_token="1e6")
+        r.update(kind=kind, score="0.0", ppl="1e9", kv_cache_bytes="1", ms_per_token="1e6")
         out.append(r)
     return out
 
@@ -105,15 +105,15 @@ def floats(rows: list[dict], column: str) -> list[float]:
 
 # ---------------------------------------------------------------- rows and labels
 
-def test_ruler_rows_keeps_only_ruler_tasks() -> None:
+def test_ruler_rows_keeps_only_ruler_kinds() -> None:
     rng = random.Random(SEED)
     rows = run_rows(rng, lengths=(512,))
     mixed = other_rows(rng) + rows
     rng.shuffle(mixed)
-    assert RULER_TASKS == ("retrieval", "continuation")
+    assert RULER_KINDS == ("retrieval", "continuation")
     kept = ruler_rows(mixed)
     assert len(kept) == len(rows), f"seed {SEED}"
-    assert all(r["task"] in RULER_TASKS for r in kept)
+    assert all(r["kind"] in RULER_KINDS for r in kept)
 
 
 @pytest.mark.parametrize("policy, budget, label", [
@@ -137,8 +137,8 @@ def test_policy_summary_numbers_match_an_independent_computation() -> None:
     for rec in records:
         group = [r for r in rows if key_of(r) == (rec["impl"], rec["n"], rec["policy"], rec["kv_budget"])]
         ok = [r for r in group if r["status"] == "ok"]
-        retrieval = [r for r in ok if r["task"] == "retrieval"]
-        cont = [r for r in ok if r["task"] == "continuation"]
+        retrieval = [r for r in ok if r["kind"] == "retrieval"]
+        cont = [r for r in ok if r["kind"] == "continuation"]
         msg = f"seed {SEED}, {rec['impl']} N={rec['n']} {rec['label']}"
         assert rec["label"] == budget_label(group[0]), msg
         assert rec["kv_kept"] == kept_of(rec["policy"], rec["kv_budget"], rec["n"]), msg
@@ -166,13 +166,13 @@ def test_policy_summary_numbers_match_an_independent_computation() -> None:
 def test_policy_summary_ppl_comes_from_the_continuation_row() -> None:
     rng = random.Random(SEED)
     rows = run_rows(rng, lengths=(768,))
-    ppl = {key_of(r): float(r["ppl"]) for r in rows if r["task"] == "continuation"}
+    ppl = {key_of(r): float(r["ppl"]) for r in rows if r["kind"] == "continuation"}
     for rec in policy_summary(rows):
         assert rec["ppl"] == pytest.approx(ppl[(rec["impl"], rec["n"], rec["policy"], rec["kv_budget"])]), \
             f"seed {SEED}"
-    without = policy_summary([r for r in rows if r["task"] == "retrieval"])
+    without = policy_summary([r for r in rows if r["kind"] == "retrieval"])
     assert all(rec["ppl"] is None for rec in without)
-    only = policy_summary([r for r in rows if r["task"] == "continuation"])
+    only = policy_summary([r for r in rows if r["kind"] == "continuation"])
     assert all(rec["score"] is None and rec["cells"] == 0 and rec["tasks"] == {} for rec in only)
     assert all(rec["ms_per_token"] is None for rec in only)
 
@@ -217,7 +217,7 @@ def test_policy_table_and_markdown() -> None:
         assert line[header.index("kept")] == str(rec["kv_kept"]), msg
         group = (rec["impl"], rec["n"], rec["policy"], rec["kv_budget"])
         scores = [float(r["score"]) for r in rows
-                  if key_of(r) == group and r["task"] == "retrieval" and r["status"] == "ok"]
+                  if key_of(r) == group and r["kind"] == "retrieval" and r["status"] == "ok"]
         assert line[header.index("score")] == f"{100 * sum(scores) / len(scores):.0f}%", msg
         assert line[header.index("ppl")] == ("" if rec["ppl"] is None else f"{rec['ppl']:.2f}"), msg
         assert line[header.index("not ok")] == (str(rec["not_ok"]) if rec["not_ok"] else ""), msg
@@ -331,6 +331,6 @@ def test_plots_of_no_ok_rows_write_nothing(tmp_path) -> None:
 
 def test_continuation_only_gets_a_pareto_plot_and_no_heatmaps(tmp_path) -> None:
     rng = random.Random(SEED)
-    rows = [r for r in run_rows(rng, lengths=(512,)) if r["task"] == "continuation"]
+    rows = [r for r in run_rows(rng, lengths=(512,)) if r["kind"] == "continuation"]
     written = plots(rows, str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in written] == ["ruler-pareto.png", "ruler-pareto.svg"]
