@@ -7,9 +7,10 @@
 
 No GPU needed: every kernel of one forward + backward (kernels/triton_attention.py) is compiled
 exactly as it would be launched, for the target given (sm_90 = Hopper), down to a cubin with the
-ptxas that ships with triton. The wrappers run on CPU tensors with the launches captured; each
-launch's arguments go through triton's own binder (so stride 1 and divisibility specialise as on
-a GPU). For each kernel and configuration it prints:
+ptxas that ships with triton. The wrappers run on CPU tensors with the launches captured (their
+`launcher`); each launch's arguments go through triton's own binder (so stride 1 and
+divisibility specialise as on a GPU). The configurations come from kernels/triton_configs.py.
+For each kernel and configuration it prints:
 
   regs      registers per thread (ptxas -v)
   spill     bytes of spill stores per thread (ptxas -v; loads are in the CSV)
@@ -26,6 +27,9 @@ the autotuner can pick at --n, after pruning: the default), "all" (the whole spa
 pruning), "check" (the fixed list benchmarks/gpu_check.sh tunes over). Kernels are compiled
 fresh (TRITON_ALWAYS_COMPILE, a private cache), so compile times are real. --json prints one
 JSON object per kernel instead of the table (tests/test_triton.py reads these).
+--kernel-file compiles another copy of kernels/triton_attention.py (its configurations and
+helpers are this checkout's triton_configs and triton_common), or an older one that held its
+configurations itself (before triton_configs existed), to compare versions.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -59,8 +64,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MASKS = ("none", "causal", "window", "sinks")
-# Kernels launched directly (not through triton_attention._launch): kind -> module attribute.
-AUX_KERNELS = {"pre": "_bwd_preprocess", "dq_cast": "_bwd_dq_cast"}
+# An older single-file kernel (--kernel-file): the kernels it launched directly rather than
+# through its _launch, kind -> module attribute.
+LEGACY_AUX_KERNELS = {"pre": "_bwd_preprocess", "dq_cast": "_bwd_dq_cast"}
 COLUMNS = ["kernel", "dtype", "head_dim", "mask", "config", "default", "regs", "spill", "spill_loads", "stack",
            "shared", "smem_estimate", "wgmma", "mma", "mma_per_tile", "compile_s", "compile_cpu_s", "ok", "ptx_sha", "triton", "arch", "error"]
 
@@ -77,61 +83,107 @@ def load_module(path: str | None):
     return mod
 
 
-def capture(ta, dtype: torch.dtype, head_dim: int, mask: str, n: int,
-            q_len: int | None = None) -> list[tuple[str, tuple, dict]]:
-    """The (kind, args, meta) of every kernel launch of one forward + backward, not run:
-    n keys and q_len queries (default n; fewer: the last q_len positions, as against a KV cache)."""
-    captured = []
-
-    class _Capture:
-        def __init__(self, kind):
-            self.kind = kind
-
-        def __getitem__(self, grid):
-            return lambda *args, **meta: captured.append((self.kind, args, meta))
-
-    saved = {"_launch": ta._launch}
-    ta._launch = lambda kind, rows, cols, args, meta: (captured.append((kind, args, meta)) or (0, 0, ""))
-    for kind, name in AUX_KERNELS.items():
-        if hasattr(ta, name):
-            saved[name] = getattr(ta, name)
-            setattr(ta, name, _Capture(kind))
-    try:
-        causal, window = mask != "none", (300 if mask in ("window", "sinks") else None)
-        sinks = 4 if mask == "sinks" else 0
-        q = torch.randn(2, 4, n if q_len is None else q_len, head_dim, dtype=dtype)
-        k, v = (torch.randn(2, 2, n, head_dim, dtype=dtype) for _ in range(2))
-        o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks)
-        ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks)
-    finally:
-        for name, value in saved.items():
-            setattr(ta, name, value)
-    return captured
+def _inputs(dtype: torch.dtype, head_dim: int, mask: str, n: int, q_len: int | None):
+    """q, k, v and (causal, window, sinks) of the captured call: n keys, q_len queries."""
+    causal, window = mask != "none", (300 if mask in ("window", "sinks") else None)
+    sinks = 4 if mask == "sinks" else 0
+    q = torch.randn(2, 4, n if q_len is None else q_len, head_dim, dtype=dtype)
+    k, v = (torch.randn(2, 2, n, head_dim, dtype=dtype) for _ in range(2))
+    return q, k, v, (causal, window, sinks)
 
 
-def _default(ta, kind: str, fma: bool, meta: dict) -> tuple:
-    if hasattr(ta, "default_config"):
-        return ta.default_config(kind, fma, meta["BLOCK_D"], meta.get("FUSED_DQ", False))
-    return ta.FP32_IEEE_SPACE[kind][0] if fma else ta.DEFAULT_CONFIGS[kind]  # an older kernel file
+def kernel_api(ta) -> SimpleNamespace:
+    """What this script needs of a kernel module, in one shape: its kernels by kind, the
+    autotuned kinds, capture(dtype, head_dim, mask, n, q_len) -> [(kind, args, meta)] of one
+    forward + backward, and the configuration functions (kernels/triton_configs.py's, or an older
+    single-file kernel's own)."""
+    if hasattr(ta, "KERNELS"):
+        from ctxbench.kernels import triton_configs as tc
+
+        def capture(dtype, head_dim, mask, n, q_len=None):
+            captured = []
+
+            def launcher(kind, rows, cols, args, meta):
+                captured.append((kind, args, meta))
+                return ""
+            q, k, v, (causal, window, sinks) = _inputs(dtype, head_dim, mask, n, q_len)
+            o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks, launcher=launcher)
+            ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks, launcher=launcher)
+            return captured
+
+        return SimpleNamespace(
+            kernels=dict(ta.KERNELS), kinds=tc.KINDS, capture=capture, space=tc.tuning_space,
+            check_space=tc.CHECK_SPACE, fp32_space=tc.FP32_IEEE_SPACE, prune=tc.prune, to_triton=tc.to_triton,
+            describe=tc.describe, smem_estimate=tc.smem_estimate,
+            fma=lambda q, meta: tc.uses_fma(q.dtype, meta["PRECISION"]),
+            default=lambda kind, fma, meta: tc.default_config(kind, fma, meta["BLOCK_D"], meta.get("FUSED_DQ", False)))
+    return _legacy_api(ta)
 
 
-def configs_for(ta, which: str, kind: str, args: tuple, meta: dict, n: int, q_len: int | None = None) -> list[tuple]:
+def _legacy_api(ta) -> SimpleNamespace:
+    """kernel_api of a kernels/triton_attention.py from before triton_configs: its launches
+    captured by replacing its _launch and its directly launched kernels for the call."""
+
+    def capture(dtype, head_dim, mask, n, q_len=None):
+        captured = []
+
+        class _Capture:
+            def __init__(self, kind):
+                self.kind = kind
+
+            def __getitem__(self, grid):
+                return lambda *args, **meta: captured.append((self.kind, args, meta))
+
+        saved = {"_launch": ta._launch}
+        ta._launch = lambda kind, rows, cols, args, meta: (captured.append((kind, args, meta)) or (0, 0, ""))
+        for kind, name in LEGACY_AUX_KERNELS.items():
+            if hasattr(ta, name):
+                saved[name] = getattr(ta, name)
+                setattr(ta, name, _Capture(kind))
+        try:
+            q, k, v, (causal, window, sinks) = _inputs(dtype, head_dim, mask, n, q_len)
+            o, lse = ta.attention_forward(q, k, v, causal, window, None, sinks)
+            ta.attention_backward(torch.randn_like(o), q, k, v, o, lse, causal, window, None, sinks)
+        finally:
+            for name, value in saved.items():
+                setattr(ta, name, value)
+        return captured
+
+    def default(kind, fma, meta):
+        if hasattr(ta, "default_config"):
+            return ta.default_config(kind, fma, meta["BLOCK_D"], meta.get("FUSED_DQ", False))
+        return ta.FP32_IEEE_SPACE[kind][0] if fma else ta.DEFAULT_CONFIGS[kind]
+
+    def smem_estimate(kind, bm, bn, stages, block_d, size, fused=False):
+        extra = {"fused": True} if fused else {}  # the oldest files lack it
+        return ta._smem_estimate(kind, bm, bn, stages, block_d, size, **extra)
+
+    kernels = dict(ta._PLAIN)
+    kernels.update({kind: getattr(ta, name) for kind, name in LEGACY_AUX_KERNELS.items() if hasattr(ta, name)})
+    return SimpleNamespace(
+        kernels=kernels, kinds=tuple(ta._PLAIN), capture=capture, space=ta._space, check_space=ta.CHECK_SPACE,
+        fp32_space=ta.FP32_IEEE_SPACE, prune=lambda kind, configs, named, **meta: ta._prune(kind)(configs, named, **meta),
+        to_triton=lambda c: ta._config(*c), describe=lambda c: ta._describe(*c), smem_estimate=smem_estimate,
+        fma=ta._fma, default=default)
+
+
+def configs_for(api, which: str, kind: str, args: tuple, meta: dict, n: int, q_len: int | None = None) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, warps, stages) tuples of `kind` for --which."""
-    fma = ta._fma(args[0], meta)
-    default = _default(ta, kind, fma, meta)
+    fma = api.fma(args[0], meta)
+    default = api.default(kind, fma, meta)
     if which == "default":
         return [default]
     if which == "all":
-        return list(ta._space(kind))
+        return list(api.space(kind))
     if which == "check":
-        space = ta.CHECK_SPACE[kind] if not fma else ta.FP32_IEEE_SPACE[kind]
-        configs = [ta._config(*c) for c in space]
+        space = api.check_space[kind] if not fma else api.fp32_space[kind]
+        configs = [api.to_triton(c) for c in space]
     else:
-        configs = [ta._config(*c) for c in ta._space(kind)]
+        configs = [api.to_triton(c) for c in api.space(kind)]
     named = {"N": n, "Q": args[0]}
     if q_len is not None:
         named["N_Q"] = q_len
-    kept = ta._prune(kind)(configs, named, **meta)
+    kept = api.prune(kind, configs, named, **meta)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -217,23 +269,20 @@ def compile_one(ta, fn, args: tuple, meta: dict, config: tuple, capability: int)
     return row
 
 
-def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, capability: int,
+def stats(api, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, capability: int,
           kinds: set | None = None, q_len: int | None = None):
-    """Yield one row per (kernel, configuration) of one forward + backward."""
+    """Yield one row per (kernel, configuration) of one forward + backward (api: kernel_api)."""
     import triton
 
-    plain = dict(ta._PLAIN)
-    for kind, name in AUX_KERNELS.items():
-        if hasattr(ta, name):
-            plain[kind] = getattr(ta, name)
     seen = set()
-    for kind, args, meta in capture(ta, dtype, head_dim, mask, n, q_len):
+    for kind, args, meta in api.capture(dtype, head_dim, mask, n, q_len):
         if kinds and kind not in kinds:
             continue
         meta = dict(meta)
-        if kind in ta._PLAIN:
-            configs = configs_for(ta, which, kind, args, meta, n, q_len)
-            default = _default(ta, kind, ta._fma(args[0], meta), meta)
+        tuned = kind in api.kinds
+        if tuned:
+            configs = configs_for(api, which, kind, args, meta, n, q_len)
+            default = api.default(kind, api.fma(args[0], meta), meta)
         else:
             configs = [(None, None, meta.pop("num_warps", 4), meta.pop("num_stages", 1))]
             default = configs[0]
@@ -242,13 +291,13 @@ def stats(ta, dtype: torch.dtype, head_dim: int, mask: str, which: str, n: int, 
                 continue
             seen.add((kind, config))
             row = dict(kernel=kind, dtype=DTYPE_NAMES[dtype], head_dim=head_dim, mask=mask,
-                       config=ta._describe(*config) if config[0] is not None else f"warps={config[2]}",
+                       config=api.describe(config) if config[0] is not None else f"warps={config[2]}",
                        default=config == default, triton=triton.__version__, arch=f"sm_{capability}")
-            if kind in ta._PLAIN and dtype != torch.float32:  # what pruning assumes the kernel needs
-                extra = {"fused": True} if kind == "dkdv" and meta.get("FUSED_DQ") else {}  # older files lack it
-                row["smem_estimate"] = ta._smem_estimate(kind, config[0], config[1], config[3], meta["BLOCK_D"],
-                                                         args[0].element_size(), **extra)
-            row.update(compile_one(ta, plain[kind], args, meta, config, capability))
+            if tuned and dtype != torch.float32:  # what pruning assumes the kernel needs
+                fused = kind == "dkdv" and bool(meta.get("FUSED_DQ"))
+                row["smem_estimate"] = api.smem_estimate(kind, config[0], config[1], config[3], meta["BLOCK_D"],
+                                                         args[0].element_size(), fused)
+            row.update(compile_one(api, api.kernels[kind], args, meta, config, capability))
             yield row
 
 
@@ -318,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if not m:
         p.error(f"--arch must look like sm_90 (got {a.arch})")
     capability = int(m.group(1))
-    ta = load_module(a.kernel_file)
-    if not hasattr(ta._fwd_kernel, "_pack_args"):
+    api = kernel_api(load_module(a.kernel_file))
+    if not hasattr(api.kernels["fwd"], "_pack_args"):
         print("kernel_stats: this triton has no JITFunction._pack_args")
         return 3
     kinds = set(filter(None, a.kernels.split(",")))
@@ -332,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for dt, d, mask in cases:
         if mask not in MASKS or dt not in DTYPES:
             p.error(f"unknown mask {mask} or dtype {dt}")
-        for row in stats(ta, DTYPES[dt], int(d), mask, a.which, a.n, capability, kinds, a.q_len):
+        for row in stats(api, DTYPES[dt], int(d), mask, a.which, a.n, capability, kinds, a.q_len):
             rows.append(row)
             if a.json:
                 print(json.dumps(row), flush=True)

@@ -46,25 +46,28 @@ query blocks past its band's end, up to N. Work stays O(N * (W + S)).
 Backward: a preprocess computes Delta = rowsum(dO * O) over the N_Q rows; a dK/dV kernel
 (grid: key blocks x B*Hkv; keys that no query sees get dK = dV = 0) loops over the `group`
 query heads sharing its kv head, so GQA needs neither copies of K/V nor atomics for dK, dV.
-dQ comes one of two ways (FUSED_DQ):
+dQ comes one of two ways (the fused_dq setting, CTXBENCH_TRITON_FUSED_DQ):
   fused     each dK/dV tile also computes dS K and adds it into an fp32 dQ with atomic adds;
             a small kernel then scales and casts it: 5 matmuls per tile pair, FlashAttention-2's;
   separate  a dQ kernel (grid: query blocks x B*Hq) mirrors the forward and recomputes S, P
             and dP: 7 matmuls per tile pair, no atomics.
 "auto" (the default) fuses for fp16/bf16 with D <= 64; at D=128 the fused dK/dV program
 spills registers on sm_90 in every configuration but one tile shape under triton 3.6 (see
-NO_SPILL), and fp32 (FMAs) spills badly, so those take the separate kernel until a GPU says
+triton_configs.NO_SPILL), and fp32 (FMAs) spills badly, so those take the separate kernel until a GPU says
 which is faster (benchmarks/gpu_check.sh times both at D=128).
 A key block crossing N is masked against every query block (its padding keys must get dS = 0).
 
 Precision: fp16/bf16 inputs use tensor cores with fp32 accumulation, P and dS rounded to the
 input dtype as in FlashAttention. fp32 inputs use input_precision="ieee" by default (true
 fp32 products, held to the fp32 tolerance; no tensor cores, so slower); set
-CTXBENCH_TRITON_FP32_PRECISION=tf32 (or FP32_PRECISION below) to benchmark fp32 on tf32 tensor
-cores instead. The choice is reported through info().
+CTXBENCH_TRITON_FP32_PRECISION=tf32 (or the fp32_precision setting) to benchmark fp32 on tf32
+tensor cores instead. The choice is reported through info().
 
-Interpreter. The INTERPRETED constexpr is True only under Triton's interpreter (always False
-when compiled, so compiled kernels are unchanged by it) and changes two things there:
+Interpreter. Each call decides whether its kernels run compiled or in Triton's interpreter:
+interpreted when TRITON_INTERPRET says so or, if it is unset, when the machine has no CUDA
+(triton_interpreter.interpreted), whatever imported triton first (triton_interpreter explains
+how). The INTERPRETED constexpr is True only under the interpreter (always False when compiled,
+so compiled kernels are unchanged by it) and changes two things there:
   Loops: each K/V (or Q) loop is a `for ... in range(start, end, BLOCK)` when compiled, which
     triton pipelines (num_stages), and a `while` loop over the same tile body (_fwd_tile,
     _bwd_dkdv_tile, _bwd_dq_tile) when interpreted: triton 3.6's interpreter turns the bounds
@@ -82,30 +85,40 @@ Schedule: under a causal mask the query blocks of the forward and dQ kernels sta
 first (the last block, which sees the most keys, has program id 0: _heaviest_first); with an
 offset too (the last query block still sees the most keys, key block 0 the most queries).
 
-Knobs (module attributes, read at each call):
-  AUTOTUNE       on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
-  SPACE          "full" (default) or "check" (CTXBENCH_TRITON_SPACE, read at import): the
-                 autotuning space, or the GPU check's few configurations (CHECK_SPACE).
-  FP32_PRECISION "ieee" (default) or "tf32"/"tf32x3" for fp32 inputs.
-  FUSED_DQ       "auto" (default), "1" or "0" (CTXBENCH_TRITON_FUSED_DQ): the backward's dQ,
-                 fused into dK/dV with atomics or from a kernel of its own (see Backward).
-  COUNT_VISITS   debug: every kernel counts the blocks it visits per program into
-                 `last_visits`, and the order its programs started in into `last_order`
-                 (fixed configs, no autotuning); tests compare with the mask (Lq <= Lk).
+Settings (triton_settings.TritonSettings): a call's `settings`, or else the CTXBENCH_TRITON_*
+variables as they are at that call (never at import):
+  autotune        on CUDA, autotune the block sizes (default; CTXBENCH_TRITON_AUTOTUNE=0 off).
+  space           "full" (default) or "check" (CTXBENCH_TRITON_SPACE): the autotuning space, or
+                  the GPU check's few configurations (triton_configs.CHECK_SPACE).
+  fp32_precision  "ieee" (default) or "tf32"/"tf32x3" for fp32 inputs
+                  (CTXBENCH_TRITON_FP32_PRECISION).
+  fused_dq        "auto" (default), "1" or "0" (CTXBENCH_TRITON_FUSED_DQ): the backward's dQ,
+                  fused into dK/dV with atomics or from a kernel of its own (see Backward).
+  count_visits    debug: every kernel counts the blocks it visits per program into
+                  `last_visits`, and the order its programs started in into `last_order`
+                  (fixed configs, no autotuning); tests compare with the mask (Lq <= Lk).
+  configs, tuners fixed configs or autotuners of one's own, by kernel (tests, tools).
+
+This module holds the kernels and their launches. Their configurations and autotuning space
+are triton_configs' (data that changes with the Triton version), the settings
+triton_settings', the matmul helpers and device checks shared with triton_decode
+triton_common's, and the choice between compiling and interpreting triton_interpreter's.
 """
 
+import functools
 import math
-import os
 from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
+from ctxbench.kernels.triton_common import NOT_INSTALLED, device_reason, jit, mm, mma
+from ctxbench.kernels.triton_configs import (INTERPRETER_CONFIGS, INTERPRETER_PRE_BLOCK_M, KINDS, PRE_BLOCK_M,
+                                             TUNE_KEY, Config, default_config, describe, from_triton, fused_dq,
+                                             prune, to_triton, tuning_space, uses_fma)
+from ctxbench.kernels.triton_interpreter import interpreted, launch_scope, launchable
+from ctxbench.kernels.triton_settings import TritonSettings
 from ctxbench.registry import Unsupported, register
-
-# ctxbench chooses the interpreter itself on a machine without CUDA. This must happen
-# before triton is imported: triton reads it when kernels are decorated.
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 try:
     import triton
@@ -114,27 +127,15 @@ except ImportError:  # the module still imports and registers `triton`, as unsup
     triton = None
     tl = SimpleNamespace(constexpr=None)  # for the annotations below; no kernel runs
 
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-NOT_INSTALLED = "triton is not installed: pip install triton"
-INTERPRETER_MAX_LEN = 512
+INTERPRETER_MAX_LEN = 512  # keys; more on the CPU needs --allow-interpreter
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
-AUTOTUNE = os.environ.get("CTXBENCH_TRITON_AUTOTUNE", "1") != "0"
-FP32_PRECISION = os.environ.get("CTXBENCH_TRITON_FP32_PRECISION", "ieee")
-COUNT_VISITS = False
-FUSED_DQ = os.environ.get("CTXBENCH_TRITON_FUSED_DQ", "auto")
+# settings.count_visits: per kernel kind, (visits [heads, blocks], BLOCK_M, BLOCK_N) and the
+# programs' launch ranks [heads, blocks] of the last call
 last_visits: dict = {}
 last_order: dict = {}
-
-
-def interpreted() -> bool:
-    """Whether triton kernels run in the interpreter (TRITON_INTERPRET set) in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_LAST: dict = {}  # info(): the last call's details
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def interpreted() -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _load_rows(ptrs, rows, offs_d, N, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                EVEN_D: tl.constexpr):
     """A [R, BLOCK_D] tile: rows along axis 0, head dim along axis 1."""
@@ -160,7 +161,7 @@ def _load_rows(ptrs, rows, offs_d, N, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.con
     return x
 
 
-@_jit
+@jit
 def _load_cols(ptrs, cols, offs_d, N, CHECK_COLS: tl.constexpr, HEAD_DIM: tl.constexpr,
                EVEN_D: tl.constexpr):
     """A transposed [BLOCK_D, C] tile: head dim along axis 0, rows of the tensor along axis 1."""
@@ -177,7 +178,7 @@ def _load_cols(ptrs, cols, offs_d, N, CHECK_COLS: tl.constexpr, HEAD_DIM: tl.con
     return x
 
 
-@_jit
+@jit
 def _store_rows(ptrs, x, rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
     if EVEN_D:
         tl.store(ptrs, x, mask=rows[:, None] < N)
@@ -185,40 +186,9 @@ def _store_rows(ptrs, x, rows, offs_d, N, HEAD_DIM: tl.constexpr, EVEN_D: tl.con
         tl.store(ptrs, x, mask=(rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
 
 
-@_jit
-def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """tl.dot(a, b) with fp32 accumulation. Under the interpreter, tl.dot on bf16 multiplies
-    raw bit patterns (triton-lang/triton#11584): bf16 operands are then widened to fp32 first,
-    which is exact, so the result is what bf16 tensor cores compute. Compiled kernels
-    (INTERPRETED is False) always take the plain tl.dot branch."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            c = tl.dot(a, b, input_precision=PRECISION)
-    else:
-        c = tl.dot(a, b, input_precision=PRECISION)
-    return c
 
 
-@_jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + tl.dot(a, b); see _mm."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            c = tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        c = tl.dot(a, b, acc, input_precision=PRECISION)
-    return c
-
-
-# The two matmul helpers under public names, for the other Triton kernels (triton_decode).
-mm, mma = _mm, _mma
-
-
-@_jit
+@jit
 def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
              HAS_SINKS: tl.constexpr):
     """[len(rows), len(cols)] visibility (ctxbench.core.masks convention), keys >= N invisible:
@@ -235,7 +205,7 @@ def _visible(rows, cols, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
     return ok
 
 
-@_jit
+@jit
 def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SINKS: tl.constexpr):
     """The transpose of _visible: [len(cols), len(rows)], query rows >= N invisible, and keys
@@ -255,7 +225,7 @@ def _visible_t(cols, rows, N, WINDOW, SINKS, IS_CAUSAL: tl.constexpr, HAS_WINDOW
     return ok
 
 
-@_jit
+@jit
 def _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key-block bounds (multiples of BLOCK_N) for the query block starting at row start_m:
@@ -288,7 +258,7 @@ def _key_bounds(start_m, N, N_Q, Q_OFF, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: 
     return lo, full_lo, full_hi, hi
 
 
-@_jit
+@jit
 def _clamp0(x, ON: tl.constexpr):
     """max(x, 0) when ON, else x (known >= 0)."""
     if ON:
@@ -296,7 +266,7 @@ def _clamp0(x, ON: tl.constexpr):
     return x
 
 
-@_jit
+@jit
 def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """Query-block bounds (multiples of BLOCK_M) for the key block starting at start_n, in
@@ -337,7 +307,7 @@ def _query_bounds(start_n, N, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     return lo, full_lo, full_hi, hi
 
 
-@_jit
+@jit
 def _sink_key_bounds(lo, SINKS, BLOCK_N: tl.constexpr):
     """Sink key blocks left of the band [lo, hi) of a query block: [0, full) hold sinks only,
     [full, end) are cut by SINKS. Every row of the block sees a sink key j < lo (j < lo <= its
@@ -347,7 +317,7 @@ def _sink_key_bounds(lo, SINKS, BLOCK_N: tl.constexpr):
     return full, end
 
 
-@_jit
+@jit
 def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query blocks past the band's end hi that see sink keys of the key block at start_n:
     all of them up to N when the block holds a sink. [hi, full) need no mask (the key block
@@ -359,7 +329,7 @@ def _sink_query_bounds(start_n, hi, N, SINKS, BLOCK_M: tl.constexpr, BLOCK_N: tl
     return full, end
 
 
-@_jit
+@jit
 def _heaviest_first(pid, num, IS_CAUSAL: tl.constexpr):
     """The query block a program works on. Blocks start in launch order (program id 0 first,
     head by head), and under a causal mask the last query block sees the most keys: reversed,
@@ -371,9 +341,9 @@ def _heaviest_first(pid, num, IS_CAUSAL: tl.constexpr):
     return pid
 
 
-@_jit
+@jit
 def _count(Visits, visits, block):
-    """COUNT_VISITS: add this program's visits at [head, block], and record when it ran: its
+    """count_visits: add this program's visits at [head, block], and record when it ran: its
     launch rank (an atomic counter after the visits and ranks) at [head, block] of the ranks."""
     size = tl.num_programs(0) * tl.num_programs(1)
     slot = tl.program_id(1) * tl.num_programs(0) + block
@@ -386,7 +356,7 @@ def _count(Visits, visits, block):
 # ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n, offs_d, N, WINDOW, SINKS,
               qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
@@ -395,7 +365,7 @@ def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n,
     rows' positions, N: the number of keys)."""
     cols = start_n + offs_n
     kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    qk = _mm(q, kt, PRECISION, INTERPRETED)
+    qk = mm(q, kt, PRECISION, INTERPRETED)
     if MASKED:
         ok = _visible(pos_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
         qk = tl.where(ok, qk * qk_scale, float("-inf"))
@@ -409,7 +379,7 @@ def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = _load_rows(v_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    acc = _mma(p.to(v.dtype), v, acc, PRECISION, INTERPRETED)
+    acc = mma(p.to(v.dtype), v, acc, PRECISION, INTERPRETED)
     if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
         if MASKED:
             visits += 65537
@@ -418,7 +388,7 @@ def _fwd_tile(acc, l_i, m_i, visits, q, kt_ptrs, v_ptrs, start_n, pos_m, offs_n,
     return acc, l_i, m_ij, visits
 
 
-@_jit
+@jit
 def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, pos_m, offs_n, offs_d,
                stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -449,7 +419,7 @@ def _fwd_inner(acc, l_i, m_i, visits, q, k_base, v_base, start, end, pos_m, offs
     return acc, l_i, m_i, visits
 
 
-@_jit
+@jit
 def _fwd_kernel(Q, K, V, O, LSE, Visits,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -545,7 +515,7 @@ def _fwd_kernel(Q, K, V, O, LSE, Visits,
 # ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _bwd_preprocess(O, DO, Delta,
                     stride_ob, stride_oh, stride_on, stride_od,
                     stride_dob, stride_doh, stride_don, stride_dod,
@@ -568,7 +538,7 @@ def _bwd_preprocess(O, DO, Delta,
     tl.store(Delta + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
 
 
-@_jit
+@jit
 def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, delta_base, start_m, offs_n,
                    offs_d, N, WINDOW, SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -586,23 +556,23 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
         lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
     else:
         lse = tl.load(lse_base + rows)
-    qkt = _mm(k, qt, PRECISION, INTERPRETED)
+    qkt = mm(k, qt, PRECISION, INTERPRETED)
     st = qkt * qk_scale - lse[None, :]
     if MASKED:  # hidden pairs get exp2(-inf) = 0
         ok = _visible_t(offs_n, rows, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS)
         st = tl.where(ok, st, float("-inf"))
     pt = tl.math.exp2(st)
     do = _load_rows(do_ptrs, rows, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    dv = _mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
+    dv = mma(pt.to(do.dtype), do, dv, PRECISION, INTERPRETED)
     if MASKED:
         delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
     else:
         delta = tl.load(delta_base + rows)
-    dpt = _mm(v, tl.trans(do), PRECISION, INTERPRETED)
+    dpt = mm(v, tl.trans(do), PRECISION, INTERPRETED)
     dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
-    dk = _mma(dst, tl.trans(qt), dk, PRECISION, INTERPRETED)
+    dk = mma(dst, tl.trans(qt), dk, PRECISION, INTERPRETED)
     if FUSED_DQ:  # this key block's share of dQ for these rows, summed over key blocks in fp32
-        dq = _mm(tl.trans(dst), k, PRECISION, INTERPRETED)
+        dq = mm(tl.trans(dst), k, PRECISION, INTERPRETED)
         if MASKED:
             if EVEN_D:
                 tl.atomic_add(dq_ptrs, dq, mask=rows[:, None] < N, sem="relaxed")
@@ -621,7 +591,7 @@ def _bwd_dkdv_tile(dk, dv, visits, k, v, qt_ptrs, do_ptrs, dq_ptrs, lse_base, de
     return dk, dv, visits
 
 
-@_jit
+@jit
 def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, delta_base, start, end,
                     offs_n, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
                     N, WINDOW, SINKS, qk_scale,
@@ -661,7 +631,7 @@ def _bwd_dkdv_inner(dk, dv, visits, k, v, q_base, do_base, dq_base, lse_base, de
     return dk, dv, visits
 
 
-@_jit
+@jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -758,7 +728,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, DQ_ACC, Visits,
         _count(Visits, visits, pid_n)
 
 
-@_jit
+@jit
 def _bwd_dq_cast(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqn, stride_dqd, H, N, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """FUSED_DQ: dQ = sm_scale * DQ_ACC (the fp32 sum of the dK/dV programs' atomic adds,
@@ -778,7 +748,7 @@ def _bwd_dq_cast(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqn, stride_dqd, H, 
              + offs_d[None, :] * stride_dqd, (acc * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m, offs_n, offs_d, N, WINDOW,
                  SINKS, qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_SINKS: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
@@ -788,14 +758,14 @@ def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m
     cols = start_n + offs_n
     kt = _load_cols(kt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
     vt = _load_cols(vt_ptrs, cols, offs_d, N, MASKED, HEAD_DIM, EVEN_D)
-    qk = _mm(q, kt, PRECISION, INTERPRETED)
+    qk = mm(q, kt, PRECISION, INTERPRETED)
     s = qk * qk_scale - lse[:, None]
     if MASKED:
         s = tl.where(_visible(pos_m, cols, N, WINDOW, SINKS, IS_CAUSAL, HAS_WINDOW, HAS_SINKS), s, float("-inf"))
     p = tl.math.exp2(s)
-    dp = _mm(do, vt, PRECISION, INTERPRETED)
+    dp = mm(do, vt, PRECISION, INTERPRETED)
     ds = p * (dp - delta[:, None])
-    dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, INTERPRETED)
+    dq = mma(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, INTERPRETED)
     if COUNT:  # low 16 bits: blocks visited; high bits: those that paid for masking
         if MASKED:
             visits += 65537
@@ -804,7 +774,7 @@ def _bwd_dq_tile(dq, visits, q, do, lse, delta, kt_ptrs, vt_ptrs, start_n, pos_m
     return dq, visits
 
 
-@_jit
+@jit
 def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, pos_m, offs_n, offs_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, N, WINDOW, SINKS, qk_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -834,7 +804,7 @@ def _bwd_dq_inner(dq, visits, q, do, lse, delta, k_base, v_base, start, end, pos
     return dq, visits
 
 
-@_jit
+@jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -912,261 +882,81 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Visits,
 
 
 # ---------------------------------------------------------------------------------------
-# Configurations and autotuning
+# Launches
 # ---------------------------------------------------------------------------------------
 
-# Keys of every autotuner: the key and query lengths and the window rounded up to a power of
-# two, the head dim, the mask and the fp32 precision (triton appends the tensors' dtypes itself).
-TUNE_KEY = ["N_BUCKET", "NQ_BUCKET", "W_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SINKS", "HAS_OFFSET",
-            "PRECISION"]
-PRE_BLOCK_M = 64
-SMEM_LIMIT = 232448  # bytes per block on H100/H200 (227 KiB); prune configs needing far more
+# Every kernel, by the kind its launches name: the autotuned three (triton_configs.KINDS) and
+# the backward's two small ones, launched with one block size given in their meta.
+KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "pre": _bwd_preprocess,
+           "dq_cast": _bwd_dq_cast}
+
+# launch(kind, rows, cols, args, meta) -> the description of the config it ran: kernel `kind`
+# over cdiv(rows, block) x cols programs, rows being query rows (keys for "dkdv") in blocks of the
+# chosen config's BLOCK_M (BLOCK_N for "dkdv"), or of meta's BLOCK_M for "pre" and "dq_cast".
+Launcher = Callable[[str, int, int, tuple, dict], str]
 
 
-def _config(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def _space(kind):
-    """The candidate configurations of one kernel: (BLOCK_M, BLOCK_N, warps, stages) tuples.
-    For 16-bit inputs and D <= 128 autotuning picks among those of NO_SPILL only (_prune)."""
-    if kind == "fwd":  # the tutorial's space: the query tile is BLOCK_M, keys stream by BLOCK_N
-        return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
-    if kind == "dkdv":  # the key tile (BLOCK_N) stays, query blocks (BLOCK_M) stream
-        return [(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
-    if kind == "dq":  # like the forward
-        return [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for s in (2, 3, 4) for w in (4, 8)]
-    raise ValueError(kind)
-
-
-# The configurations of _space that spill no registers on sm_90 (Hopper) for fp16 and bf16
-# inputs, by head-dim tile BLOCK_D (<= 64, and 128 for 65 <= D <= 128), for every mask (none,
-# causal, window, window + sinks: the window and sink masks add registers), with triton 3.6,
-# the version the GPU image runs. Measured on the CPU by
-#   python benchmarks/kernel_stats.py --arch sm_90 --head-dim 64,128 --dtype bf16 \
-#       --mask none,causal,window,sinks --which all|tuned
-# (results/kernels/; fp16 compiles to the same registers). The rest of _space spills for at
-# least one mask, and a spilled register is a local-memory round trip on every tile:
-#   dK/dV keeps four [BLOCK_N, BLOCK_D] tiles per program (K, V and the fp32 dK, dV
-#     accumulators): at D=128 only 8 warps with 16-row query tiles and 64-key blocks fit in 255
-#     registers (16x128 spills 8 B with a window, 132 B with sinks; the former default, 32x128
-#     with 4 warps, spilled 3.5 KB per thread);
-#   the forward and dQ at D=128 need 8 warps for 128-row query tiles (the former forward
-#     default, 128x64 with 4 warps, spilled 1.1 KB; dQ 128x32 with 4 warps 252 B), and 64x64
-#     tiles with 4 warps spill with sinks at 4 stages (forward) or at any (dQ);
-#   the fused dK/dV at D=64 (dQ's tile and atomics on top) keeps 16-row query tiles on 8 warps.
-# triton 3.9 allocates differently: with sinks at D=128 every dK/dV config of the list spills
-# 80-132 B there, and a few forward/dQ configs spill 8-156 B with a window or sinks
-# (tests/test_triton.py's slow sm_90 tests hold 3.6 to zero and other versions to a bound).
-# Pruning by shared memory (SMEM_LIMIT) and sequence length still applies on top.
-NO_SPILL = {
-    "fwd": {
-        64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
-             if not (bm == 128 and bn >= 64 and w == 4) and (bm, bn, w, s) not in ((64, 128, 4, 2), (64, 128, 4, 4))],
-        128: [(64, bn, w, s) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4) if (bn, w, s) != (64, 4, 4)]
-             + [(64, 128, 8, s) for s in (2, 3)] + [(128, bn, 8, s) for bn in (32, 64) for s in (2, 3, 4)],
-    },
-    "dkdv": {  # the separate dQ kernel's dK/dV (FUSED_DQ=0 at D <= 64; the default at D=128)
-        64: [(16, 64, w, s) for w in (4, 8) for s in (2, 3, 4) if (w, s) != (4, 4)]
-            + [(16, 128, 8, s) for s in (2, 3, 4)]
-            + [(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3)],
-        128: [(16, 64, 8, 2), (16, 64, 8, 3)],
-    },
-    # dK/dV with the fused dQ (the default for 16-bit D <= 64). At D=128 only 16x64 with 8 warps
-    # is spill-free, and not with sinks (28-136 B with triton 3.6, 32-76 B more with 3.9): so by
-    # default (FUSED_DQ "auto") D=128 takes the separate dQ kernel, and these are for FUSED_DQ=1.
-    "dkdv_fused": {
-        64: [(16, 64, 8, s) for s in (2, 3, 4)] + [(16, 128, 8, s) for s in (2, 3, 4)],
-        128: [(16, 64, 8, s) for s in (2, 3, 4)],
-    },
-    "dq": {
-        64: [(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3, 4)
-             if not (bm == 128 and bn == 64 and w == 4)],
-        128: [(64, 32, w, s) for w in (4, 8) for s in (2, 3, 4)] + [(64, 64, 8, s) for s in (2, 3, 4)]
-             + [(128, 32, 8, s) for s in (2, 3, 4)] + [(128, 64, 8, 2)],
-    },
-}
-
-# Lq < Lk (HAS_OFFSET, the query-row shift of the dK/dV kernel) with sinks: the configs of
-# NO_SPILL that spill there on sm_90 with triton 3.6 (kernel_stats --n 4096 --q-len 1024
-# --which tuned: 12 and 20 B); autotuning leaves them out of such calls.
-OFFSET_SINKS_SPILL = {"dkdv_fused": {64: [(16, 64, 8, 2), (16, 64, 8, 4)]}}
-
-# fp32 with input_precision="ieee" has no tensor cores: tl.dot becomes FMAs held in registers,
-# where big tiles spill and each config takes tens of seconds to compile. It is tuned over
-# these few small tiles only (a subset of _space, first = default).
-FP32_IEEE_SPACE = {
-    "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-    "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
-    "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-}
-# Used when autotuning is off (or while counting visits on a GPU): for 16-bit inputs with
-# D <= 128, from NO_SPILL (big query tiles on two warpgroups; 16-row query tiles in dK/dV);
-# for D > 128 (BLOCK_D 256), smaller tiles that fit in shared memory.
-DEFAULT_CONFIGS = {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (128, 64, 8, 2)}
-# the fused dK/dV at D <= 64: 128-key blocks (fewer dQ atomics per query row than 64)
-FUSED_DKDV_DEFAULT_64 = (16, 128, 8, 3)
-FUSED_DKDV_DEFAULT_128 = (16, 64, 8, 3)  # FUSED_DQ=1 at D=128 (triton 3.6: no spill but with sinks)
-WIDE_DEFAULT_CONFIGS = {"fwd": (64, 64, 4, 2), "dkdv": (16, 64, 8, 2), "dq": (64, 64, 4, 2)}
-INTERPRETER_CONFIGS = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
-# The GPU check's space (benchmarks/gpu_check.sh sets CTXBENCH_TRITON_SPACE=check): a few
-# configs from NO_SPILL, so autotuning there compiles little (see its compile estimate).
-CHECK_SPACE = {
-    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-    "dkdv": [(16, 64, 8, 3), (16, 64, 8, 2)],
-    "dq": [(128, 64, 8, 2), (64, 32, 4, 3)],
-}
-SPACE = os.environ.get("CTXBENCH_TRITON_SPACE", "full")
-
-
-def default_config(kind, fma, block_d, fused=False):
-    """The config `kind` runs with when autotuning is off (fma: fp32 with IEEE products;
-    fused: dK/dV with the fused dQ)."""
-    if fma:
-        return FP32_IEEE_SPACE[kind][0]
-    if kind == "dkdv" and fused and block_d <= 128:
-        return FUSED_DKDV_DEFAULT_64 if block_d <= 64 else FUSED_DKDV_DEFAULT_128
-    return DEFAULT_CONFIGS[kind] if block_d <= 128 else WIDE_DEFAULT_CONFIGS[kind]
-
-
-def fused_dq(block_d, element_size=2):
-    """Whether the backward fuses dQ into the dK/dV kernel (FUSED_DQ: "auto", "1" or "0").
-    "auto": for 16-bit inputs with D <= 64 (see Backward in the module docstring; fp32's
-    fused dK/dV spills 57 KB per thread on sm_90 as FMAs, D=64)."""
-    if str(FUSED_DQ) not in ("auto", "1", "0", "True", "False"):
-        raise ValueError(f"CTXBENCH_TRITON_FUSED_DQ must be auto, 1 or 0 (got {FUSED_DQ!r})")
-    if str(FUSED_DQ) == "auto":
-        return block_d <= 64 and element_size == 2
-    return str(FUSED_DQ) in ("1", "True")
-
-
-def _tuning_space(kind):
-    """The configs the autotuner of `kind` is built with (before pruning)."""
-    if SPACE == "check":
-        return list(CHECK_SPACE[kind])
-    if SPACE != "full":
-        raise ValueError(f"CTXBENCH_TRITON_SPACE must be 'full' or 'check' (got {SPACE!r})")
-    return _space(kind)
-
-
-def _stationary_and_streamed(kind, bm, bn):
-    return (bn, bm) if kind == "dkdv" else (bm, bn)
-
-
-def _smem_estimate(kind, bm, bn, stages, block_d, size, fused=False):
-    """Shared memory of a 16-bit config, in bytes: two streamed tiles (K, V or Q, dO) per
-    pipeline stage plus the resident tiles (Q in the forward; K, V or Q, dO in the backward
-    kernels), and up to 2 KiB for the pipelined fp32 LSE/Delta rows of dK/dV. The fused dQ
-    (fused) adds K once more as the dS K operand, an fp32 [BLOCK_M, BLOCK_D] staging tile for
-    its atomic adds and 128 B per stage. On sm_90 (triton 3.6 and 3.9) this is exact for the forward and dQ
-    kernels and an upper bound for dK/dV (at most 2.5 KiB high from 64 KiB up;
-    tests/test_triton.py's slow sm_90 tests check both), so no config kept by pruning fails
-    to launch."""
-    stay, stream = _stationary_and_streamed(kind, bm, bn)
-    resident = 1 if kind == "fwd" else 2
-    rows = 2048 if kind == "dkdv" else 0
-    extra = stay * block_d * size + bm * block_d * 4 + 128 * stages if kind == "dkdv" and fused else 0
-    return (2 * stages * stream + resident * stay) * block_d * size + rows + extra
-
-
-def _prune(kind):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        n = int(args["N"])  # keys
-        n_q = int(args.get("N_Q", n))  # query rows (fewer than the keys against a KV cache)
-        block_d = int(args["BLOCK_D"])
-        size = args["Q"].element_size()
-        fma = size == 4 and args.get("PRECISION", "ieee") == "ieee"
-        # 16-bit, D <= 128: of the candidates (_space), only the measured spill-free ones;
-        # a config from elsewhere (a test's, say) was not measured and meets the other rules
-        fused = kind == "dkdv" and bool(args.get("FUSED_DQ"))
-        name = "dkdv_fused" if fused else kind
-        no_spill = set(NO_SPILL[name][64 if block_d <= 64 else 128]) if size == 2 and block_d <= 128 else None
-        if no_spill is not None and args.get("HAS_OFFSET") and args.get("HAS_SINKS"):
-            no_spill -= set(OFFSET_SINKS_SPILL.get(name, {}).get(64 if block_d <= 64 else 128, ()))
-        candidates = set(_space(kind))
-        kept = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            t = (bm, bn, c.num_warps, c.num_stages)
-            if fma:
-                if t in FP32_IEEE_SPACE[kind]:
-                    kept.append(c)
-                continue
-            if no_spill is not None and t in candidates and t not in no_spill:
-                continue  # spills registers on sm_90 (see NO_SPILL)
-            stay, stream = _stationary_and_streamed(kind, bm, bn)
-            # beyond the measured lists (fp32 on tf32, D > 128): 8 warps only pay off on big
-            # tiles (the tutorial's rule, relaxed to 64x128)
-            if no_spill is None and c.num_warps == 8 and bm * bn < 64 * 128:
-                continue
-            # no tile much longer than its side of the sequence (query rows or keys)
-            n_stay, n_stream = (n, n_q) if kind == "dkdv" else (n_q, n)
-            cap_stay, cap_stream = max(32, triton.next_power_of_2(n_stay)), max(32, triton.next_power_of_2(n_stream))
-            if stay > max(64, cap_stay) or stream > cap_stream:
-                continue
-            if _smem_estimate(kind, bm, bn, c.num_stages, block_d, size, fused) > SMEM_LIMIT:
-                continue
-            kept.append(c)
-        if not kept:  # keep the smallest rather than nothing (spill-free where measured)
-            pool = [c for c in configs if no_spill is None or
-                    (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in no_spill] or configs
-            kept = [min(pool, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
-        return kept
-    return prune
-
-
-def _make_tuner(kind, configs, **kwargs):
-    """The autotuner of kernel `kind` over `configs` ((BLOCK_M, BLOCK_N, warps, stages) tuples)."""
+def make_tuner(kind: str, configs: list[Config], interpret: bool = False, **kwargs: Any) -> Any:
+    """A triton autotuner of kernel `kind` over `configs` ((BLOCK_M, BLOCK_N, warps, stages)
+    tuples), pruned per call by triton_configs.prune, launching compiled or (interpret) in the
+    interpreter; kwargs go to triton.autotune (do_bench=..., say)."""
     return triton.autotune(
-        configs=[_config(*t) for t in configs], key=TUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune(kind)},
+        configs=[to_triton(c) for c in configs], key=TUNE_KEY,
+        prune_configs_by={"early_config_prune": functools.partial(prune, kind)},
         # the fused dQ accumulates with atomics: zero it before each timed config (and the run)
         reset_to_zero=["DQ_ACC"] if kind == "dkdv" else None, **kwargs,
-    )(_PLAIN[kind])
+    )(launchable(KERNELS[kind], interpret))
 
 
-if triton is not None:
-    _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
-    _TUNED = {kind: _make_tuner(kind, _tuning_space(kind)) for kind in _PLAIN}
-
-_LAST: dict = {}
-_DUMMY: dict = {}
+_TUNERS: dict[tuple[str, str, bool], Any] = {}  # (kind, space, interpret) -> its autotuner
 
 
-def _fma(q, meta):
-    """Whether tl.dot runs as FMAs (fp32 inputs with IEEE precision)."""
-    return q.dtype == torch.float32 and meta["PRECISION"] == "ieee"
+def autotuner(kind: str, space: str = "full", interpret: bool = False) -> Any:
+    """The autotuner of kernel `kind` over triton_configs.tuning_space(kind, space), made on
+    first use and kept for the process (it remembers the config it chose per tuning key)."""
+    key = (kind, space, interpret)
+    if key not in _TUNERS:
+        _TUNERS[key] = make_tuner(kind, tuning_space(kind, space), interpret)
+    return _TUNERS[key]
 
 
-def _fixed_config(kind, fma, block_d, fused=False):
+def _fixed_config(kind: str, settings: TritonSettings, interpret: bool, fma: bool, block_d: int,
+                  fused: bool = False) -> Config | None:
     """The config to launch `kind` with, or None to autotune."""
-    if interpreted():
+    if settings.configs and kind in settings.configs:
+        return tuple(settings.configs[kind])
+    if settings.tuners and kind in settings.tuners:
+        return None
+    if interpret:
         return INTERPRETER_CONFIGS[kind]
-    if COUNT_VISITS or not AUTOTUNE:
+    if settings.count_visits or not settings.autotune:
         return default_config(kind, fma, block_d, fused)
     return None
 
 
-def _describe(bm, bn, warps, stages):
-    return f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} stages={stages}"
-
-
-def _launch(kind, grid_rows, grid_cols, args, meta):
-    """Launch kernel `kind`; returns (BLOCK_M, BLOCK_N, description of the config used)."""
-    fixed = _fixed_config(kind, _fma(args[0], meta), meta["BLOCK_D"], meta.get("FUSED_DQ", False))
+def _launch(kind: str, rows: int, cols: int, args: tuple, meta: dict, *, settings: TritonSettings,
+            interpret: bool) -> str:
+    """The Launcher of a call: kernel `kind`, compiled or interpreted, with the config the
+    settings fix or the one its autotuner picks; returns that config's description."""
+    kernel = launchable(KERNELS[kind], interpret)
+    if kind not in KINDS:
+        kernel[(triton.cdiv(rows, meta["BLOCK_M"]), cols)](*args, **meta)
+        return f"BLOCK_M={meta['BLOCK_M']} warps={meta['num_warps']}"
+    fixed = _fixed_config(kind, settings, interpret, uses_fma(args[0].dtype, meta["PRECISION"]), meta["BLOCK_D"],
+                          meta.get("FUSED_DQ", False))
     if fixed is None:
-        tuned = _TUNED[kind]
+        tuner = settings.tuners[kind] if settings.tuners and kind in settings.tuners else \
+            autotuner(kind, settings.space, interpret)
         axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-        tuned[lambda m: (triton.cdiv(grid_rows, m[axis]), grid_cols)](*args, **meta)
-        c = tuned.best_config
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return bm, bn, _describe(bm, bn, c.num_warps, c.num_stages)
+        tuner[lambda m: (triton.cdiv(rows, m[axis]), cols)](*args, **meta)
+        return describe(from_triton(tuner.best_config))
     bm, bn, warps, stages = fixed
-    rows = bn if kind == "dkdv" else bm
-    _PLAIN[kind][(triton.cdiv(grid_rows, rows), grid_cols)](
+    kernel[(triton.cdiv(rows, bn if kind == "dkdv" else bm), cols)](
         *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return bm, bn, _describe(bm, bn, warps, stages)
+    return describe(fixed)
+
+
+_DUMMY: dict = {}
 
 
 def _dummy(device):
@@ -1176,10 +966,10 @@ def _dummy(device):
     return _DUMMY[key]
 
 
-def _precision(dtype):
+def _precision(dtype, fp32_precision):
     """input_precision for tl.dot, and how info() names it."""
     if dtype == torch.float32:
-        return FP32_PRECISION, FP32_PRECISION
+        return fp32_precision, fp32_precision
     # 16-bit inputs run on tensor cores whatever input_precision says (it only concerns fp32)
     return "tf32", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
@@ -1188,7 +978,7 @@ def _pow2(x):
     return triton.next_power_of_2(max(int(x), 1))
 
 
-def _common(q, k, v, causal, window, scale, sinks):
+def _common(q, k, v, causal, window, scale, sinks, settings, interpret):
     B, Hq, n_q, D = q.shape
     if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2] < n_q or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, Hkv, Lk, D] with Lk >= Lq "
@@ -1213,18 +1003,18 @@ def _common(q, k, v, causal, window, scale, sinks):
     # sinks only add keys left of a window; more than N of them are N
     s = min(int(sinks), N) if has_window and w < N else 0
     block_d = max(16, _pow2(D))
-    precision, precision_name = _precision(q.dtype)
+    precision, precision_name = _precision(q.dtype, settings.fp32_precision)
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
                 HAS_OFFSET=n_q < N, PRECISION=precision,
-                INTERPRETED=interpreted(), COUNT=bool(COUNT_VISITS))
+                INTERPRETED=interpret, COUNT=bool(settings.count_visits))
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keys = (_pow2(N), _pow2(n_q), _pow2(w) if has_window else 0)
     return meta, w, s, sm_scale, keys, precision_name
 
 
 def _visit_buffer(rows, cols, device):
-    """COUNT_VISITS: visits [rows, cols], then launch ranks [rows, cols], then a counter."""
+    """count_visits: visits [rows, cols], then launch ranks [rows, cols], then a counter."""
     return torch.zeros(2 * rows * cols + 1, dtype=torch.int32, device=device)
 
 
@@ -1234,106 +1024,123 @@ def _record(kind, buffer, rows, bm, bn):
     last_order[kind] = buffer[size:2 * size].view(rows, -1)
 
 
-def attention_forward(q, k, v, causal, window, scale, sinks=0):
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
+                      scale: float | None, sinks: int = 0, *, settings: TritonSettings | None = None,
+                      launcher: Launcher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: returns (out in q's dtype, base-2 log-sum-exp [B, Hq, Lq] fp32).
 
     q: [B, Hq, Lq, D], k and v: [B, Hkv, Lk, D] with Lq <= Lk: query row i sits at position
-    Lk - Lq + i (bottom-right alignment)."""
+    Lk - Lq + i (bottom-right alignment). window, sinks: in keys; scale multiplies q.k (default
+    1/sqrt(D)). settings: default, the environment's now (TritonSettings.from_environment).
+    launcher: called for the launch instead of launching (benchmarks/kernel_stats.py captures
+    it so); the outputs are then left unwritten."""
+    settings = TritonSettings.from_environment() if settings is None else settings
+    interpret = interpreted()
     B, Hq, n_q, D = q.shape
-    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), precision_name = _common(q, k, v, causal, window,
-                                                                                   scale, sinks)
+    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), precision_name = _common(
+        q, k, v, causal, window, scale, sinks, settings, interpret)
     N = k.shape[2]
     o = torch.empty((B, Hq, n_q, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, n_q), dtype=torch.float32, device=q.device)
     if n_q == 0 or B * Hq == 0:
         return o, lse
+    launch = functools.partial(_launch, settings=settings, interpret=interpret) if launcher is None else launcher
     visits = None
-    if COUNT_VISITS:
-        bm = _fixed_config("fwd", _fma(q, meta), meta["BLOCK_D"])[0]
+    if settings.count_visits:
+        bm, bn = _fixed_config("fwd", settings, interpret, uses_fma(q.dtype, meta["PRECISION"]), meta["BLOCK_D"])[:2]
         visits = _visit_buffer(B * Hq, triton.cdiv(n_q, bm), q.device)
     # N keys, n_q query rows, their offset N - n_q: ints, not constexprs (one compiled kernel
     # for every offset, the one of Lq = Lk included)
     args = (q, k, v, o, lse, visits if visits is not None else _dummy(q.device),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             Hq, N, n_q, N - n_q, w, s, sm_scale * LOG2E, n_bucket, nq_bucket, w_bucket)
-    bm, bn, desc = _launch("fwd", n_q, B * Hq, args, meta)
+    with launch_scope(interpret):
+        desc = launch("fwd", n_q, B * Hq, args, meta)
     if visits is not None:
         _record("fwd", visits, B * Hq, bm, bn)
     _LAST.clear()  # a backward, if one follows, adds its configs
-    _LAST.update(interpreted=interpreted(), config=desc, precision=precision_name)
+    _LAST.update(interpreted=interpret, config=desc, precision=precision_name)
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal, window, scale, sinks=0):
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, causal: bool, window: int | None, scale: float | None, sinks: int = 0, *,
+                       settings: TritonSettings | None = None,
+                       launcher: Launcher | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) from the saved output and log-sum-exp; dq is [B, Hq, Lq, D],
-    dk and dv are [B, Hkv, Lk, D] (keys that no query sees get zeros)."""
+    dk and dv are [B, Hkv, Lk, D] (keys that no query sees get zeros). settings and launcher:
+    as in attention_forward (a call's forward and backward should share its settings)."""
+    settings = TritonSettings.from_environment() if settings is None else settings
+    interpret = interpreted()
     B, Hq, n_q, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
-    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale, sinks)
+    meta, w, s, sm_scale, (n_bucket, nq_bucket, w_bucket), _ = _common(q, k, v, causal, window, scale, sinks,
+                                                                       settings, interpret)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if n_q == 0 or B * Hq == 0:
         return dq, dk.zero_(), dv.zero_()
+    launch = functools.partial(_launch, settings=settings, interpret=interpret) if launcher is None else launcher
     delta = torch.empty_like(lse)
-    pre_bm = 16 if interpreted() else PRE_BLOCK_M
-    _bwd_preprocess[(triton.cdiv(n_q, pre_bm), B * Hq)](
-        o, do, delta, *o.stride(), *do.stride(), Hq, n_q,
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
+    pre_bm = INTERPRETER_PRE_BLOCK_M if interpret else PRE_BLOCK_M
+    small = dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)  # pre and dq_cast
     qk_scale = sm_scale * LOG2E
     dummy = _dummy(q.device)
 
-    fused = fused_dq(meta["BLOCK_D"], q.element_size())
+    fused = fused_dq(meta["BLOCK_D"], q.element_size(), settings.fused_dq)
     meta_kv = dict(meta, FUSED_DQ=fused)
     vis_kv = vis_q = None
-    if COUNT_VISITS:
-        bn = _fixed_config("dkdv", _fma(q, meta), meta["BLOCK_D"], fused)[1]
-        vis_kv = _visit_buffer(B * Hkv, triton.cdiv(N, bn), q.device)
+    if settings.count_visits:
+        fma = uses_fma(q.dtype, meta["PRECISION"])
+        kv_config = _fixed_config("dkdv", settings, interpret, fma, meta["BLOCK_D"], fused)
+        vis_kv = _visit_buffer(B * Hkv, triton.cdiv(N, kv_config[1]), q.device)
         if not fused:
-            bm = _fixed_config("dq", _fma(q, meta), meta["BLOCK_D"])[0]
-            vis_q = _visit_buffer(B * Hq, triton.cdiv(n_q, bm), q.device)
+            q_config = _fixed_config("dq", settings, interpret, fma, meta["BLOCK_D"])
+            vis_q = _visit_buffer(B * Hq, triton.cdiv(n_q, q_config[0]), q.device)
     # FUSED_DQ: the dK/dV programs add dS K into an fp32 dQ (5 matmuls per tile pair in all);
     # otherwise a dQ kernel recomputes S, P and dP per query block (7).
     dq_acc = torch.zeros((B, Hq, n_q, D), dtype=torch.float32, device=q.device) if fused else dummy
-    args = (q, k, v, do, lse, delta, dk, dv, dq_acc, vis_kv if vis_kv is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            # the dK/dV kernel works in query-row coordinates (keys shifted by -(N - n_q)): its
-            # SINKS is the sinks' end shifted likewise
-            Hkv, N, n_q, N - n_q, w, s - (N - n_q), qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
-    kv_bm, kv_bn, kv_desc = _launch("dkdv", N, B * Hkv, args, meta_kv)
-    if fused:
-        _bwd_dq_cast[(triton.cdiv(n_q, pre_bm), B * Hq)](
-            dq_acc, dq, *dq.stride(), Hq, n_q, sm_scale,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_bm, num_warps=4)
-        q_desc = "fused into dkdv (fp32 atomic adds), then scaled and cast"
-    else:
-        args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                Hq, N, n_q, N - n_q, w, s, qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
-        q_bm, q_bn, q_desc = _launch("dq", n_q, B * Hq, args, meta)
-    if COUNT_VISITS:
-        _record("dkdv", vis_kv, B * Hkv, kv_bm, kv_bn)
+    with launch_scope(interpret):
+        launch("pre", n_q, B * Hq, (o, do, delta, *o.stride(), *do.stride(), Hq, n_q), small)
+        args = (q, k, v, do, lse, delta, dk, dv, dq_acc, vis_kv if vis_kv is not None else dummy,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                # the dK/dV kernel works in query-row coordinates (keys shifted by -(N - n_q)): its
+                # SINKS is the sinks' end shifted likewise
+                Hkv, N, n_q, N - n_q, w, s - (N - n_q), qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
+        kv_desc = launch("dkdv", N, B * Hkv, args, meta_kv)
+        if fused:
+            launch("dq_cast", n_q, B * Hq, (dq_acc, dq, *dq.stride(), Hq, n_q, sm_scale), small)
+            q_desc = "fused into dkdv (fp32 atomic adds), then scaled and cast"
+        else:
+            args = (q, k, v, do, lse, delta, dq, vis_q if vis_q is not None else dummy,
+                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                    Hq, N, n_q, N - n_q, w, s, qk_scale, sm_scale, n_bucket, nq_bucket, w_bucket)
+            q_desc = launch("dq", n_q, B * Hq, args, meta)
+    if settings.count_visits:
+        _record("dkdv", vis_kv, B * Hkv, *kv_config[:2])
         last_visits.pop("dq", None)
         last_order.pop("dq", None)
         if not fused:
-            _record("dq", vis_q, B * Hq, q_bm, q_bn)
-    _LAST.update(interpreted=interpreted(), bwd_config=f"dkdv: {kv_desc}; dq: {q_desc}")
+            _record("dq", vis_q, B * Hq, *q_config[:2])
+    _LAST.update(interpreted=interpret, bwd_config=f"dkdv: {kv_desc}; dq: {q_desc}")
     return dq, dk, dv
 
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale, sinks):
-        o, lse = attention_forward(q, k, v, causal, window, scale, sinks)
+    def forward(ctx, q, k, v, causal, window, scale, sinks, settings):
+        o, lse = attention_forward(q, k, v, causal, window, scale, sinks, settings=settings)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (causal, window, scale, sinks)
+        ctx.settings = settings
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, *ctx.args, settings=ctx.settings)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1341,7 +1148,9 @@ class _TritonAttention(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 
-def _check(cell) -> str | None:
+def check(cell: Any) -> str | None:
+    """Why `cell` cannot run here, or None: triton missing, a head dim over MAX_HEAD_DIM, or its
+    device (triton_common.device_reason; the interpreter up to INTERPRETER_MAX_LEN keys)."""
     if triton is None:
         return NOT_INSTALLED
     if cell.head_dim > MAX_HEAD_DIM:
@@ -1349,28 +1158,7 @@ def _check(cell) -> str | None:
     return device_reason(cell, INTERPRETER_MAX_LEN)
 
 
-def device_reason(cell, interpreter_max_len: int) -> str | None:
-    """Why a Triton kernel can't run `cell` on its device, or None: on the CPU only through
-    the interpreter, up to interpreter_max_len keys (tokens) unless --allow-interpreter; on
-    CUDA only compiled, and bf16 from compute capability 8.0. Shared by the Triton kernels."""
-    if cell.device == "cpu":
-        if not interpreted():
-            return ("triton runs on the CPU only through its interpreter, and this process compiles "
-                    "for CUDA (TRITON_INTERPRET is not set)")
-        if not cell.allow_interpreter and cell.n > INTERPRETER_MAX_LEN:
-            return (f"Triton interpreter on CPU is for correctness only; N > {INTERPRETER_MAX_LEN} "
-                    "needs --allow-interpreter")
-    elif cell.device == "cuda":
-        if interpreted():
-            return "TRITON_INTERPRET=1 is set: triton would run interpreted; unset it to run on CUDA"
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        if cell.dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
-            return "bfloat16 needs compute capability 8.0 or newer"
-    return None
-
-
-def _info() -> dict:
+def info() -> dict:
     """Details of the last call: interpreted or compiled, the kernel config(s), the precision."""
     return dict(_LAST)
 
@@ -1380,19 +1168,23 @@ def _info() -> dict:
           kv_cache=True,
           description="fused flash attention in Triton (fwd+bwd, GQA, causal/window/sinks block skipping, "
                       "Lq <= Lk, autotuned)",
-          check=_check, info=_info)
+          check=check, info=info)
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                     window: int | None, scale: float | None = None, sinks: int = 0) -> torch.Tensor:
+                     window: int | None, scale: float | None = None, sinks: int = 0,
+                     settings: TritonSettings | None = None) -> torch.Tensor:
     """Fused flash attention in Triton: O(N) memory, masked blocks skipped, differentiable.
 
     q may hold fewer rows than k and v (Lq <= Lk: chunked prefill against a KV cache); they
     are the last Lq positions (bottom-right alignment, ctxbench.core.masks).
-    sinks: with a window, the first `sinks` keys stay visible to every later query."""
+    sinks: with a window, the first `sinks` keys stay visible to every later query.
+    settings: how to launch (triton_settings.TritonSettings); default, the CTXBENCH_TRITON_*
+    variables as they are now, kept for this call's backward."""
     if triton is None:
         raise Unsupported(NOT_INSTALLED)
     if q.device.type == "cpu" and not interpreted():
         raise Unsupported("triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")
+    settings = TritonSettings.from_environment() if settings is None else settings
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
-            return _TritonAttention.apply(q, k, v, causal, window, scale, sinks)
-    return _TritonAttention.apply(q, k, v, causal, window, scale, sinks)
+            return _TritonAttention.apply(q, k, v, causal, window, scale, sinks, settings)
+    return _TritonAttention.apply(q, k, v, causal, window, scale, sinks, settings)

@@ -37,37 +37,34 @@ its next power of two, is a constexpr). Its default: enough programs to fill the
 (2 x its SM count, 132 as on H100 / H200 when unknown), at least MIN_KEYS_PER_SPLIT keys per
 split, at most MAX_SPLITS.
 
-Interpreter (TRITON_INTERPRET=1, CPU): the same code, with the two changes explained in
-kernels/triton_attention.py's docstring under INTERPRETED: the key loops are `while` loops
-(triton 3.6's interpreter turns `range` bounds into ints from 1-element arrays, which
-NumPy >= 2.4 refuses), and bf16 dot operands are widened to fp32 (triton 3.9's interpreter
-multiplies bf16 bit patterns; widening is exact). Compiled kernels take the plain branches.
+Interpreter: each call's setup decides whether its launches run compiled or in Triton's
+interpreter (TRITON_INTERPRET if set, else whether the machine has CUDA: triton_interpreter,
+which makes that work whatever imported triton first). Interpreted, the same code runs with the
+two changes explained in kernels/triton_attention.py's docstring under INTERPRETED: the key
+loops are `while` loops (triton 3.6's interpreter turns `range` bounds into ints from 1-element
+arrays, which NumPy >= 2.4 refuses), and bf16 dot operands are widened to fp32 (triton 3.9's
+interpreter multiplies bf16 bit patterns; widening is exact: triton_common.mm, mma). Compiled
+kernels take the plain branches.
 """
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ctxbench.kernels.triton_attention import NOT_INSTALLED, device_reason, interpreted, mm, mma
+from ctxbench.kernels.triton_common import NOT_INSTALLED, device_reason, jit, mm, mma
+from ctxbench.kernels.triton_interpreter import interpreted, interpreter_scope, launchable
 from ctxbench.registry import Unsupported, register
 
-# triton_attention (imported above) has chosen the interpreter on a machine without CUDA,
-# before triton is imported.
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the module still imports and registers `triton_decode`, as unsupported
     triton = None
     tl = SimpleNamespace(constexpr=None)
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
 
 LOG2E = 1.4426950408889634
 MAX_Q_LEN = 16
@@ -86,7 +83,7 @@ _LAST: dict = {}
 # ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_base,
           stride_kn, stride_kp, stride_kd, stride_vn, stride_vp, stride_vd, stride_btn, kv_len, WINDOW, SINKS, qk_scale,
           IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, PAGED: tl.constexpr,
@@ -130,7 +127,7 @@ def _tile(acc, l_i, m_i, q, pos, start_n, offs_n, offs_d, K, V, BT, k_base, v_ba
     return acc, l_i, m_new
 
 
-@_jit
+@jit
 def _keys(acc, l_i, m_i, q, pos, start, end, offs_n, offs_d, K, V, BT, k_base, v_base,
           stride_kn, stride_kp, stride_kd, stride_vn, stride_vp, stride_vd, stride_btn, kv_len, WINDOW, SINKS, qk_scale,
           IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, PAGED: tl.constexpr,
@@ -154,7 +151,7 @@ def _keys(acc, l_i, m_i, q, pos, start, end, offs_n, offs_d, K, V, BT, k_base, v
     return acc, l_i, m_i
 
 
-@_jit
+@jit
 def _split_kernel(Q, K, V, KVLens, BT, OP, LSEP,
                   stride_qb, stride_qh, stride_qn, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
@@ -243,7 +240,7 @@ def _split_kernel(Q, K, V, KVLens, BT, OP, LSEP,
 # ---------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _merge_kernel(OP, LSEP, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """One (batch, head, token) row: out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s."""
@@ -264,6 +261,12 @@ def _merge_kernel(OP, LSEP, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_S: tl.c
 # ---------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------
+
+KERNELS = {"split": _split_kernel, "merge": _merge_kernel}  # by the kind their launches name
+
+# launch(kind, grid, args, meta): launch KERNELS[kind] over `grid` programs with these
+# arguments and keywords (constexprs, num_warps, num_stages).
+Launcher = Callable[[str, tuple, tuple, dict], None]
 
 
 def _pow2(x: int) -> int:
@@ -300,8 +303,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
 def prepare_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                              window: int | None = None, scale: float | None = None, sinks: int = 0,
                              kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-                             num_splits: int | None = None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                                                        torch.Tensor]:
+                             num_splits: int | None = None, launcher: Launcher | None = None
+                             ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Check the arguments and fix the launch parameters once; returns launch(q, k, v) -> out
     for tensors of the same shapes, strides, dtype and device (their values may change), which
     never syncs with the host, so a CUDA graph can capture it. The checks of kv_lens read it
@@ -319,6 +322,9 @@ def prepare_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     (sequence, kv head) are split into (default: choose_num_splits).
     Hq % Hkv == 0 (GQA), D <= 256 (any, padded), fp32/fp16/bf16 (one dtype); softmax
     statistics and partial outputs in fp32. Returns [B, Hq, Lq, D] in q's dtype.
+    Whether the launches run compiled or interpreted is decided here (interpreted()).
+    launcher: called for each kernel launch instead of launching it (a Launcher; the sm_90
+    compile test captures the launches so), leaving the output unwritten.
     """
     if triton is None:
         raise Unsupported(NOT_INSTALLED)
@@ -398,24 +404,36 @@ def prepare_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _LAST.update(interpreted=interp, num_splits=num_splits, block_m=block_m, block_n=block_n, num_warps=warps,
                  paged=paged, grid=(B * Hkv, num_splits))
 
+    split_meta = dict(LQ=Lq, GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+                      IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
+                      HAS_LENS=kv_lens is not None, PAGED=paged, PAGE_SIZE=page_size,
+                      PRECISION=precision, INTERPRETED=interp, BLOCK_M=block_m, BLOCK_N=block_n,
+                      num_warps=warps, num_stages=2)
+    merge_meta = dict(HEAD_DIM=D, BLOCK_S=_pow2(num_splits), BLOCK_D=block_d, num_warps=4 if block_d >= 128 else 2)
+    kernels = {kind: launchable(kernel, interp) for kind, kernel in KERNELS.items()}
+
+    def launch_kernel(kind: str, grid: tuple, args: tuple, meta: dict) -> None:
+        kernels[kind][grid](*args, **meta)
+    run = launch_kernel if launcher is None else launcher
+
     def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
         op = torch.empty((B, Hq, Lq, num_splits, D), dtype=torch.float32, device=q.device)
         lsep = torch.empty((B, Hq, Lq, num_splits), dtype=torch.float32, device=q.device)
-        _split_kernel[(B * Hkv, num_splits)](
-            q, k, v, lens, bt, op, lsep,
-            *q_strides, *k_strides[:4], *v_strides[:4], k_strides[4], v_strides[4], *bt_strides,
-            Hkv, max_len, w, s, sm_scale * LOG2E, num_splits,
-            LQ=Lq, GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
-            IS_CAUSAL=bool(causal or has_window), HAS_WINDOW=has_window, HAS_SINKS=s > 0,
-            HAS_LENS=kv_lens is not None, PAGED=paged, PAGE_SIZE=page_size,
-            PRECISION=precision, INTERPRETED=interp, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=2)
-        _merge_kernel[(B * Hq * Lq,)](op, lsep, out, num_splits, HEAD_DIM=D,
-                                      BLOCK_S=_pow2(num_splits), BLOCK_D=block_d,
-                                      num_warps=4 if block_d >= 128 else 2)
+        run("split", (B * Hkv, num_splits),
+                 (q, k, v, lens, bt, op, lsep,
+                  *q_strides, *k_strides[:4], *v_strides[:4], k_strides[4], v_strides[4], *bt_strides,
+                  Hkv, max_len, w, s, sm_scale * LOG2E, num_splits), split_meta)
+        run("merge", (B * Hq * Lq,), (op, lsep, out, num_splits), merge_meta)
         return out
-    return launch
+
+    if not interp:
+        return launch
+
+    def launch_interpreted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with interpreter_scope():
+            return launch(q, k, v)
+    return launch_interpreted
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,7 +441,10 @@ def prepare_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 # ---------------------------------------------------------------------------------------
 
 
-def _check(cell) -> str | None:
+def check(cell: Any) -> str | None:
+    """Why `cell` cannot run here, or None: triton missing, not a decode cell (1..MAX_Q_LEN
+    query tokens), a head dim over MAX_HEAD_DIM, or its device (triton_common.device_reason;
+    the interpreter up to INTERPRETER_MAX_LEN keys)."""
     if triton is None:
         return NOT_INSTALLED
     q_len = getattr(cell, "q_len", cell.n)
@@ -434,7 +455,7 @@ def _check(cell) -> str | None:
     return device_reason(cell, INTERPRETER_MAX_LEN)
 
 
-def _info() -> dict:
+def info() -> dict:
     """Details of the last call: interpreted or compiled, splits, block sizes, layout."""
     return dict(_LAST)
 
@@ -443,7 +464,7 @@ def _info() -> dict:
           masks=["none", "causal", "window"], modes=["fwd"], gqa=True, exact=True, sinks=True, kv_cache=True,
           ragged=True, paged=True, max_query_len=MAX_Q_LEN, setup=True,
           description="split-K decode attention in Triton (Lq 1..16, GQA group as M, ragged/paged KV, window/sinks)",
-          check=_check, info=_info)
+          check=check, info=info)
 def triton_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
                   scale: float | None = None, sinks: int = 0, kv_lens: torch.Tensor | None = None,
                   block_table: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:

@@ -12,7 +12,12 @@ The kernels run in Triton's interpreter, so shapes are small. What is checked:
 * fewer queries than keys (Lq < Lk, the queries being the last Lq positions: chunked
   prefill against a KV cache): forward, gradients and block visits against the mask with
   q_offset = Lk - Lq;
-* non-contiguous inputs and gradients; registration, check() and info().
+* non-contiguous inputs and gradients; registration, check() and info();
+* the configurations, autotuning space and pruning (kernels/triton_configs.py), the settings
+  read from the environment at call time, never at import (kernels/triton_settings.py);
+* the interpreter whatever was imported first (kernels/triton_interpreter.py): in fresh
+  processes that import transformers, triton, torch's flex attention or ctxbench's sdpa kernel
+  before the Triton kernels, both Triton kernels against the float64 reference.
 Slow tests compile the kernels for sm_90 (Hopper) with the ptxas that ships with triton, no
 GPU needed, through benchmarks/kernel_stats.py: every kernel compiles, uses wgmma, fits in
 shared memory and, for D <= 128 in fp16/bf16, spills no registers: `pytest -m slow
@@ -24,28 +29,32 @@ under triton 3.6 and under the current version, each in a venv of its own:
     benchmarks/triton_versions.sh --no-compile    # the interpreter tests only
 """
 
+import importlib.util
+import itertools
+import json
 import os
+import subprocess
+import sys
+import zlib
+from types import SimpleNamespace
 
-# Kernels must run interpreted here; this has to precede any triton import.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib.util  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
 from ctxbench import registry  # noqa: E402
 from ctxbench.kernels import triton_attention as ta  # noqa: E402
+from ctxbench.kernels import triton_configs as tc  # noqa: E402
+from ctxbench.kernels.triton_interpreter import interpreted, interpreter_scope  # noqa: E402
+from ctxbench.kernels.triton_settings import TritonSettings  # noqa: E402
 from ctxbench.core.masks import Mask  # noqa: E402
-from ctxbench.engine.plan import Cell  # noqa: E402
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention  # noqa: E402
+
+# Kernels run interpreted here (CPU tensors), on a machine with CUDA too. TRITON_INTERPRET is
+# read at each launch, so setting it after triton was imported is enough (and on purpose: the
+# kernels must not depend on it preceding the import).
+os.environ["TRITON_INTERPRET"] = "1"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,10 +110,12 @@ def _seed(label: str) -> int:
     return seed
 
 
-def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None, sinks=0, label=""):
-    """Run triton forward + backward and compare out, dq, dk, dv with float64 autograd."""
+def _check_against_reference(q, k, v, causal, window, scale=None, dout=None, tol=None, sinks=0, label="",
+                             settings=None):
+    """Run triton forward + backward (with `settings`, default the environment's) and compare
+    out, dq, dk, dv with float64 autograd."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks)
+    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=scale, sinks=sinks, settings=settings)
     assert out.dtype == q.dtype and out.shape == q.shape
     if dout is None:
         dout = torch.randn_like(out)
@@ -134,20 +145,20 @@ def test_pairwise_cases_cover_every_pair():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()).replace(" ", ""))
-def test_forward_and_gradients_match_reference(monkeypatch, case):
-    """dQ is forced down the path the case names (FUSED_DQ), so both backward paths meet every
-    value of every other axis."""
+def test_forward_and_gradients_match_reference(case):
+    """dQ is forced down the path the case names (the fused_dq setting), so both backward paths
+    meet every value of every other axis."""
     label = "-".join(str(v) for v in case.values()).replace(" ", "")
     label = f"{label} seed={_seed(label)}"
-    monkeypatch.setattr(ta, "FUSED_DQ", "1" if case["dq"] == "fused" else "0")
+    settings = TritonSettings(fused_dq="1" if case["dq"] == "fused" else "0")
     n, d, (hq, hkv), dtype = case["n"], case["d"], case["heads"], DTYPES[case["dtype"]]
     causal, window, sinks = _window(case["mask"], n)
     batch = 2 if n <= 17 else 1
     q = torch.randn(batch, hq, n, d, dtype=dtype)
     k = torch.randn(batch, hkv, n, d, dtype=dtype)
     v = torch.randn(batch, hkv, n, d, dtype=dtype)
-    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
-    assert ("fused into dkdv" in ta._info()["bwd_config"]) == (case["dq"] == "fused"), ta._info()
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label, settings=settings)
+    assert ("fused into dkdv" in ta.info()["bwd_config"]) == (case["dq"] == "fused"), ta.info()
 
 
 def test_float16_and_explicit_scale():
@@ -257,34 +268,34 @@ def _kv_window(mask: str) -> tuple[bool, int | None, int]:
 
 @pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "q{}-k{}-d{}-h{}x{}-{}-{}-{}".format(
     c[0], c[1], c[2], *c[3], *c[4:]))
-def test_fewer_queries_than_keys_match_reference(monkeypatch, case):
+def test_fewer_queries_than_keys_match_reference(case):
     lq, lk, d, (hq, hkv), mask, dtype, dq = case
     label = "-".join(map(str, case)).replace(" ", "")
     label = f"{label} seed={_seed(label)}"
-    monkeypatch.setattr(ta, "FUSED_DQ", "1" if dq == "fused" else "0")
+    settings = TritonSettings(fused_dq="1" if dq == "fused" else "0")
     causal, window, sinks = _kv_window(mask)
     dtype = DTYPES[dtype]
     q = torch.randn(2, hq, lq, d, dtype=dtype)
     k = torch.randn(2, hkv, lk, d, dtype=dtype)
     v = torch.randn(2, hkv, lk, d, dtype=dtype)
-    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
-    assert ("fused into dkdv" in ta._info()["bwd_config"]) == (dq == "fused"), ta._info()
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label, settings=settings)
+    assert ("fused into dkdv" in ta.info()["bwd_config"]) == (dq == "fused"), ta.info()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dq", ["fused", "separate"])
 @pytest.mark.parametrize("mask", ["none", "causal", "w1", "w5", "w100", "w5s3", "w1s20", "w8s40"])
 @pytest.mark.parametrize("lq,lk", [(1, 17), (15, 16), (31, 97), (48, 128), (50, 130)])
-def test_fewer_queries_than_keys_grid(monkeypatch, lq, lk, mask, dq):
+def test_fewer_queries_than_keys_grid(lq, lk, mask, dq):
     """Every mask against several (Lq, Lk) shapes, GQA and D=80, both dQ paths."""
     label = f"q{lq}-k{lk}-{mask}-{dq}"
     label = f"{label} seed={_seed(label)}"
-    monkeypatch.setattr(ta, "FUSED_DQ", "1" if dq == "fused" else "0")
+    settings = TritonSettings(fused_dq="1" if dq == "fused" else "0")
     causal, window, sinks = _kv_window(mask)
     q = torch.randn(1, 4, lq, 80)
     k = torch.randn(1, 2, lk, 80)
     v = torch.randn(1, 2, lk, 80)
-    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label)
+    _check_against_reference(q, k, v, causal, window, sinks=sinks, label=label, settings=settings)
 
 
 def test_more_queries_than_keys_refused():
@@ -388,9 +399,9 @@ VISIT_MASKS = [(False, None, 0), (True, None, 0), (True, 1, 0), (True, 5, 0), (T
                                                          for b in VISIT_CONFIGS[1:]],
                          ids=lambda b: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*b[0], *b[1], *b[2]))
 @pytest.mark.parametrize("n", [50, pytest.param(64, marks=[pytest.mark.slow, pytest.mark.ci])])
-def test_block_visits_match_mask(monkeypatch, blocks, n):
+def test_block_visits_match_mask(blocks, n):
     """(n=50 with the separate dQ kernel, n=64 with dQ fused into dK/dV.)"""
-    _check_block_visits(monkeypatch, blocks, n, n, fused=n != 50)
+    _check_block_visits(blocks, n, n, fused=n != 50)
 
 
 # (Lq, Lk, fused dQ): offsets that are and are not multiples of the blocks, a single query
@@ -402,19 +413,17 @@ KV_VISIT_SHAPES = [(21, 50, False), (16, 64, True), (1, 37, False), (33, 47, Tru
                          ids=lambda b: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*b[0], *b[1], *b[2]))
 @pytest.mark.parametrize("lq,lk,fused", [KV_VISIT_SHAPES[0]] + [pytest.param(*s, marks=pytest.mark.slow)
                                                                 for s in KV_VISIT_SHAPES[1:]])
-def test_block_visits_match_mask_fewer_queries(monkeypatch, blocks, lq, lk, fused):
+def test_block_visits_match_mask_fewer_queries(blocks, lq, lk, fused):
     """Lq < Lk: each program's visited and masked blocks follow the mask with q_offset = Lk - Lq."""
-    _check_block_visits(monkeypatch, blocks, lq, lk, fused)
+    _check_block_visits(blocks, lq, lk, fused)
 
 
-def _check_block_visits(monkeypatch, blocks, n, n_k, fused):
+def _check_block_visits(blocks, n, n_k, fused):
     """Every mask of VISIT_MASKS: the blocks each program of each kernel visits and masks equal
     _tile_stats' for n query rows against n_k keys; the outputs match the reference."""
     (fm, fn), (km, kn), (qm, qn) = blocks
-    monkeypatch.setattr(ta, "COUNT_VISITS", True)
-    monkeypatch.setattr(ta, "FUSED_DQ", "1" if fused else "0")
-    monkeypatch.setattr(ta, "INTERPRETER_CONFIGS",
-                        {"fwd": (fm, fn, 4, 1), "dkdv": (km, kn, 4, 1), "dq": (qm, qn, 4, 1)})
+    settings = TritonSettings(count_visits=True, fused_dq="1" if fused else "0",
+                              configs={"fwd": (fm, fn, 4, 1), "dkdv": (km, kn, 4, 1), "dq": (qm, qn, 4, 1)})
     torch.manual_seed(5)
     B, H, Hkv, D = 1, 2, 1, 16
     group = H // Hkv
@@ -422,7 +431,7 @@ def _check_block_visits(monkeypatch, blocks, n, n_k, fused):
         q = torch.randn(B, H, n, D, requires_grad=True)
         k = torch.randn(B, Hkv, n_k, D, requires_grad=True)
         v = torch.randn(B, Hkv, n_k, D, requires_grad=True)
-        out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
+        out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks, settings=settings)
         out.backward(torch.randn_like(out))
         label = f"causal={causal} window={window} sinks={sinks} n={n} n_k={n_k} blocks={blocks}"
 
@@ -453,18 +462,18 @@ def _check_block_visits(monkeypatch, blocks, n, n_k, fused):
 
 @pytest.mark.parametrize("causal,window,sinks,lq", [(True, None, 0, 100), (True, 5, 3, 100), (False, None, 0, 100),
                                                    (True, None, 0, 37)])
-def test_heaviest_query_blocks_start_first(monkeypatch, causal, window, sinks, lq):
+def test_heaviest_query_blocks_start_first(causal, window, sinks, lq):
     """Under a causal mask, forward and dQ programs start in order of decreasing work (the
     last query block, which sees the most keys, first); dK/dV programs start with key block 0,
     which the most queries see. The interpreter runs programs in launch order, and each
-    records its launch rank (COUNT_VISITS). lq < 100: the last lq queries against 100 keys."""
-    monkeypatch.setattr(ta, "COUNT_VISITS", True)
-    monkeypatch.setattr(ta, "FUSED_DQ", "0")  # so the dQ kernel runs (and starts heaviest first)
+    records its launch rank (count_visits). lq < 100: the last lq queries against 100 keys."""
+    # fused_dq "0": so the dQ kernel runs (and starts heaviest first)
+    settings = TritonSettings(count_visits=True, fused_dq="0")
     torch.manual_seed(7)
     n, D = 100, 16
     q = torch.randn(1, 2, lq, D, requires_grad=True)
     k, v = (torch.randn(1, 1, n, D, requires_grad=True) for _ in range(2))
-    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks)
+    out = ta.triton_attention(q, k, v, causal=causal, window=window, scale=None, sinks=sinks, settings=settings)
     out.backward(torch.randn_like(out))
     for kind in ("fwd", "dq", "dkdv"):
         counts, _, _ = ta.last_visits[kind]
@@ -505,15 +514,19 @@ def test_window_skips_blocks():
 
 
 def _cell(**kw):
+    """A cell as an implementation's checks see it (the attributes Impl.declared_reason and
+    check read): by default 256 tokens of fp32 causal attention on the CPU, Lq = n, the
+    interpreter not allowed past its limit."""
     base = dict(batch=1, heads=4, kv_heads=4, head_dim=64, dtype="float32", mask="causal", window=None,
                 mode="fwd", device="cpu", allow_interpreter=False, impl="triton", n=256)
     base.update(kw)
-    return Cell(**base)
+    base.setdefault("q_len", base["n"])
+    return SimpleNamespace(**base)
 
 
 def test_registration_declares_capabilities():
     impl = ta.triton_attention.__ctxbench_impl__
-    assert impl.name == "triton" and registry._REGISTRY["triton"] is impl
+    assert impl.name == "triton" and registry.get("triton") is impl
     assert impl.devices == {"cpu", "cuda"}
     assert impl.dtypes == {"float32", "float16", "bfloat16"}
     assert impl.masks == {"none", "causal", "window"}
@@ -528,8 +541,8 @@ def test_check_reasons():
     assert "Triton interpreter on CPU is for correctness only; N > 512 needs --allow-interpreter" in reason
     assert impl.unsupported_reason(_cell(n=1024, allow_interpreter=True)) is None
     # fewer queries than keys: declared (kv_cache), and the interpreter's limit is on the keys
-    assert impl.unsupported_reason(_cell(n=512, query_len=16)) is None
-    assert "N > 512" in impl.unsupported_reason(_cell(n=1024, query_len=16))
+    assert impl.unsupported_reason(_cell(n=512, q_len=16)) is None
+    assert "N > 512" in impl.unsupported_reason(_cell(n=1024, q_len=16))
     assert "head_dim" in impl.unsupported_reason(_cell(head_dim=512))
     assert "TRITON_INTERPRET" in impl.unsupported_reason(_cell(device="cuda"))
 
@@ -547,67 +560,82 @@ def test_info_reports_config_and_precision():
 
 def test_autotune_space_and_pruning():
     """The autotuned space is the one documented; pruning always leaves a config."""
-    fwd = ta._space("fwd")
+    fwd = tc.tuning_space("fwd")
     assert {c[0] for c in fwd} == {64, 128} and {c[1] for c in fwd} == {32, 64, 128}
     assert {c[2] for c in fwd} == {4, 8} and {c[3] for c in fwd} == {2, 3, 4}
     for kind in ("fwd", "dkdv", "dq"):
-        configs = [ta._config(*c) for c in ta._space(kind)]
-        for fma_config in ta.FP32_IEEE_SPACE[kind]:
-            assert fma_config in ta._space(kind)
+        configs = [tc.to_triton(c) for c in tc.tuning_space(kind)]
+        for fma_config in tc.FP32_IEEE_SPACE[kind]:
+            assert fma_config in tc.tuning_space(kind)
         for n in (1, 100, 4096):
             for d, dtype, precision in ((16, torch.float16, "tf32"), (128, torch.bfloat16, "tf32"),
                                         (128, torch.float32, "ieee"), (256, torch.float32, "tf32")):
                 args = {"N": n, "Q": torch.empty(0, dtype=dtype)}
-                kept = ta._prune(kind)(configs, args, BLOCK_D=d, PRECISION=precision)
+                kept = tc.prune(kind, configs, args, BLOCK_D=d, PRECISION=precision)
                 assert kept, (kind, n, d, dtype)
                 tuples = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
                 if precision == "ieee":
-                    assert tuples == ta.FP32_IEEE_SPACE[kind]
+                    assert tuples == tc.FP32_IEEE_SPACE[kind]
                 elif n == 1:
                     assert all(min(bm, bn) <= 32 for bm, bn, _, _ in tuples)
                 if dtype != torch.float32 and d <= 128:  # only configs that spill nothing on sm_90
-                    assert set(tuples) <= set(ta.NO_SPILL[kind][64 if d <= 64 else 128]), (kind, n, d)
+                    assert set(tuples) <= set(tc.NO_SPILL[kind][64 if d <= 64 else 128]), (kind, n, d)
         # the spill-free lists, the defaults and the GPU check's list are all in the space
-        space = set(ta._space(kind))
+        space = set(tc.tuning_space(kind))
         for block_d in (64, 128):
-            assert ta.NO_SPILL[kind][block_d] and set(ta.NO_SPILL[kind][block_d]) <= space
-            assert ta.default_config(kind, False, block_d) in ta.NO_SPILL[kind][block_d]
-        assert set(ta.CHECK_SPACE[kind]) <= set(ta.NO_SPILL[kind][128])
+            assert tc.NO_SPILL[kind][block_d] and set(tc.NO_SPILL[kind][block_d]) <= space
+            assert tc.default_config(kind, False, block_d) in tc.NO_SPILL[kind][block_d]
+        assert set(tc.CHECK_SPACE[kind]) <= set(tc.NO_SPILL[kind][128])
+        assert tc.tuning_space(kind, "check") == tc.CHECK_SPACE[kind]
         if kind == "dkdv":  # the fused dQ's own spill-free lists and defaults
             for block_d in (64, 128):
-                fused = ta.NO_SPILL["dkdv_fused"][block_d]
+                fused = tc.NO_SPILL["dkdv_fused"][block_d]
                 assert fused and set(fused) <= space
-                assert ta.default_config(kind, False, block_d, True) in fused
+                assert tc.default_config(kind, False, block_d, True) in fused
                 args = {"N": 4096, "Q": torch.empty(0, dtype=torch.bfloat16)}
-                kept = ta._prune(kind)(configs, args, BLOCK_D=block_d, PRECISION="tf32", FUSED_DQ=True)
+                kept = tc.prune(kind, configs, args, BLOCK_D=block_d, PRECISION="tf32", FUSED_DQ=True)
                 assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} \
                     <= set(fused)
-            assert ta.fused_dq(64) and not ta.fused_dq(128) and not ta.fused_dq(64, 4)  # "auto"
-        assert ta.default_config(kind, False, 256) in space
-        assert ta.default_config(kind, True, 64) == ta.FP32_IEEE_SPACE[kind][0]
+            assert tc.fused_dq(64) and not tc.fused_dq(128) and not tc.fused_dq(64, 4)  # "auto"
+            assert tc.fused_dq(128, 4, "1") and not tc.fused_dq(64, 2, "0")
+        assert tc.default_config(kind, False, 256) in space
+        assert tc.default_config(kind, True, 64) == tc.FP32_IEEE_SPACE[kind][0]
         # the wide (D > 128) defaults fit in shared memory
-        bm, bn, _, stages = ta.default_config(kind, False, 256)
-        assert ta._smem_estimate(kind, bm, bn, stages, 256, 2) <= ta.SMEM_LIMIT
+        bm, bn, _, stages = tc.default_config(kind, False, 256)
+        assert tc.smem_estimate(kind, bm, bn, stages, 256, 2) <= tc.SMEM_LIMIT
 
 
-def test_check_space_selected_by_environment():
+def test_settings_read_from_the_environment_at_call_time(monkeypatch):
     """CTXBENCH_TRITON_SPACE=check (benchmarks/gpu_check.sh) builds the autotuners over
-    CHECK_SPACE only; anything but full/check is refused."""
-    code = ("import ctxbench.kernels.triton_attention as t; "
-            "print([[(c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps, c.num_stages) for c in t._TUNED[k].configs]"
-            " == t.CHECK_SPACE[k] for k in ('fwd', 'dkdv', 'dq')])")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CTXBENCH_TRITON_SPACE="check"),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True, True, True]"
-    out = subprocess.run([sys.executable, "-c", "import ctxbench.kernels.triton_attention"],
-                         env=dict(os.environ, CTXBENCH_TRITON_SPACE="bogus"), capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode != 0 and "CTXBENCH_TRITON_SPACE" in out.stderr
+    CHECK_SPACE only; the variables count when a call reads them (after import: this module
+    was imported long before), and anything but the documented values is refused then."""
+    monkeypatch.setenv("CTXBENCH_TRITON_SPACE", "check")
+    monkeypatch.setenv("CTXBENCH_TRITON_AUTOTUNE", "0")
+    monkeypatch.setenv("CTXBENCH_TRITON_FP32_PRECISION", "tf32")
+    monkeypatch.setenv("CTXBENCH_TRITON_FUSED_DQ", "1")
+    settings = TritonSettings.from_environment()
+    assert settings == TritonSettings(autotune=False, space="check", fp32_precision="tf32", fused_dq="1")
+    assert TritonSettings.from_environment({}) == TritonSettings()  # the defaults
+    for kind in tc.KINDS:
+        assert [tc.from_triton(c) for c in ta.autotuner(kind, settings.space).configs] == tc.CHECK_SPACE[kind]
+        assert [tc.from_triton(c) for c in ta.autotuner(kind).configs] == tc.tuning_space(kind)
+    # a call without settings reads them now: fp32 on tf32, dQ fused at D=16 in fp32
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    ta.triton_attention(q, k, v, causal=True, window=None).sum().backward()
+    assert ta.info()["precision"] == "tf32" and "fused into dkdv" in ta.info()["bwd_config"], ta.info()
+    monkeypatch.setenv("CTXBENCH_TRITON_FUSED_DQ", "0")
+    monkeypatch.setenv("CTXBENCH_TRITON_FP32_PRECISION", "ieee")
+    ta.triton_attention(q, k, v, causal=True, window=None).sum().backward()
+    assert ta.info()["precision"] == "ieee" and "fused into dkdv" not in ta.info()["bwd_config"], ta.info()
+    for name, value in (("CTXBENCH_TRITON_SPACE", "bogus"), ("CTXBENCH_TRITON_FUSED_DQ", "2")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            ta.triton_attention(q, k, v, causal=True, window=None)
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])
-def test_autotuned_launch_path(monkeypatch, fused):
+def test_autotuned_launch_path(fused):
     """The GPU control flow (autotuner, pruning, grid from the chosen config, best_config into
     info) on the interpreter: small spaces, and a stand-in for do_bench (triton's needs a
     GPU driver) that runs each config and makes the last one the fastest. With the fused dQ,
@@ -624,15 +652,14 @@ def test_autotuned_launch_path(monkeypatch, fused):
     tuned = {}
     for kind, configs in space.items():
         fake_do_bench.calls = 0
-        tuned[kind] = ta._make_tuner(kind, configs, do_bench=fake_do_bench)
-    monkeypatch.setattr(ta, "_TUNED", tuned)
-    monkeypatch.setattr(ta, "_fixed_config", lambda *args: None)  # take the autotuning branch
-    monkeypatch.setattr(ta, "FUSED_DQ", fused)
+        tuned[kind] = ta.make_tuner(kind, configs, interpret=interpreted(), do_bench=fake_do_bench)
+    # tuners given: the autotuning branch, on the interpreter too
+    settings = TritonSettings(fused_dq=fused, tuners=tuned)
     torch.manual_seed(6)
     q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.bfloat16) for _ in range(3))
     fake_do_bench.calls = 0
-    _check_against_reference(q, k, v, True, 7)
-    info = ta._info()
+    _check_against_reference(q, k, v, True, 7, settings=settings)
+    info = ta.info()
     assert info["config"] == "BLOCK_M=32 BLOCK_N=16 warps=4 stages=1"
     dq = ("fused into dkdv (fp32 atomic adds), then scaled and cast" if fused == "1"
           else "BLOCK_M=32 BLOCK_N=16 warps=4 stages=1")
@@ -646,39 +673,144 @@ def test_empty_batch_and_n1_gqa():
     assert ta.triton_attention(q, k, k, causal=True, window=None).shape == (0, 4, 5, 16)
 
 
+def _without(*names: str) -> dict:
+    """This process's environment without the variables `names`."""
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
 def test_interpreter_selected_without_cuda():
+    """Without CUDA and with TRITON_INTERPRET unset, each call chooses the interpreter; importing
+    the module sets nothing in the environment and reads nothing from it (settings that would be
+    refused at a call do not stop the import)."""
     if torch.cuda.is_available():
-        pytest.skip("CUDA is available: the module does not select the interpreter")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import os, ctxbench.kernels.triton_attention as t; "
+        pytest.skip("CUDA is available: calls compile unless TRITON_INTERPRET says otherwise")
+    env = dict(_without("TRITON_INTERPRET"), CTXBENCH_TRITON_SPACE="bogus", CTXBENCH_TRITON_FUSED_DQ="bogus")
+    code = ("import os, ctxbench.kernels.triton_attention as t, ctxbench.kernels.triton_decode; "
             "print(os.environ.get('TRITON_INTERPRET'), t.interpreted())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["1", "True"]
-    # whichever kernel module comes first (sdpa imports torch.nn.attention.bias, which imports
-    # triton), the interpreter is chosen before triton is imported, and the kernel runs
-    code = ("import torch, ctxbench.kernels.sdpa; from ctxbench.registry import get; from ctxbench.core.masks import Mask; "
-            "q = torch.randn(1, 2, 20, 16); print(get('triton').call(q, q, q, Mask('causal')).shape[2])")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "20", out.stderr
+    assert out.stdout.split() == ["None", "True"]
 
 
-def test_without_triton_module_imports_and_refuses(monkeypatch):
-    saved = registry._REGISTRY.get("triton")
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    monkeypatch.setitem(sys.modules, "triton.language", None)
+# Run in a fresh process after importing FIRST (which imports triton without TRITON_INTERPRET):
+# the triton kernel (forward and backward) and triton_decode on fresh random inputs, against the
+# float64 reference; then whether what the interpreter scope patches (JITFunction.__call__ and
+# the JITFunctions attached to triton's tensor class as methods) is as it was.
+IMPORTED_FIRST_SCRIPT = r'''
+import importlib, json, os, sys
+importlib.import_module(sys.argv[1])
+import torch
+if torch.cuda.is_available():  # interpreted all the same: set only now, after triton's import
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+def patched():
+    return vars(JITFunction).get("__call__"), {name: value for name, value in vars(tl.core.tensor).items()
+                                               if isinstance(value, JITFunction)}
+before = patched()
+from ctxbench.core.masks import Mask
+from ctxbench.core.reference import errors, reference_attention
+from ctxbench.kernels import triton_attention, triton_decode
+torch.manual_seed(int(sys.argv[2]))
+rel = {}
+# prefill: GQA, a window with sinks across two blocks of the interpreter's 16; forward and gradients
+q = torch.randn(1, 2, 20, 16, requires_grad=True)
+k, v = (torch.randn(1, 1, 20, 16, requires_grad=True) for _ in range(2))
+mask = Mask.of(True, 9, 2)
+out = triton_attention.triton_attention(q, k, v, causal=True, window=9, sinks=2)
+dout = torch.randn_like(out)
+grads = torch.autograd.grad(out, (q, k, v), dout)
+q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+ref = reference_attention(q64, k64, v64, mask)
+ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+    rel["triton " + name] = errors(x.detach(), r.detach())[0]
+# decode: 2 query tokens of a GQA group against 40 cached keys, the merge of 2 splits
+q = torch.randn(2, 2, 2, 16)
+k, v = (torch.randn(2, 1, 40, 16) for _ in range(2))
+out = triton_decode.decode_attention(q, k, v, causal=True, num_splits=2)
+ref = reference_attention(q.double(), k.double(), v.double(), Mask.of(True, None, 0, q_offset=38))
+rel["triton_decode out"] = errors(out, ref)[0]
+restored = before == patched()
+print(json.dumps({"rel": rel, "restored": restored, "interpreted": triton_attention.info()["interpreted"]}))
+'''
+
+
+# What imports triton before ctxbench does: transformers' model code (the case of the issue),
+# triton itself, torch's flex attention, and ctxbench's sdpa kernel (torch.nn.attention.bias).
+FIRST_IMPORTS = ["transformers.modeling_utils", "triton", "torch.nn.attention.flex_attention", "ctxbench.kernels.sdpa"]
+
+
+def test_interpreter_whatever_was_imported_first(tmp_path):
+    """A process that imported triton before ctxbench, with TRITON_INTERPRET unset then (the
+    transformers import used to fail every interpreted call with "Cannot call @triton.jit'd
+    outside of the scope of a kernel"): both kernels run interpreted and match float64, and
+    triton is left as it was. One fresh process per FIRST_IMPORTS, run side by side (each
+    spends most of its time importing)."""
+    procs = {}
+    for first in FIRST_IMPORTS:
+        if importlib.util.find_spec(first.split(".")[0]) is None:  # transformers: a test extra
+            continue
+        out, err = (open(tmp_path / f"{first}.{name}", "w+") for name in ("out", "err"))
+        cmd = [sys.executable, "-c", IMPORTED_FIRST_SCRIPT, first, str(_seed(f"imported-first-{first}"))]
+        procs[first] = (subprocess.Popen(cmd, env=_without("TRITON_INTERPRET"), stdout=out, stderr=err), out, err)
+    assert "triton" in procs
+    for first, (proc, out, err) in procs.items():
+        proc.wait(timeout=600)
+        out.seek(0)
+        err.seek(0)
+        assert proc.returncode == 0, (first, err.read()[-3000:])
+        result = json.loads(out.read().strip().splitlines()[-1])
+        assert result["interpreted"] is True and result["restored"] is True, (first, result)
+        for name, rel in result["rel"].items():
+            assert rel < TOLERANCE["float32"], (first, name, rel)
+
+
+def test_interpreter_scope_restores_triton():
+    """interpreter_scope() routes JITFunction calls and the tensor methods that are JITFunctions
+    only while a scope is open (scopes nest: the outer one keeps them routed), and puts them
+    back as they were."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    call = vars(JITFunction).get("__call__")
+    methods = {name: value for name, value in vars(tl.core.tensor).items() if isinstance(value, JITFunction)}
+    with interpreter_scope():
+        with interpreter_scope():
+            assert JITFunction.__call__ is not call
+        assert JITFunction.__call__ is not call
+        assert not any(isinstance(vars(tl.core.tensor)[name], JITFunction) for name in methods)
+    assert vars(JITFunction).get("__call__") is call
+    assert {name: vars(tl.core.tensor)[name] for name in methods} == methods
+
+
+WITHOUT_TRITON_SCRIPT = r'''
+import sys
+sys.modules["triton"] = sys.modules["triton.language"] = None  # `import triton` raises ImportError
+from types import SimpleNamespace
+import torch
+from ctxbench import registry
+from ctxbench.kernels import triton_attention, triton_decode
+cell = dict(batch=1, heads=4, kv_heads=4, head_dim=64, dtype="float32", mask="causal", window=None, mode="fwd",
+            allow_interpreter=False, n=256, q_len=256)
+for device in ("cpu", "cuda"):
+    print(triton_attention.triton_attention.__ctxbench_impl__.unsupported_reason(SimpleNamespace(**cell, device=device)))
+    print(triton_decode.check(SimpleNamespace(**dict(cell, n=1, q_len=1), device=device)))
+for call in (lambda x: triton_attention.triton_attention(x, x, x, causal=False, window=None),
+             lambda x: triton_decode.decode_attention(x, x, x)):
     try:
-        spec = importlib.util.spec_from_file_location("ctxbench_triton_missing_probe", ta.__file__)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        impl = mod.triton_attention.__ctxbench_impl__
-        for device in ("cpu", "cuda"):
-            assert impl.unsupported_reason(_cell(device=device)) == "triton is not installed: pip install triton"
-        with pytest.raises(registry.Unsupported):
-            mod.triton_attention(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16),
-                                 causal=False, window=None)
-    finally:
-        registry._REGISTRY["triton"] = saved
+        call(torch.zeros(1, 1, 1, 16))
+    except registry.Unsupported as exc:
+        print(exc)
+'''
+
+
+def test_without_triton_module_imports_and_refuses():
+    """Without triton, the Triton modules import (configs, settings and helpers included) and
+    both kernels refuse every cell and call, saying so."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TRITON_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["triton is not installed: pip install triton"] * 6
 
 
 # ---------------------------------------------------------------------------------------
@@ -742,7 +874,7 @@ def test_compiles_for_sm90(dtype):
     for r in rows:
         if r["kernel"] in ("fwd", "dkdv", "dq"):
             assert r["mma"] == ("fma" if dtype == "float32" else "wgmma"), r
-            assert r["shared"] <= ta.SMEM_LIMIT, r
+            assert r["shared"] <= tc.SMEM_LIMIT, r
     if dtype != "float32":
         assert not _spilling([r for r in rows if r["head_dim"] <= 128]), _spilling(rows)
     _check_matmuls_per_tile(rows)
@@ -756,7 +888,7 @@ def _check_matmuls_per_tile(rows: list[dict], fused: bool | None = None) -> None
         groups.setdefault((r["head_dim"], r["mask"]), {})[r["kernel"]] = r["mma_per_tile"]
     for (head_dim, mask), mma in groups.items():
         size = 4 if rows[0]["dtype"] == "fp32" else 2
-        use_fused = ta.fused_dq(max(16, 1 << (head_dim - 1).bit_length()), size) if fused is None else fused
+        use_fused = tc.fused_dq(max(16, 1 << (head_dim - 1).bit_length()), size) if fused is None else fused
         assert mma["fwd"] == 2, (head_dim, mask, mma)
         assert ("dq" in mma) != use_fused and ("dq_cast" in mma) == use_fused, (head_dim, mask, mma)
         assert mma["dkdv"] + mma.get("dq", 0) == (5 if use_fused else 7), (head_dim, mask, mma)
@@ -779,7 +911,7 @@ def test_fewer_queries_compile_for_sm90(dtype):
     assert not failed, failed
     for r in rows:
         if r["kernel"] in ("fwd", "dkdv", "dq"):
-            assert r["mma"] == "wgmma" and r["shared"] <= ta.SMEM_LIMIT, r
+            assert r["mma"] == "wgmma" and r["shared"] <= tc.SMEM_LIMIT, r
     assert not _spilling(rows), _spilling(rows)
     _check_matmuls_per_tile(rows)
 
@@ -813,7 +945,7 @@ def test_autotune_space_compiles_for_sm90(dtype, head_dim, mask):
     assert not failed, failed
     for r in rows:
         if r["kernel"] in ("fwd", "dkdv", "dq"):
-            assert r["shared"] <= ta.SMEM_LIMIT, r
+            assert r["shared"] <= tc.SMEM_LIMIT, r
             assert r["shared"] <= r["smem_estimate"], r
             if r["kernel"] != "dkdv":
                 assert r["shared"] == r["smem_estimate"], r

@@ -10,17 +10,13 @@ inputs (seeds printed, from each case's name through zlib.crc32):
 * keys at and past kv_len, and left of a window's span, are never read (they hold NaN here);
 * a paged cache with shuffled pages gives exactly (torch.equal) the contiguous layout's output;
 * num_splits 1, 3 and 8 agree within fp32 rounding;
-* registration and check().
+* registration and check() (the interpreter up to INTERPRETER_MAX_LEN keys).
 A slow test compiles both kernels for sm_90 (Hopper) with triton's ptxas, no GPU needed, through
 benchmarks/kernel_stats.py's compile_one: `pytest -m slow tests/test_triton_decode.py -k sm90`.
 """
 
-import os
-
-# Kernels must run interpreted here; this has to precede any triton import.
-os.environ["TRITON_INTERPRET"] = "1"
-
 import json
+import os
 import subprocess
 import sys
 import zlib
@@ -31,12 +27,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from ctxbench.kernels import triton_decode as td
+from ctxbench.kernels import triton_decode as td  # noqa: E402
 
-from ctxbench import registry
-from ctxbench.core.masks import Mask
-from ctxbench.engine.plan import Cell, Config
-from ctxbench.core.reference import errors, reference_attention
+from ctxbench import registry  # noqa: E402
+from ctxbench.core.masks import Mask  # noqa: E402
+from ctxbench.core.reference import errors, reference_attention  # noqa: E402
+
+# Kernels run interpreted here (CPU tensors), on a machine with CUDA too. TRITON_INTERPRET is
+# read when a call is prepared, so setting it after triton was imported is enough.
+os.environ["TRITON_INTERPRET"] = "1"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
@@ -113,7 +112,7 @@ def test_matches_reference(lq, hq, hkv, d, mask, dtype, lk):
     out = _run(q, k, v, mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     rel, _ = errors(out, _reference(q, k, v, mask))
-    assert rel < TOL[dtype], (rel, td._info())
+    assert rel < TOL[dtype], (rel, td.info())
 
 
 def test_scale_argument():
@@ -223,7 +222,7 @@ def test_num_splits_agree(mask):
     for s in (3, 8):
         assert errors(outs[s], outs[1].double())[0] < 1e-5, s
     assert errors(outs[1], _reference(q, k, v, mask, lens))[0] < 1e-5
-    assert td._info()["num_splits"] == 8
+    assert td.info()["num_splits"] == 8
 
 
 def test_default_num_splits():
@@ -239,7 +238,10 @@ def test_default_num_splits():
 # ---------------------------------------------------------------------------------------
 
 def _cell(**kw):
-    base = {"n": 256, "q_len": 1, "head_dim": 64, "device": "cpu", "dtype": "float32", "allow_interpreter": False}
+    """A decode cell as an implementation's checks see it (what Impl.declared_reason and check
+    read): one query token against 256 keys, fp32 on the CPU."""
+    base = {"n": 256, "q_len": 1, "head_dim": 64, "device": "cpu", "dtype": "float32", "allow_interpreter": False,
+            "mask": "causal", "mode": "fwd", "heads": 4, "kv_heads": 4}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -247,14 +249,17 @@ def test_registered_and_checked():
     impl = registry.get("triton_decode")
     assert impl.modes == {"fwd"} and impl.sinks and impl.gqa and impl.masks == {"none", "causal", "window"}
     assert impl.kv_cache and impl.ragged and impl.paged and impl.setup and impl.max_query_len == 16
-    assert "at most 16 query tokens" in impl.declared_reason(Cell.of(Config(query_len=17), "triton_decode", 64))
-    assert td._check(_cell()) is None
-    assert "query tokens" in td._check(_cell(q_len=17))
-    assert "query tokens" in td._check(SimpleNamespace(**{k: v for k, v in vars(_cell(n=64)).items()
+    assert "at most 16 query tokens" in impl.declared_reason(_cell(n=64, q_len=17))
+    assert td.check(_cell()) is None
+    assert "query tokens" in td.check(_cell(q_len=17))
+    assert "query tokens" in td.check(SimpleNamespace(**{k: v for k, v in vars(_cell(n=64)).items()
                                                           if k != "q_len"}))  # no q_len: n is Lq
-    assert "allow-interpreter" in td._check(_cell(n=10 ** 6))
-    assert td._check(_cell(n=10 ** 6, allow_interpreter=True)) is None
-    assert "CUDA" in td._check(_cell(device="cuda")) or "TRITON_INTERPRET" in td._check(_cell(device="cuda"))
+    assert "allow-interpreter" in td.check(_cell(n=10 ** 6))
+    assert td.check(_cell(n=10 ** 6, allow_interpreter=True)) is None
+    # the interpreter's limit is decode's own, 4096 keys (the prefill kernel's is 512)
+    assert td.check(_cell(n=td.INTERPRETER_MAX_LEN)) is None
+    assert f"N > {td.INTERPRETER_MAX_LEN} needs --allow-interpreter" in td.check(_cell(n=td.INTERPRETER_MAX_LEN + 1))
+    assert "CUDA" in td.check(_cell(device="cuda")) or "TRITON_INTERPRET" in td.check(_cell(device="cuda"))
     q, k, v = _inputs("registered", 1, 4, 2, 2, 70, 64, "float32")
     out = impl.call(q, k, v, Mask("causal", q_offset=k.shape[2] - q.shape[2]))
     assert errors(out, _reference(q, k, v, "causal"))[0] < 1e-5
@@ -266,8 +271,9 @@ def test_registered_and_checked():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Run in a subprocess (it must import triton with TRITON_INTERPRET=0): captures the launches of
-# one decode_attention call per case on CPU tensors, compiles each with kernel_stats.compile_one.
+# Run in a subprocess (it compiles: TRITON_INTERPRET=0): captures the launches of one
+# prepare_decode_attention call per case on CPU tensors (its launcher), compiles each with
+# kernel_stats.compile_one.
 SM90_SCRIPT = r'''
 import importlib.util, json, os, sys, tempfile
 os.environ["TRITON_INTERPRET"] = "0"
@@ -283,27 +289,19 @@ for case in sys.argv[2].split(","):
     dt, d, group, lq, mask, layout = case.split(":")
     d, group, lq = int(d), int(group), int(lq)
     captured = []
-    class Cap:
-        def __init__(self, name, fn):
-            self.name, self.fn = name, fn
-        def __getitem__(self, grid):
-            return lambda *a, **m: captured.append((self.name, self.fn, a, m))
-    saved = td._split_kernel, td._merge_kernel
-    td._split_kernel, td._merge_kernel = Cap("split", saved[0]), Cap("merge", saved[1])
-    try:
-        B, Hkv, Lk = 2, 2, 1024
-        q = torch.randn(B, Hkv * group, lq, d, dtype=DT[dt])
-        kw = dict(causal=mask != "none", window=300 if mask in ("window", "sinks") else None,
-                  sinks=4 if mask == "sinks" else 0, num_splits=4)
-        if layout == "paged":
-            k = torch.randn(B * Lk // 16, 16, Hkv, d, dtype=DT[dt])
-            kw.update(kv_lens=torch.full((B,), Lk, dtype=torch.int32),
-                      block_table=torch.arange(B * Lk // 16, dtype=torch.int32).view(B, -1))
-        else:
-            k = torch.randn(B, Hkv, Lk, d, dtype=DT[dt])
-        td.decode_attention(q, k, torch.randn_like(k), **kw)
-    finally:
-        td._split_kernel, td._merge_kernel = saved
+    B, Hkv, Lk = 2, 2, 1024
+    q = torch.randn(B, Hkv * group, lq, d, dtype=DT[dt])
+    kw = dict(causal=mask != "none", window=300 if mask in ("window", "sinks") else None,
+              sinks=4 if mask == "sinks" else 0, num_splits=4,
+              launcher=lambda kind, grid, args, meta: captured.append((kind, td.KERNELS[kind], args, meta)))
+    if layout == "paged":
+        k = torch.randn(B * Lk // 16, 16, Hkv, d, dtype=DT[dt])
+        kw.update(kv_lens=torch.full((B,), Lk, dtype=torch.int32),
+                  block_table=torch.arange(B * Lk // 16, dtype=torch.int32).view(B, -1))
+    else:
+        k = torch.randn(B, Hkv, Lk, d, dtype=DT[dt])
+    v = torch.randn_like(k)
+    td.prepare_decode_attention(q, k, v, **kw)(q, k, v)
     for name, fn, args, meta in captured:
         meta = dict(meta)
         config = (None, None, meta.pop("num_warps"), meta.pop("num_stages", 1))
