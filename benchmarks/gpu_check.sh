@@ -25,7 +25,7 @@
 #   6. causal-fwd-short   N=1K..4K, every SDPA backend
 #   7. math               sdpa_math, causal forward, N=1K..8K
 # Shape of the performance stages: bf16, B=1, Hq=32, Hkv=8, D=128. Triton autotunes over the
-# fixed, pruned list CHECK_SPACE (kernels/triton_attention.py, CTXBENCH_TRITON_SPACE=check);
+# fixed, pruned list CHECK_SPACE (kernels/triton_configs.py, CTXBENCH_TRITON_SPACE=check);
 # the checks use its default configurations (no autotuning).
 #
 # usage: benchmarks/gpu_check.sh OUTDIR [--dry-run]
