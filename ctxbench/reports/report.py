@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from ctxbench.engine.results import read_results
+from ctxbench.reports.markdown import markdown_table
 from ctxbench.reports.plots import config_text, to_frame
 from ctxbench.reports.summary import is_left_out, not_run, not_run_lines, sections_of
 
@@ -64,6 +65,12 @@ def pivot_frame(df: pd.DataFrame, column: str, fmt: Callable[[float], str]) -> p
         table.loc[r["series"], f"{int(r['n']):,}"] = text
     table.index.name = "impl \\ N"
     return table
+
+
+def markdown_pivot(df: pd.DataFrame, column: str, fmt: Callable[[float], str]) -> str:
+    """pivot_frame(df, column, fmt) as a markdown table."""
+    table = pivot_frame(df, column, fmt)
+    return markdown_table([table.index.name, *table.columns], [[i, *table.loc[i]] for i in table.index])
 
 
 def pivots(df: pd.DataFrame, specs: tuple[Pivot, ...]) -> list[tuple[str, pd.DataFrame]]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from ctxbench.core.formatting import human_bytes, human_ms, number
-from ctxbench.reports.markdown import markdown_table
 from ctxbench.reports.plots import lines, mark_wrong, new_axes, palette, save, with_series
-from ctxbench.reports.report import Pivot, pivot_frame, pivots_html
+from ctxbench.reports.report import Pivot, markdown_pivot, pivots_html
 from ctxbench.reports.section import Section
 from ctxbench.reports.summary import pivot_table, status_text
 
@@ -58,9 +57,7 @@ class DecodeSection(Section):
         console.print(decode_table(rows))
 
     def markdown(self, rows: list[dict[str, Any]]) -> str:
-        table = pivot_frame(with_series(rows), "ms_per_token", human_ms)
-        return "decode: ms per generated token\n\n" + markdown_table([table.index.name, *table.columns],
-                                                                     [[i, *table.loc[i]] for i in table.index])
+        return "decode: ms per generated token\n\n" + markdown_pivot(with_series(rows), "ms_per_token", human_ms)
 
     def plots(self, rows: list[dict[str, Any]], run_dir: str) -> list[str]:
         return [path for name, fig in figures(rows) for path in save(fig, run_dir, name)]

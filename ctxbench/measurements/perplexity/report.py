@@ -11,9 +11,8 @@ import pandas as pd
 
 from ctxbench.core.formatting import number
 from ctxbench.reports.fits import length_text
-from ctxbench.reports.markdown import markdown_table
 from ctxbench.reports.plots import lines, new_axes, palette, save, with_series
-from ctxbench.reports.report import Pivot, pivot_frame, pivots_html
+from ctxbench.reports.report import Pivot, markdown_pivot, pivots_html
 from ctxbench.reports.section import Section
 from ctxbench.reports.summary import is_left_out, noted_table, not_run, not_run_lines, status_text
 
@@ -118,9 +117,7 @@ class PerplexitySection(Section):
         console.print(perplexity_table(rows))
 
     def markdown(self, rows: list[dict[str, Any]]) -> str:
-        table = pivot_frame(with_series(rows), "ppl", lambda x: f"{x:.4g}")
-        return "perplexity\n\n" + markdown_table([table.index.name, *table.columns],
-                                                 [[i, *table.loc[i]] for i in table.index])
+        return "perplexity\n\n" + markdown_pivot(with_series(rows), "ppl", lambda x: f"{x:.4g}")
 
     def plots(self, rows: list[dict[str, Any]], run_dir: str) -> list[str]:
         return [path for name, fig in figures(rows) for path in save(fig, run_dir, name)]
