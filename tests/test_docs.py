@@ -466,7 +466,7 @@ def test_documented_command_runs(cmd: DocCommand, workspace: Workspace, monkeypa
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         import ctxbench.reports.report
-        from ctxbench import registry
+        from ctxbench.core import registry
 
         # a documented --impl file registers its function: keep that out of the other tests
         registry.all_impls()  # the built-ins and plugins, loaded once, before the copy
