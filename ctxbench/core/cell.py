@@ -18,8 +18,9 @@ from ctxbench.core.masks import Mask
 
 @dataclass(frozen=True)
 class Config:
-    """The configuration every cell of a run shares: the attention's shape, dtype, mask, mode and
-    device. Kinds that run a model take the model's shape instead (for_model)."""
+    """The configuration every cell of a run shares: the attention's shape, dtype, mask, mode,
+    device, and whether interpreted implementations run at every length. Kinds that run a model
+    take the model's shape instead (for_model)."""
 
     batch: int = 1
     heads: int = 8
@@ -32,6 +33,9 @@ class Config:
     sinks: int = 0
     mode: str = "fwd"
     device: str = "cpu"
+    # Run interpreted (Triton on the CPU) implementations beyond their small default limit: a
+    # kernel's cells and a model's alike.
+    allow_interpreter: bool = False
 
     @property
     def attention_mask(self) -> Mask:
@@ -53,6 +57,8 @@ class Config:
 
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+# The configuration columns that hold numbers.
+NUMERIC_CONFIG: tuple[str, ...] = ("batch", "heads", "kv_heads", "head_dim", "window", "sinks")
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,9 @@ class Cell(Config):
 
     @classmethod
     def of(cls, config: Config, impl: str, n: int, kind: str, **params: Any) -> "Cell":
-        """A cell of `kind` with its fields `params` (each one the kind declares; ValueError if not)."""
-        unknown = set(params) - {f.name for f in kinds.get(kind).fields}
-        if unknown:
-            raise ValueError(f"kind {kind!r} has no field {', '.join(sorted(unknown))}")
-        return cls(**asdict(config), impl=impl, n=n, kind=kind, params=tuple(params.items()))
+        """A cell of `kind` with its fields `params` (each one the kind declares; ValueError if not),
+        kept in the kind's order so that equal cells compare and hash equal."""
+        return cls(**asdict(config), impl=impl, n=n, kind=kind, params=own_fields(kind, params))
 
     def get(self, name: str, default: Any = None) -> Any:
         """The value of the kind's field `name`; `default` when the cell has none."""
@@ -155,7 +159,17 @@ class Cell(Config):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Cell":
         data = dict(data)
-        return cls(**{**data, "params": tuple(dict(data.pop("params", {})).items())})
+        return cls(**{**data, "params": own_fields(data["kind"], dict(data.pop("params", {})))})
+
+
+def own_fields(kind: str, params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """`params` as a Cell holds them: (name, value) pairs in the order kind `kind` declares its
+    fields; ValueError naming a field it does not declare."""
+    declared = [f.name for f in kinds.get(kind).fields]
+    unknown = set(params) - set(declared)
+    if unknown:
+        raise ValueError(f"kind {kind!r} has no field {', '.join(sorted(unknown))}")
+    return tuple((name, params[name]) for name in declared if name in params)
 
 
 def key_text(value: object) -> str:

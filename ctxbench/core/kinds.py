@@ -57,6 +57,7 @@ class Field:
 
     name: str
     absent: str = ""
+    numeric: bool = False  # its values are numbers (reports read them as such)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class Kind:
     flags: tuple[Flag, ...] = ()
     fields: tuple[Field, ...] = ()
     columns: tuple[str, ...] = ()
+    # Those of its columns that hold text, even where it looks like a number (a key "00042").
+    text_columns: tuple[str, ...] = ()
     # Measured columns in [0, 1] where a drop is a regression (ctxbench compare: --max-score-drop).
     score_columns: tuple[str, ...] = ()
     # Whether a cell runs a whole language model rather than one attention call: only an attention
@@ -108,6 +111,8 @@ class Kind:
     uses_bandwidth: bool = False
     # Whether rows of a results.csv written before it had a kind (or task) column are of this kind.
     oldest: bool = False
+    # Rough seconds to start a worker and import what a cell needs, for weight (ETAs only).
+    worker_start_s: float = 2.0
     # "module:function" the worker calls: function(impl, cell, settings) -> dict (see measure).
     measurement: str = ""
     # "module:name" of its report section (ctxbench.reports.section); "" for none.
@@ -211,8 +216,8 @@ def load() -> None:
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
     importlib.import_module("ctxbench.measurements")
+    _LOADED = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
@@ -245,11 +250,13 @@ def find(name: str, where: dict[str, str] | None = None) -> Kind:
     origin() gave it in the process that planned the cell) if this process has not."""
     load()
     if name not in _KINDS and where:
-        try:
-            importlib.import_module(where["module"])
-        except ImportError:
-            if where.get("source"):
-                _import_file(where["source"])
+        if where.get("module") not in ("", "__main__"):  # a script's __main__ is this process's own
+            try:
+                importlib.import_module(where["module"])
+            except ImportError:
+                pass
+        if name not in _KINDS and where.get("source"):
+            _import_file(where["source"])
     return get(name)
 
 
@@ -293,6 +300,13 @@ def measured_columns() -> list[str]:
 def oldest() -> str:
     """The kind of the rows of a results.csv written before it had a kind column (Kind.oldest)."""
     return next((k.name for k in all_kinds().values() if k.oldest), "")
+
+
+def numeric_columns() -> list[str]:
+    """Every kind's numeric fields and measured columns (those not declared text), each once."""
+    found = [f.name for f in fields() if f.numeric]
+    found += [c for kind in all_kinds().values() for c in kind.columns if c not in kind.text_columns]
+    return list(dict.fromkeys(found))
 
 
 def score_columns() -> list[str]:

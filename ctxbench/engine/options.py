@@ -60,6 +60,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
          "space, a CUDA worker's resident set (default: 85% of available)"),
     Flag("fresh_worker", "--fresh-worker", False, bool, "a new worker process for every cell (default: one per "
          "implementation, replaced after any failure)", is_flag=True),
+    Flag("allow_interpreter", "--allow-interpreter", False, bool, "time interpreted (Triton-on-CPU) implementations "
+         "at every length", is_flag=True),
     Flag("executor", "--executor", "local", str, "where cells run: worker processes here, or tasks on a Ray cluster "
          "(pip install 'ctxbench[ray]')", choices=("local", "ray"), show_default=True),
     Flag("address", "--address", None, str, "Ray cluster address for --executor ray (default: RAY_ADDRESS, else a "
@@ -238,8 +240,11 @@ def check_run_flags(o: Options) -> None:
 
 
 def settings_of(o: Options, device: str) -> Settings:
-    """The run's Settings: the seed and the model from the shared flags, the rest from its kinds."""
-    values: dict[str, Any] = {"seed": o.seed, "model": os.path.abspath(o.model_path) if o.model_path else ""}
+    """The run's Settings: the seed, the model and the device's timing budget (ms of timed repeats
+    and of warm-up) from the shared flags, the rest from its kinds."""
+    values: dict[str, Any] = {"seed": o.seed, "model": os.path.abspath(o.model_path) if o.model_path else "",
+                              "rep_ms": 100.0 if device == "cuda" else 1000.0,
+                              "warmup_ms": 25.0 if device == "cuda" else 100.0}
     for kind in kinds.kinds_of(o.command):
         values.update(kind.settings(o, device))
     return Settings(**values)
@@ -278,7 +283,7 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
     kv_heads = o.get("kv_heads")
     config = Config(batch=o.get("batch", Config.batch), heads=heads, kv_heads=heads if kv_heads is None else kv_heads,
                     head_dim=o.get("head_dim", Config.head_dim), dtype=dtype, mask=mask, window=window, sinks=sinks,
-                    mode=o.get("mode", Config.mode), device=device)
+                    mode=o.get("mode", Config.mode), device=device, allow_interpreter=o.allow_interpreter)
     limit = int(o.memory_limit * 2**30) if o.memory_limit is not None else default_memory_limit()
     spec = SweepSpec(command=o.command, config=config, lengths=lengths, timeout_s=o.timeout,
                      memory_limit_bytes=limit, settings=settings_of(o, device), reuse_workers=not o.fresh_worker,
@@ -287,7 +292,7 @@ def build_spec(o: Options, world: int = 1) -> SweepSpec:
                           named=bool(impl_names(o) or o.impl_specs), world=world)
     context = replace(context, impls=choose_impls(o, context))
     for kind in ks:
-        plan = kind.plan(replace(context, plans=dict(spec.plans)))
+        plan = kind.plan(context)
         if plan is not None:
             spec.plans[kind.name] = plan
     return spec
@@ -317,9 +322,17 @@ def load_resume(resume: str, out: str) -> tuple[SweepSpec, str]:
     if not os.path.exists(os.path.join(run_dir, "meta.json")):
         fail(f"--resume {resume}: {run_dir} has no meta.json, so it is not a ctxbench run folder")
     try:
-        spec = SweepSpec.from_json(read_meta(run_dir)["spec"])
+        saved = read_meta(run_dir)["spec"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         fail(f"--resume {resume}: meta.json is unreadable ({type(exc).__name__}: {exc}); start a new run")
+    unknown = [name for name in saved.get("plans", {}) if name not in kinds.all_kinds()]
+    if unknown:
+        fail(f"--resume {resume}: the run has cells of kind {', '.join(unknown)}, which this ctxbench does not have "
+             "(a plugin that is not installed here?); install it, or start a new run")
+    try:
+        spec = SweepSpec.from_json(saved)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        fail(f"--resume {resume}: meta.json's spec can't be read ({type(exc).__name__}: {exc}); start a new run")
     csv_path = os.path.join(run_dir, "results.csv")
     if os.path.exists(csv_path):
         try:

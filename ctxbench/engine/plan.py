@@ -20,7 +20,7 @@ from ctxbench.core.kinds import Plan
 class PlanContext:
     """What a kind plans from (Kind.plan): the command's options (ctxbench.engine.options.Options),
     the configuration, the lengths (tokens), the implementations the command resolved and whether
-    the user named them, the torchrun world size, and the plans of the command's kinds before it."""
+    the user named them, and the torchrun world size."""
 
     options: Any
     config: Config
@@ -28,7 +28,6 @@ class PlanContext:
     impls: list[str]
     named: bool
     world: int = 1
-    plans: dict[str, Plan] = field(default_factory=dict)
 
 
 def powers_of_two(min_len: int, max_len: int) -> list[int]:

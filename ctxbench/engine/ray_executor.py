@@ -8,7 +8,7 @@ environment columns say which node measured it) and the worker's log lines, whic
 driver appends to the run's logs/<impl>.log. The driver writes each row as it arrives, so
 --resume works across executors.
 
-Cells of one (implementation, task) run one after another in length order, so an
+Cells of one (implementation, kind) run one after another in length order, so an
 implementation that runs out of memory at N is not tried at 2N; different implementations
 run in parallel, as many as the cluster's resources allow.
 """
@@ -23,6 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ctxbench.core.formatting import one_line
+from ctxbench.core import kinds
 from ctxbench.core.cell import Cell, Settings
 
 INSTALL_HINT = "pip install 'ctxbench[ray]'"
@@ -41,13 +42,17 @@ def import_ray() -> Any:
 
 
 def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], timeout_s: float,
-                     memory_limit_bytes: int | None, import_path: str) -> dict[str, Any]:
+                     memory_limit_bytes: int | None, import_path: str,
+                     kind_origin: dict[str, str] | None = None) -> dict[str, Any]:
     """The body of a Ray task: measure one cell in a worker subprocess of this node.
 
-    memory_limit_bytes None: 85% of the memory this node has available now.
+    memory_limit_bytes None: 85% of the memory this node has available now. kind_origin: where
+    the cell's kind was registered (ctxbench.core.kinds.origin), for a kind this node's ctxbench
+    does not have itself.
     Returns the worker's result plus `env` (this node's environment columns), `log_lines`
     (the worker's log for this cell) and `node` (hostname).
     """
+    from ctxbench.core import kinds
     from ctxbench.core.env import environment
     from ctxbench.engine.executor import Worker, default_memory_limit
 
@@ -56,9 +61,11 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     if memory_limit_bytes is None:
         memory_limit_bytes = default_memory_limit()
     cell = Cell.from_json(cell_json)
+    kinds.find(cell.kind, kind_origin)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
-        worker = Worker(memory_limit_bytes, log_path, cell.device)
+        # as the local executor: only a worker reading an attention call's peak memory pins glibc's heap
+        worker = Worker(memory_limit_bytes, log_path, cell.device, pinned_malloc=not cell.runs_a_model)
         try:
             result = worker.run(cell, Settings(**settings_json), timeout_s)
         finally:
@@ -97,7 +104,7 @@ class RayExecutor:
 
     def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
         ref = self._task.remote(cell.to_json(), asdict(settings), timeout_s, self.memory_limit_bytes,
-                                self._import_path)
+                                self._import_path, kinds.origin(cell.kind))
         self._refs[ref] = (cell, log_path, time.perf_counter())
 
     def wait(self) -> tuple[Cell, dict[str, Any]]:

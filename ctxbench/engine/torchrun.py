@@ -29,6 +29,7 @@ from typing import Any
 
 from ctxbench.engine.executor import LocalExecutor, WorkerPool
 from ctxbench.core.formatting import safe_name
+from ctxbench.core import kinds
 from ctxbench.core.cell import Cell, Settings
 from ctxbench.core.shards import ENV_ADDR, ENV_PORT, ENV_RANK, ENV_WORLD, destroy_group
 
@@ -157,7 +158,8 @@ class DistributedExecutor(LocalExecutor):
 
         index = self._count
         self._count += 1
-        dist.broadcast_object_list([("cell", cell.to_json(), asdict(settings), timeout_s, index)], src=0)
+        dist.broadcast_object_list([("cell", cell.to_json(), asdict(settings), timeout_s, index,
+                                     kinds.origin(cell.kind))], src=0)
         _worker_env(index)
         result = super().run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -188,8 +190,9 @@ def _follow(memory_limit_bytes: int | None, log_dir: str) -> None:
             if msg[0][0] == "stop":
                 dist.destroy_process_group()
                 return
-            _, cell_json, settings_json, timeout_s, index = msg[0]
+            _, cell_json, settings_json, timeout_s, index, kind_origin = msg[0]
             cell = Cell.from_json(cell_json)
+            kinds.find(cell.kind, kind_origin)
             _worker_env(index)
             log_path = os.path.join(log_dir, f"{safe_name(cell.impl)}.rank{rank}.log")  # beside rank 0's
             result = pool.run_cell(cell, Settings(**settings_json), timeout_s=timeout_s, log_path=log_path)

@@ -1,10 +1,14 @@
-"""The flags more than one measurement kind takes, declared once: the mask (kernel cells and
-passkey), the RoPE variants (perplexity and passkey), the corpus (perplexity, decode and
-ruler), and where needles go and how many prompts (passkey and ruler)."""
+"""The flags and fields more than one measurement kind takes, declared once: the mask (kernel
+cells and passkey), the RoPE variants (perplexity and passkey), the corpus (perplexity, decode
+and ruler), and where needles go and how many prompts (passkey and ruler)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from ctxbench.core.flags import Flag
+from ctxbench.core.kinds import Field
 
 MASK = Flag("mask", "--mask", None, str, "default: window when --window is given, else causal",
             choices=("none", "causal", "window"))
@@ -18,6 +22,17 @@ TEXT = Flag("text_path", "--text", None, str, "UTF-8 corpus file for perplexity 
 DEPTHS = Flag("depths", "--depths", None, str, "where the key (ruler: the asked needle) goes, as fractions of the "
               "haystack (default: passkey 0,0.25,0.5,0.75,1; ruler 0.5)")
 TRIALS = Flag("trials", "--trials", 1, int, "keys (ruler: prompts) per (task, length, depth)", show_default=True)
+
+# Fields of the cells: the RoPE variant a model runs with, a needle's depth (a fraction of the
+# haystack) and which prompt of its (length, depth) a cell is.
+ROPE_FIELD = Field("rope", "default")
+DEPTH_FIELD = Field("depth", numeric=True)
+TRIAL_FIELD = Field("trial", numeric=True)
+
+
+def text_setting(o: Any) -> str:
+    """Settings.text from --text: the corpus file's absolute path, "" for the default corpus."""
+    return os.path.abspath(o.text_path) if o.text_path else ""
 
 
 def parse_depths(text: str) -> list[float]:

@@ -16,24 +16,20 @@ from typing import Any
 import pandas as pd
 
 from ctxbench.reports.fits import length_text
-from ctxbench.core.cell import key_columns
+from ctxbench.core import kinds
+from ctxbench.core.cell import NUMERIC_CONFIG, key_columns
 
 FORMATS = ("png", "svg")
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """CSV rows (strings) as a DataFrame: every column whose non-empty values all read as numbers
-    (or that is empty throughout) is numeric, NaN where empty; the rest stay text."""
+    """CSV rows (strings) as a DataFrame with the numeric columns numeric (NaN where empty or not a
+    number): the length, the shared configuration's numbers, and every kind's numeric fields and
+    measured columns (ctxbench.core.kinds.numeric_columns); the rest stay text."""
     df = pd.DataFrame(rows)
-    for col in df.columns:
-        values = df[col]
-        if pd.api.types.is_numeric_dtype(values):
-            continue
-        text = values.astype(str).str.strip()
-        given = (text != "") & values.notna()
-        numeric = pd.to_numeric(text.where(given), errors="coerce")
-        if numeric[given].notna().all():
-            df[col] = numeric
+    for col in ("n", *NUMERIC_CONFIG, *kinds.numeric_columns()):
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 

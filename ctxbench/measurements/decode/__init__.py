@@ -12,7 +12,7 @@ from typing import Any
 
 from ctxbench.core.flags import Flag, fail
 from ctxbench.core.kinds import register_kind
-from ctxbench.measurements.flags import TEXT
+from ctxbench.measurements.flags import TEXT, text_setting
 from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, model_shape, seconds_for
 
 FLAGS: tuple[Flag, ...] = (
@@ -60,6 +60,7 @@ class DecodeKind(ModelKind):
     # the prompt's tokens (n_tokens) and tokens per second of decoding
     columns = ("prefill_ms", "ms_per_token", "kv_cache_bytes", "decode_tokens", "tokens_match", "model", "predicted",
                "n_tokens", "tokens_per_s")
+    text_columns = ("model", "predicted")
     measurement = "ctxbench.measurements.decode.measure:measure_decode"
     report = "ctxbench.measurements.decode.report:SECTION"
 
@@ -70,9 +71,7 @@ class DecodeKind(ModelKind):
             fail(f"--decode-tokens must be at least 2 (got {o.decode_tokens}): the first token comes from the prefill")
 
     def settings(self, o: Any, device: str) -> dict[str, Any]:
-        import os
-
-        return {"decode_tokens": o.decode_tokens, "text": os.path.abspath(o.text_path) if o.text_path else ""}
+        return {"decode_tokens": o.decode_tokens, "text": text_setting(o)}
 
     def plan(self, context: Any) -> DecodePlan | None:
         """The swept implementations that declare kv_cache=True, at the lengths up to

@@ -1,6 +1,6 @@
 """Decoding through a real model: a prefilled context of N tokens, then greedy tokens one by one.
 
-One decode cell (task "decode") = (implementation, context length N). Method:
+One decode cell (kind "decode") = (implementation, context length N). Method:
 
 * The prompt is the first N tokens of the corpus (the default corpus unless --text). The model
   (the embedded default unless --model) runs with `impl` as the attention of every layer

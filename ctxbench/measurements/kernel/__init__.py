@@ -2,7 +2,7 @@
 
 Declares the `sweep` command (kernel cells, then the perplexity and decode kinds, which join
 it) and the kind: its flags (the attention's shape, mask and mode, decode and serving shapes,
-the timing budget), its fields (query_len, the KV layout, allow_interpreter), its columns, its
+the timing budget), its fields (query_len, the KV layout), its columns, its
 plan and how a worker measures a cell (ctxbench.measurements.kernel.measure; sharded.py for
 one rank of a distributed implementation). The report section is report.py.
 """
@@ -42,15 +42,12 @@ FLAGS: tuple[Flag, ...] = (
          "100 cuda)"),
     Flag("check_rows", "--check-rows", 256, int, "query rows checked against the float64 reference",
          show_default=True),
-    Flag("allow_interpreter", "--allow-interpreter", False, bool, "time interpreted (Triton-on-CPU) implementations "
-         "at every length", is_flag=True),
     SINKS,
 )
 
 # Rough throughput for progress weights only; the ETA adapts to measured speed.
 ROUGH_FLOPS_PER_S = {"cpu": 5e10, "cuda": 2e14}
 ROUGH_BYTES_PER_S = {"cpu": 5e9, "cuda": 2e12}
-WORKER_START_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,12 +65,10 @@ class KernelPlan:
     ragged: bool = False
     kv_lens: str | None = None
     page_size: int | None = None
-    # Run interpreted (Triton on the CPU) implementations beyond their small default limit.
-    allow_interpreter: bool = False
 
     def fields(self) -> dict[str, Any]:
         return {"query_len": self.query_len, "ragged": self.ragged, "kv_lens": self.kv_lens,
-                "page_size": self.page_size, "allow_interpreter": self.allow_interpreter}
+                "page_size": self.page_size}
 
     def cells(self, config: Any, n: int) -> list[Any]:
         from ctxbench.core.cell import Cell
@@ -110,8 +105,8 @@ class KernelKind(Kind):
     name = "kernel"
     command = "sweep"
     flags = FLAGS
-    fields = (Field("query_len"), Field("ragged", "False"), Field("kv_lens"), Field("page_size"),
-              Field("allow_interpreter", "False"))
+    fields = (Field("query_len", numeric=True), Field("ragged", "False"), Field("kv_lens"),
+              Field("page_size", numeric=True))
     columns = (
         "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
         "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
@@ -132,6 +127,8 @@ class KernelKind(Kind):
         # communication (mean over ranks and timed calls)
         "world_size", "peak_mem_rank_bytes", "comm_fraction",
     )
+    text_columns = ("latency_samples_ms", "timing_method", "device_bw_source", "kv_lens_used", "mem_method",
+                    "impl_info", "peak_mem_rank_bytes")
     uses_bandwidth = True
     oldest = True  # the first ctxbench measured nothing else
     measurement = "ctxbench.measurements.kernel.measure:measure_kernel"
@@ -168,9 +165,8 @@ class KernelKind(Kind):
         return [o.max_len if o.max_len is not None else max(parse_kv_lens(o))]
 
     def settings(self, o: Any, device: str) -> dict[str, Any]:
-        rep_ms = o.rep_ms if o.rep_ms is not None else (100.0 if device == "cuda" else 1000.0)
-        return {"rep_ms": rep_ms, "warmup_ms": 25.0 if device == "cuda" else 100.0, "check_rows": o.check_rows,
-                "cuda_graph": o.cuda_graph == "on"}
+        given = {} if o.rep_ms is None else {"rep_ms": o.rep_ms}  # else the device's (settings_of)
+        return {**given, "check_rows": o.check_rows, "cuda_graph": o.cuda_graph == "on"}
 
     def default_impls(self, context: Any) -> list[str]:
         """Every implementation that declares support for the configuration and is in the default
@@ -201,7 +197,7 @@ class KernelKind(Kind):
                  f"{o.query_len}")
         kv_lens = None if o.kv_lens is None else ",".join(map(str, parse_kv_lens(o)))
         return KernelPlan(impls=list(context.impls), query_len=o.query_len, ragged=o.ragged, kv_lens=kv_lens,
-                          page_size=o.page_size, allow_interpreter=o.allow_interpreter)
+                          page_size=o.page_size)
 
     def plan_from_json(self, data: dict[str, Any]) -> KernelPlan:
         return KernelPlan(**data)
@@ -212,7 +208,7 @@ class KernelKind(Kind):
         config = spec["config"]
         return KernelPlan(impls=list(spec["impls"]), query_len=config.get("query_len"),
                           ragged=config.get("ragged", False), kv_lens=config.get("kv_lens"),
-                          page_size=config.get("page_size"), allow_interpreter=config.get("allow_interpreter", False))
+                          page_size=config.get("page_size"))
 
     def extend(self, plan: KernelPlan, names: list[str], added: list[str]) -> KernelPlan:
         return replace(plan, impls=list(names))
@@ -238,7 +234,7 @@ class KernelKind(Kind):
         # decode is bound by bytes, prefill by FLOPs; making the inputs costs about as much again
         seconds = max(flops / ROUGH_FLOPS_PER_S.get(cell.device, 5e10),
                       moved / ROUGH_BYTES_PER_S.get(cell.device, 5e9))
-        return WORKER_START_S + settings.rep_ms / 1e3 + 5 * seconds
+        return self.worker_start_s + settings.rep_ms / 1e3 + 5 * seconds
 
     def label(self, cell: Any) -> str:
         query_len = cell.get("query_len")

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ctxbench.core.flags import fail
-from ctxbench.core.kinds import Command, Field, register_command, register_kind
-from ctxbench.measurements.flags import DEPTHS, MASK, ROPE, SINKS, TRIALS, WINDOW, parse_depths, parse_ropes
-from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, one_process_impls, seconds_for
+from ctxbench.core.kinds import Command, register_command, register_kind
+from ctxbench.measurements.flags import (DEPTH_FIELD, DEPTHS, MASK, ROPE, ROPE_FIELD, SINKS, TRIAL_FIELD, TRIALS,
+                                        WINDOW, parse_depths, parse_ropes)
+from ctxbench.measurements.model import ModelKind, ModelPlan, model_shape, one_process_impls, seconds_for
 
 # Longest passkey prompt by default (tokens): one forward pass of the default model each.
 PASSKEY_MAX_LEN = {"cpu": 4096, "cuda": 32768}
@@ -52,7 +53,8 @@ def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str], dept
                  model_path: str | None, dtype: str) -> PasskeyPlan:
     """The passkey cells of a run, after checking what a run needs before it starts: the
     implementations (resolvable, none distributed), depths in [0, 1], trials >= 1, the RoPE
-    variants, the model and its tokenizer, and that the shortest length holds a prompt. UsageError (one line naming the flag) if not.
+    variants, the model and its tokenizer, and that the shortest length holds a prompt. UsageError
+    (one line naming the flag) if not.
     The model's shape comes from its config; the model itself is loaded by the workers."""
     from ctxbench.measurements.passkey.prompt import overhead_tokens
     from ctxbench.models import lm
@@ -68,15 +70,13 @@ def passkey_plan(impls: list[str], lengths: list[int], *, ropes: list[str], dept
     ropes = parse_ropes(",".join(ropes))
     if not lengths:
         fail("--lengths is empty; give e.g. --lengths 1024,2048,4096")
+    heads, kv_heads, head_dim = model_shape(model_path)
     try:
-        ref, tokenizer = lm.planning_tokenizer(model_path)
-        shortest = overhead_tokens(tokenizer)
-        shape = lm.model_shape(lm.load_config(ref))
+        shortest = overhead_tokens(lm.planning_tokenizer(model_path)[1])
     except lm.ModelError as exc:
         fail(str(exc))
     if min(lengths) < shortest:
         fail(f"--lengths: a passkey prompt needs at least {shortest} tokens (got {min(lengths)})")
-    heads, kv_heads, head_dim = shape
     return PasskeyPlan(impls=list(dict.fromkeys(impls)), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        dtype=dtype, ropes=list(ropes), depths=list(dict.fromkeys(float(d) for d in depths)),
                        trials=trials)
@@ -89,12 +89,13 @@ class PasskeyKind(ModelKind):
     name = "passkey"
     command = "passkey"
     flags = (DEPTHS, TRIALS, ROPE, MASK, WINDOW, SINKS)
-    fields = (Field("rope", "default"), Field("depth"), Field("trial"))
+    fields = (ROPE_FIELD, DEPTH_FIELD, TRIAL_FIELD)
     # the 5-digit key hidden in the prompt, the teacher-forced argmax text at the answer positions
     # (greedy decoding's output up to its first wrong token), 1 when greedy decoding retrieves the
     # key exactly else 0, the prompt's length in tokens (prompt and answer: N); model and
     # tokens per second of the forward pass
     columns = ("key", "predicted", "correct", "n_tokens", "model", "tokens_per_s")
+    text_columns = ("key", "predicted", "model")
     score_columns = ("correct",)
     measurement = "ctxbench.measurements.passkey.measure:measure_passkey"
     report = "ctxbench.measurements.passkey.report:SECTION"

@@ -11,7 +11,7 @@ from typing import Any
 
 from ctxbench.core.flags import Flag, fail
 from ctxbench.core.kinds import Field, register_kind
-from ctxbench.measurements.flags import ROPE, TEXT, parse_ropes
+from ctxbench.measurements.flags import ROPE, ROPE_FIELD, TEXT, parse_ropes, text_setting
 from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, model_shape, seconds_for
 
 # CPU: the default model's fp32 forward pass runs at a few hundred tokens/s on 2 cores, so
@@ -22,7 +22,6 @@ from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, model
 PPL_MAX_LEN = {"cpu": 2048, "cuda": 32768}
 PPL_TOKENS = {"cpu": 2048, "cuda": 32768}
 SCHEMES = ("truncated", "strided")
-WORKER_START_S = 2.0
 
 FLAGS: tuple[Flag, ...] = (
     Flag("ppl_max_len", "--ppl-max-len", None, int, f"perplexity cells up to this length (default: "
@@ -64,12 +63,13 @@ class PerplexityKind(ModelKind):
     name = "perplexity"
     command = "sweep"
     flags = FLAGS
-    fields = (Field("rope", "default"), Field("ppl_scheme", "truncated"))
+    fields = (ROPE_FIELD, Field("ppl_scheme", "truncated"))
     # perplexity and bits per byte over the scored tokens, how many tokens and bytes were scored,
     # in how many windows, the scored tail per window (strided), mean NLL (nats) per position bin
     # (JSON), the model, the corpus hash, and tokens through the model per second of forward passes
     columns = ("ppl", "bits_per_byte", "ppl_tokens", "ppl_bytes", "ppl_windows", "ppl_stride", "loss_curve",
                "model", "corpus_sha256", "tokens_per_s")
+    text_columns = ("loss_curve", "model", "corpus_sha256")
     measurement = "ctxbench.measurements.perplexity.measure:measure_perplexity"
     report = "ctxbench.measurements.perplexity.report:SECTION"
 
@@ -81,10 +81,8 @@ class PerplexityKind(ModelKind):
                      + (" or 0 for no perplexity" if flag == "--ppl-max-len" else ""))
 
     def settings(self, o: Any, device: str) -> dict[str, Any]:
-        import os
-
         return {"ppl_tokens": PPL_TOKENS[device] if o.ppl_tokens is None else o.ppl_tokens,
-                "ppl_stride": o.ppl_stride, "text": os.path.abspath(o.text_path) if o.text_path else ""}
+                "ppl_stride": o.ppl_stride, "text": text_setting(o)}
 
     def plan(self, context: Any) -> PerplexityPlan | None:
         """Every implementation swept when the user named them, else the exact ones, none
@@ -96,7 +94,8 @@ class PerplexityKind(ModelKind):
         ropes = parse_ropes(o.rope)
         max_len = o.ppl_max_len
         if max_len is None:
-            # perplexity measures the model's prefill: a decode sweep has none unless asked
+            # perplexity measures the model's prefill: a decode-shaped sweep (the command's --query-len)
+            # has none unless asked
             max_len = 0 if o.get("query_len") is not None else PPL_MAX_LEN[config.device]
         if max_len == 0 or config.mask == "none" or not any(n <= max_len for n in context.lengths):
             return None
@@ -136,7 +135,7 @@ class PerplexityKind(ModelKind):
     def weight(self, cell: Any, settings: Any) -> float:
         scored = cell.n if cell.get("ppl_scheme") == "truncated" else min(settings.ppl_stride, cell.n)
         windows = max(1, -(-settings.ppl_tokens // scored))
-        return WORKER_START_S + windows * seconds_for(cell.n, cell.device)
+        return self.worker_start_s + windows * seconds_for(cell.n, cell.device)
 
     def label(self, cell: Any) -> str:
         rope = cell.get("rope")

@@ -16,8 +16,8 @@ from typing import Any
 
 from ctxbench.core.flags import Flag, fail
 from ctxbench.core.kinds import Command, Field, register_command, register_kind
-from ctxbench.measurements.flags import DEPTHS, TEXT, TRIALS, parse_depths
-from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, one_process_impls, seconds_for
+from ctxbench.measurements.flags import DEPTH_FIELD, DEPTHS, TEXT, TRIAL_FIELD, TRIALS, parse_depths, text_setting
+from ctxbench.measurements.model import ModelKind, ModelPlan, model_dtype, model_shape, one_process_impls, seconds_for
 from ctxbench.measurements.ruler.budgets import parse_budgets, policy_budgets
 from ctxbench.measurements.ruler.prompts import HAYSTACKS
 
@@ -115,19 +115,10 @@ def policies_and_budgets(o: Any) -> tuple[list[str], list[str]]:
 def model_of(context: Any) -> dict[str, Any]:
     """The model's shape and dtype for a ruler plan, after checking the implementations (one
     process, a KV cache) and the model."""
-    from ctxbench.models import lm
-
     one_process_impls("ctxbench ruler", context.impls, kv_cache=True)
-    try:
-        heads, kv_heads, head_dim = lm.model_shape(lm.load_config(lm.resolve_model(context.options.model_path)))
-    except lm.ModelError as exc:
-        fail(str(exc))
+    heads, kv_heads, head_dim = model_shape(context.options.model_path)
     return {"impls": list(context.impls), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "dtype": model_dtype(context.config)}
-
-
-def ruler_describe(spec: Any) -> str:
-    return f"model {spec.settings.model or 'default (SmolLM2-135M-Instruct)'}"
 
 
 class RulerKind(ModelKind):
@@ -140,12 +131,11 @@ class RulerKind(ModelKind):
     # the policy kept, kv_cache_bytes (the compressed cache), ms_per_token, n_tokens and the model
     columns = ("prefill_ms", "selection_ms", "kv_kept", "kv_cache_bytes", "ms_per_token", "n_tokens", "model",
                "tokens_per_s")
+    text_columns = ("model",)
     report = "ctxbench.measurements.ruler.report:SECTION"
 
     def settings(self, o: Any, device: str) -> dict[str, Any]:
-        import os
-
-        return {"text": os.path.abspath(o.text_path) if o.text_path else ""}
+        return {"text": text_setting(o)}
 
     def extend(self, plan: Any, names: list[str], added: list[str]) -> Any:
         one_process_impls("ctxbench ruler", names, kv_cache=True)
@@ -165,10 +155,11 @@ class RetrievalKind(RulerKind):
 
     name = "retrieval"
     flags = RETRIEVAL_FLAGS
-    fields = (Field("ruler_task"), Field("depth"), Field("trial"), *POLICY_FIELDS)
+    fields = (Field("ruler_task"), DEPTH_FIELD, TRIAL_FIELD, *POLICY_FIELDS)
     # the answers expected (';'-separated), the greedy text (predicted), RULER's recall of the
     # answers in it (0..1) and the tokens generated
     columns = RulerKind.columns + ("expected", "predicted", "score", "decode_tokens")
+    text_columns = RulerKind.text_columns + ("expected", "predicted")
     score_columns = ("score",)
     measurement = "ctxbench.measurements.ruler.compression:measure_retrieval"
 
@@ -216,7 +207,7 @@ class RetrievalKind(RulerKind):
         if plan is None:
             return []
         c, s = spec.config, spec.settings
-        return [f"[bold]ctxbench ruler[/] {c.device} {plan.dtype} {ruler_describe(spec)}; impls: "
+        return [f"[bold]ctxbench ruler[/] {c.device} {plan.dtype} model {self.describe_model(spec)}; impls: "
                 f"{', '.join(plan.impls)}; N: {', '.join(map(str, spec.lengths))}; tasks: {', '.join(plan.tasks)}; "
                 f"depths: {', '.join(f'{d:g}' for d in plan.depths)}; {plan.trials} prompt(s) each; haystack: "
                 f"{s.haystack}",
@@ -243,6 +234,7 @@ class ContinuationKind(RulerKind):
     fields = POLICY_FIELDS
     # the continuation's perplexity over ppl_tokens tokens, the corpus hash
     columns = RulerKind.columns + ("ppl", "ppl_tokens", "corpus_sha256")
+    text_columns = RulerKind.text_columns + ("corpus_sha256",)
     measurement = "ctxbench.measurements.ruler.compression:measure_continuation"
 
     def validate(self, o: Any) -> None:

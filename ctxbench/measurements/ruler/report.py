@@ -1,7 +1,7 @@
 """What `ctxbench ruler` found: quality against cost per KV-cache policy and budget.
 
-`ctxbench ruler` (ctxbench.measurements.ruler.compression) answers RULER prompts (task "retrieval",
-ctxbench.measurements.ruler.prompts) and scores the corpus's continuation (task "continuation") from a KV cache that
+`ctxbench ruler` (compression.py) answers RULER prompts (kind "retrieval", prompts.py) and scores
+the corpus's continuation (kind "continuation") from a KV cache that
 a policy (full, streaming, h2o, snapkv, knorm, random) compressed to a budget. From those
 results.csv rows this module shows:
 
