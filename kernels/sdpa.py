@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from ctxbench.core.kv_layout import gather_all, ragged_visible
 from ctxbench.core.masks import Mask
@@ -50,6 +49,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, mask_of: Callable[[int], Mask], s
         elif mask.kind == "none" or (mask.kind == "causal" and mask.q_offset == 0):
             kwargs = {"is_causal": mask.causal}
         elif mask.kind == "causal":
+            # imported here, in setup: torch.nn.attention.bias imports torch._dynamo (2 s on a
+            # 2-core CPU), which every process that lists the implementations would pay otherwise
+            from torch.nn.attention.bias import causal_lower_right
+
             kwargs = {"attn_mask": causal_lower_right(n_q, n_k)}
         else:
             # The band (and the sink columns) as a boolean mask: Lq x Lk bytes, shared by every

@@ -2,7 +2,7 @@
 tests/test_kv_compression.py), written from the papers' rules rather than from
 ctxbench.measurements.ruler.policies:
 
-* attention probabilities in float64, one query head at a time;
+* attention probabilities in float64 (tests/references.py);
 * each policy's kept positions per KV head, ranked by Python's own sort;
 * what a model answers from a compressed cache, computed without any cache: transformers'
   eager attention over the whole sequence, with every layer's attention masked so that the
@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+import references
 from ctxbench.measurements.ruler import policies as kp
 
 # Scores that close (absolute + relative) may rank differently in float32 and float64: a case
@@ -28,14 +29,8 @@ TIE_TOLERANCE = 1e-5
 
 def probs64(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """Causal attention probabilities [Hq, N, N] in float64 of queries [1, Hq, N, D] over keys
-    [1, Hkv, N, D], the KV head of each query head chosen by a loop (grouped-query attention)."""
-    hq, hkv, n = queries.shape[1], keys.shape[1], queries.shape[2]
-    out = torch.empty(hq, n, n, dtype=torch.float64)
-    future = torch.ones(n, n, dtype=torch.bool).triu(1)
-    for h in range(hq):
-        logits = queries[0, h].double() @ keys[0, h // (hq // hkv)].double().T * scaling
-        out[h] = torch.softmax(logits.masked_fill(future, -math.inf), dim=-1)
-    return out
+    [1, Hkv, N, D] (grouped-query attention: tests/references.py)."""
+    return references.probs64(queries, keys, scale=scaling)[0]
 
 
 def group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -127,7 +122,7 @@ def _mask(model: Any, per_head: list[list[int]], prefix: int, first: int, length
     their KV head (per_head[kv head]) did not keep."""
     hq, hkv = model.config.num_attention_heads, model.config.num_key_value_heads
     rows = torch.arange(first, length)[:, None]
-    allowed = (torch.arange(length)[None, :] <= rows).repeat(hq, 1, 1)
+    allowed = references.visible(length - first, length).repeat(hq, 1, 1)  # causal, the queries the last ones
     for h in range(hq):
         visible = torch.zeros(length, dtype=torch.bool)
         visible[per_head[h // (hq // hkv)]] = True

@@ -2,8 +2,8 @@
 implementations that declare it, the byte counts and bandwidth columns, and the CLI's checks.
 
 Every implementation is checked against the float64 reference (ctxbench.core.reference) on fresh
-random inputs; the reference itself is checked against a brute-force loop over (query, key)
-pairs written here from the convention's definition, independently of ctxbench.core.masks.
+random inputs; the reference itself is checked against tests/references.py, written from the
+convention's definition, independently of ctxbench.core.masks.
 """
 
 from __future__ import annotations
@@ -26,52 +26,18 @@ from ctxbench.core.masks import Mask
 from ctxbench.measurements.kernel.measure import make_inputs
 from ctxbench.core.cell import Cell, Config
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
-from sweep_helpers import only_run_dir, run_cli
+from references import attention64, random_qkv, visible
+from sweep_helpers import only_run_dir, run_cli, usage_error
 
-SEED = int.from_bytes(os.urandom(4), "little")
 SMALL = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--rep-ms", "5"]
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    print(f"seed {SEED}")
-    return torch.Generator().manual_seed(SEED)
-
-
-def visible(i: int, j: int, n_q: int, n_k: int, kind: str, window: int | None, sinks: int) -> bool:
-    """The convention, from its definition: query i sits at position n_k - n_q + i."""
-    p = n_k - n_q + i
-    if kind == "none":
-        return True
-    if j > p:
-        return False
-    return kind == "causal" or p - window < j or j < sinks
-
-
-def brute_attention(q, k, v, kind, window, sinks):
-    """float64 attention, one (batch, head, query) at a time, from `visible` above."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            kv = h // (Hq // Hkv)
-            for i in range(Lq):
-                keys = [j for j in range(Lk) if visible(i, j, Lq, Lk, kind, window, sinks)]
-                s = torch.stack([q[b, h, i].double() @ k[b, kv, j].double() for j in keys]) / math.sqrt(D)
-                out[b, h, i] = torch.softmax(s, 0) @ v[b, kv, keys].double()
-    return out
-
-
 MASKS = [("none", None, 0), ("causal", None, 0), ("window", 5, 0), ("window", 4, 2), ("window", 40, 0)]
 
 
 @pytest.mark.parametrize("kind, window, sinks", MASKS)
-def test_reference_follows_the_bottom_right_convention(kind, window, sinks, gen):
-    q = torch.randn(2, 4, 3, 8, generator=gen)
-    k, v = torch.randn(2, 2, 2, 11, 8, generator=gen).unbind(0)
+def test_reference_follows_the_bottom_right_convention(kind, window, sinks, seed):
+    q, k, v = random_qkv(seed, 2, 4, 2, 3, 11, 8)
     mask = Mask.named(kind, window, sinks, q_offset=11 - 3)
-    want = brute_attention(q, k, v, kind, window, sinks)
+    want = attention64(q, k, v, causal=kind != "none", window=window, sinks=sinks)
     for key_block in (None, 1, 4):  # the reference reads keys in blocks; any block size is the same math
         got = reference_attention(q, k, v, mask, key_block=key_block)
         assert errors(got, want)[0] < 1e-12
@@ -81,9 +47,9 @@ def test_reference_follows_the_bottom_right_convention(kind, window, sinks, gen)
 def test_keys_seen_and_pairs_count_the_visible_keys(kind, window, sinks):
     for n_q, n_k in [(1, 1), (1, 30), (3, 30), (7, 9), (30, 30)]:
         mask = Mask.named(kind, window, sinks, q_offset=n_k - n_q)
-        grid = [[visible(i, j, n_q, n_k, kind, window, sinks) for j in range(n_k)] for i in range(n_q)]
-        assert mask.visible_pairs(n_q, n_k) == sum(map(sum, grid))
-        assert mask.keys_seen(n_q, n_k) == sum(any(grid[i][j] for i in range(n_q)) for j in range(n_k))
+        grid = visible(n_q, n_k, causal=kind != "none", window=window, sinks=sinks)
+        assert mask.visible_pairs(n_q, n_k) == int(grid.sum())
+        assert mask.keys_seen(n_q, n_k) == int(grid.any(0).sum())
 
 
 def test_bytes_moved_by_hand():
@@ -104,7 +70,7 @@ def kernel_cell(impl: str, n: int, *, query_len: int | None = None, ragged: bool
                 page_size: int | None = None, **config) -> Cell:
     """A kernel cell (every Cell of this file is built here)."""
     return Cell.of(Config(**config), impl, n, "kernel", query_len=query_len, ragged=ragged, kv_lens=None,
-                   page_size=page_size, allow_interpreter=False)
+                   page_size=page_size)
 
 
 def test_square_cells_are_unchanged_by_the_query_length():
@@ -130,11 +96,10 @@ IMPL_MASKS = [Mask("causal"), Mask("none"), Mask("window", 600), Mask("window", 
 
 @pytest.mark.parametrize("name", ["naive", "sdpa", "chunked", "sliding_window"])
 @pytest.mark.parametrize("n_q, n_k", CASES)
-def test_implementations_match_the_reference_with_fewer_queries(name, n_q, n_k, gen):
+def test_implementations_match_the_reference_with_fewer_queries(name, n_q, n_k, seed):
     impl = registry.get(name)
     assert impl.kv_cache
-    q = torch.randn(1, 8, n_q, 32, generator=gen)
-    k, v = torch.randn(2, 1, 2, n_k, 32, generator=gen).unbind(0)
+    q, k, v = random_qkv(seed, 1, 8, 2, n_q, n_k, 32)
     for m in IMPL_MASKS:
         if m.kind not in impl.masks:
             continue
@@ -159,13 +124,12 @@ def split_counting(monkeypatch: pytest.MonkeyPatch) -> tuple[types.ModuleType, l
     return chunked_module, splits
 
 
-def check_split_k(n_q: int, n_k: int, heads: tuple[int, int], masks: list[Mask], gen: torch.Generator,
+def check_split_k(n_q: int, n_k: int, heads: tuple[int, int], masks: list[Mask], seed: int,
                   splits: list[int], min_splits: int) -> None:
-    """chunked on fresh random q [2, Hq, n_q, 16], k/v [2, Hkv, n_k, 16] under each mask (no sinks)
+    """chunked on random q [2, Hq, n_q, 16], k/v [2, Hkv, n_k, 16] of `seed` under each mask (no sinks)
     equals the float64 reference, and each call ran split-K over at least `min_splits` splits."""
     hq, hkv = heads
-    q = torch.randn(2, hq, n_q, 16, generator=gen)
-    k, v = torch.randn(2, 2, hkv, n_k, 16, generator=gen).unbind(0)
+    q, k, v = random_qkv(seed, 2, hq, hkv, n_q, n_k, 16)
     for m in masks:
         mask = Mask(m.kind, m.window, 0, n_k - n_q)
         splits.clear()
@@ -176,7 +140,7 @@ def check_split_k(n_q: int, n_k: int, heads: tuple[int, int], masks: list[Mask],
 
 @pytest.mark.parametrize("heads", [(4, 2), (8, 1), (2, 2)], ids=["gqa2", "gqa8", "mha"])
 @pytest.mark.parametrize("n_q", [1, 4])
-def test_split_k_over_many_small_splits(heads: tuple[int, int], n_q: int, gen: torch.Generator,
+def test_split_k_over_many_small_splits(heads: tuple[int, int], n_q: int, seed: int,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The split-K merge (log-sum-exp over splits) with SPLIT_K_BLOCK shrunk to 256 keys: 3000 keys
     are up to a dozen splits (12 causal, 2 to 5 under the windows), whose edges fall inside splits;
@@ -184,12 +148,12 @@ def test_split_k_over_many_small_splits(heads: tuple[int, int], n_q: int, gen: t
     chunked_module, splits = split_counting(monkeypatch)
     monkeypatch.setattr(chunked_module, "SPLIT_K_BLOCK", 256)
     masks = [Mask("causal"), Mask("none"), Mask("window", 1000), Mask("window", 600), Mask("window", 300)]
-    check_split_k(n_q, 3000, heads, masks, gen, splits, min_splits=2)
+    check_split_k(n_q, 3000, heads, masks, seed, splits, min_splits=2)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa2", "mha"])
 @pytest.mark.parametrize("n_q", [1, 3])
-def test_split_k_over_several_real_size_splits(heads: tuple[int, int], n_q: int, gen: torch.Generator,
+def test_split_k_over_several_real_size_splits(heads: tuple[int, int], n_q: int, seed: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The real SPLIT_K_BLOCK (16,384 keys): 40,000 keys are three splits, the last one partial
     (and with the causal diagonal when n_q > 1); windows of 35,000 and 20,000 keys start inside
@@ -197,25 +161,23 @@ def test_split_k_over_several_real_size_splits(heads: tuple[int, int], n_q: int,
     chunked_module, splits = split_counting(monkeypatch)
     assert chunked_module.SPLIT_K_BLOCK * 2 < 40_000
     masks = [Mask("causal"), Mask("none"), Mask("window", 35_000)]
-    check_split_k(n_q, 40_000, heads, masks, gen, splits, min_splits=3)
-    check_split_k(n_q, 40_000, heads, [Mask("window", 20_000)], gen, splits, min_splits=2)
+    check_split_k(n_q, 40_000, heads, masks, seed, splits, min_splits=3)
+    check_split_k(n_q, 40_000, heads, [Mask("window", 20_000)], seed + 1, splits, min_splits=2)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_split_k_in_low_precision(dtype, gen):
-    q = torch.randn(2, 8, 2, 64, generator=gen).to(getattr(torch, dtype))
-    k, v = torch.randn(2, 2, 2, 5000, 64, generator=gen).to(getattr(torch, dtype)).unbind(0)
+def test_split_k_in_low_precision(dtype, seed):
+    q, k, v = random_qkv(seed, 2, 8, 2, 2, 5000, 64, getattr(torch, dtype))
     mask = Mask("window", 3000, 4, q_offset=4998)
     out = registry.get("chunked").call(q, k, v, mask)
     assert out.dtype == q.dtype
     assert errors(out, reference_attention(q, k, v, mask))[0] < TOLERANCE[dtype]
 
 
-def test_chunked_prefill_gradients(gen):
+def test_chunked_prefill_gradients(seed):
     """A call that needs gradients takes chunked's blockwise path, whose backward handles Lq < Lk."""
-    q = torch.randn(1, 4, 48, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
-    k, v = (t.requires_grad_() for t in torch.randn(2, 1, 2, 300, 16, generator=gen).unbind(0))
-    dout = torch.randn(1, 4, 48, 16, generator=gen)
+    q, k, v = (t.requires_grad_() for t in random_qkv(seed, 1, 4, 2, 48, 300, 16))
+    dout = torch.randn(1, 4, 48, 16, generator=torch.Generator().manual_seed(seed + 1))
     for mask in (Mask("causal", q_offset=252), Mask("window", 64, 3, q_offset=252)):
         registry.get("chunked").call(q, k, v, mask).backward(dout)
         got = [t.grad.clone() for t in (q, k, v)]
@@ -226,10 +188,9 @@ def test_chunked_prefill_gradients(gen):
         q.grad = k.grad = v.grad = None
 
 
-def test_sdpa_top_left_causal_would_be_wrong(gen):
+def test_sdpa_top_left_causal_would_be_wrong(seed):
     """SDPA's is_causal aligns queries top-left; ctxbench's sdpa uses the lower-right bias."""
-    q = torch.randn(1, 4, 4, 16, generator=gen)
-    k, v = torch.randn(2, 1, 4, 16, 16, generator=gen).unbind(0)
+    q, k, v = random_qkv(seed, 1, 4, 4, 4, 16, 16)
     mask = Mask("causal", q_offset=12)
     ref = reference_attention(q, k, v, mask)
     top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -289,18 +250,16 @@ def test_decode_sweep_records_bytes_and_bandwidth(tmp_path, capsys):
     (["--query-len", "2048", "--lengths", "1024,4096"], "--query-len 2048 is above the KV length 1024"),
 ])
 def test_bad_query_lengths_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
-    code, out, err = run_cli(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    usage_error(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys, fragment)
     assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- ragged batches and paged caches
 
-def test_pages_hold_each_sequence_in_a_shuffled_order(gen):
+def test_pages_hold_each_sequence_in_a_shuffled_order(seed):
     from ctxbench.core.kv_layout import gather, gather_all, paginate
 
-    k, v = torch.randn(2, 3, 2, 50, 8, generator=gen).unbind(0)
+    _, k, v = random_qkv(seed, 3, 2, 2, 50, 50, 8)
     lengths = [50, 17, 33]
     k_pool, v_pool, table = paginate(k, v, lengths, 16, seed=5)
     assert k_pool.shape == (4 + 2 + 3, 16, 2, 8) and table.shape == (3, 4)
@@ -328,17 +287,16 @@ RAGGED = ["naive", "sdpa", "chunked"]
 
 @pytest.mark.parametrize("name", RAGGED)
 @pytest.mark.parametrize("n_q", [1, 4, 40])
-def test_ragged_and_paged_batches_match_the_reference(name, n_q, gen):
+def test_ragged_and_paged_batches_match_the_reference(name, n_q, seed):
     from ctxbench.core.kv_layout import KVLayout, paginate
 
     impl = registry.get(name)
     assert impl.ragged and impl.paged
     lengths = [1500, 260, 1100]
     n = max(lengths)
-    q = torch.randn(3, 4, n_q, 16, generator=gen)
-    k, v = torch.randn(2, 3, 2, n, 16, generator=gen).unbind(0)  # keys past a length are random padding
+    q, k, v = random_qkv(seed, 3, 4, 2, n_q, n, 16)  # keys past a length are random padding
     kv_lens = torch.tensor(lengths, dtype=torch.int32)
-    k_pool, v_pool, table = paginate(k, v, lengths, 16, seed=SEED)
+    k_pool, v_pool, table = paginate(k, v, lengths, 16, seed=seed)
     for m in (Mask("causal"), Mask("window", 300, 4), Mask("none")):
         mask = Mask(m.kind, m.window, m.sinks, n - n_q)
         ragged = impl.prepare(q, k, v, mask, layout=KVLayout(tuple(lengths), kv_lens))(q, k, v)
@@ -385,7 +343,5 @@ def test_ragged_paged_sweep_counts_only_real_tokens(tmp_path, capsys):
     (["--ragged", "--mode", "fwd+bwd"], "measured forward only"),
 ])
 def test_bad_kv_layouts_are_one_line_and_exit_2(args, fragment, tmp_path, capsys):
-    code, out, err = run_cli(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    usage_error(["sweep", *SMALL, "--out", str(tmp_path), *args], capsys, fragment)
     assert not list(tmp_path.iterdir())

@@ -17,12 +17,7 @@ from ctxbench.measurements.decode.measure import greedy, measure_decode
 from ctxbench.models.kv_cache import cache_bytes
 from ctxbench.models.attention import attention_name
 from ctxbench.core.cell import Cell, Config
-from sweep_helpers import only_run_dir, run_cli
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    return H.checkpoint(str(tmp_path_factory.mktemp("tiny")))
+from sweep_helpers import only_run_dir, run_cli, usage_error
 
 
 def decode_cell(impl: str, n: int, **config) -> Cell:
@@ -30,8 +25,8 @@ def decode_cell(impl: str, n: int, **config) -> Cell:
     return Cell.of(Config(**config), impl, n, "decode")
 
 
-def settings(ckpt: str, tokens: int = 6) -> SimpleNamespace:
-    return SimpleNamespace(model=ckpt, text="", decode_tokens=tokens, seed=0)
+def settings(model: str, tokens: int = 6) -> SimpleNamespace:
+    return SimpleNamespace(model=model, text="", decode_tokens=tokens, seed=0)
 
 
 def test_greedy_with_the_cache_equals_greedy_without_it():
@@ -52,17 +47,17 @@ def test_greedy_with_the_cache_equals_greedy_without_it():
 
 
 @pytest.mark.parametrize("name", ["sdpa", "chunked", "naive"])
-def test_exact_implementations_decode_the_same_tokens(name, ckpt):
+def test_exact_implementations_decode_the_same_tokens(name, tiny_checkpoint):
     impl = registry.get(name)
     cell = decode_cell(name, 200, heads=4, kv_heads=2, head_dim=16)
-    row = measure_decode(impl, cell, settings(ckpt))
+    row = measure_decode(impl, cell, settings(tiny_checkpoint))
     assert row["status"] == "ok", row["message"]
     assert row["tokens_match"] == row["decode_tokens"] == 6
     assert row["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * (200 + 5)
     assert row["ms_per_token"] > 0 and row["prefill_ms"] > 0 and row["n_tokens"] == 200
 
 
-def test_a_wrong_decoder_is_caught(ckpt):
+def test_a_wrong_decoder_is_caught(tiny_checkpoint):
     """An implementation that ignores the cache's offset (top-left causal) reproduces the
     prefill but not the decode steps: its tokens differ, and an exact one is then wrong."""
     def top_left(q, k, v, *, causal, window, scale=None):
@@ -70,7 +65,7 @@ def test_a_wrong_decoder_is_caught(ckpt):
                                                                 enable_gqa=q.shape[1] != k.shape[1])
 
     impl = registry.Impl("top_left_test", top_left, kv_cache=True)
-    row = measure_decode(impl, decode_cell("top_left_test", 120), settings(ckpt, tokens=8))
+    row = measure_decode(impl, decode_cell("top_left_test", 120), settings(tiny_checkpoint, tokens=8))
     assert row["status"] == "wrong" and row["tokens_match"] < 8
     assert "differ from transformers' sdpa" in row["message"]
 
@@ -80,10 +75,10 @@ def test_decode_cells_need_a_kv_cache_declaration():
     assert "kv_cache=True" in impl.unsupported_reason(decode_cell("square_test", 64))
 
 
-def test_decode_sweep_writes_the_columns(tmp_path, capsys, ckpt):
+def test_decode_sweep_writes_the_columns(tmp_path, capsys, tiny_checkpoint):
     code, out, err = run_cli(["sweep", "--device", "cpu", "--impls", "sdpa", "--lengths", "64,128", "--rep-ms", "5",
                               "--heads", "2", "--head-dim", "16", "--ppl-max-len", "0", "--decode-max-len", "64",
-                              "--decode-tokens", "3", "--model", ckpt, "--out", str(tmp_path)], capsys)
+                              "--decode-tokens", "3", "--model", tiny_checkpoint, "--out", str(tmp_path)], capsys)
     assert code == 0, err
     rows = list(csv.DictReader(open(os.path.join(only_run_dir(str(tmp_path)), "results.csv"))))
     decode = [r for r in rows if r["kind"] == "decode"]
@@ -94,7 +89,7 @@ def test_decode_sweep_writes_the_columns(tmp_path, capsys, ckpt):
     assert attention_name(registry.get("sdpa")).startswith("ctxbench:")
 
 
-def test_decode_max_len_refuses_implementations_without_a_cache(tmp_path, capsys, ckpt):
-    code, out, err = run_cli(["sweep", "--device", "cpu", "--impls", "sdpa", "--lengths", "64", "--decode-max-len",
-                              "64", "--decode-tokens", "1", "--model", ckpt, "--out", str(tmp_path)], capsys)
-    assert code == 2 and "--decode-tokens must be at least 2" in err
+def test_decode_max_len_refuses_implementations_without_a_cache(tmp_path, capsys, tiny_checkpoint):
+    usage_error(["sweep", "--device", "cpu", "--impls", "sdpa", "--lengths", "64", "--decode-max-len", "64",
+                 "--decode-tokens", "1", "--model", tiny_checkpoint, "--out", str(tmp_path)], capsys,
+                "--decode-tokens must be at least 2")

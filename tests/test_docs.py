@@ -431,7 +431,12 @@ def _unique(commands: list[DocCommand]) -> list[DocCommand]:
 
 
 def _param(cmd: DocCommand):
-    marks = [pytest.mark.slow] if cmd.launcher else []  # torchrun: processes per rank and cell
+    if cmd.launcher:  # torchrun: processes per rank and cell
+        marks = [pytest.mark.slow]
+    elif is_quality(cmd):  # a model loaded per worker: 6 to 35 s each, about 200 s in all on 2 cores
+        marks = [pytest.mark.slow, pytest.mark.ci]
+    else:
+        marks = []
     return pytest.param(cmd, id=cmd.id, marks=marks)
 
 

@@ -17,6 +17,7 @@ import ctxbench.kernels.flashinfer_attention as fia
 import ctxbench.kernels.xformers_attention as xfa
 import pytest
 import torch
+from references import attention64, mask_kwargs, random_qkv
 from sweep_helpers import only_run_dir, run_cli
 
 from ctxbench import registry
@@ -25,17 +26,6 @@ from ctxbench.core.masks import Mask
 from ctxbench.engine.results import read_results
 
 MASKS = [Mask("none"), Mask("causal"), Mask("window", 1), Mask("window", 5), Mask("window", 64)]
-
-
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> torch.Tensor:
-    """float64 attention under `mask`, GQA by repeat_interleave: [B, Hq, N, D]."""
-    group = q.shape[1] // k.shape[1]
-    q, k, v = q.double(), k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    ok = mask.visible(torch.arange(q.shape[-2]), torch.arange(k.shape[-2]))
-    if ok is not None:
-        s = s.masked_fill(~ok, float("-inf"))
-    return s.softmax(-1) @ v
 
 
 # ---------------------------------------------------------------- (a) declarations
@@ -327,25 +317,20 @@ def fake_flashinfer(monkeypatch):
     return _FakePrefillWrapper
 
 
-def _inputs(b, hq, hkv, n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, h, n, d, generator=g) for h in (hq, hkv, hkv))
-
-
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.describe())
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2)])
 def test_flashinfer_setup_step_end_to_end(fake_flashinfer, mask, hq, hkv):
     impl = registry.get("flashinfer")
-    q, k, v = _inputs(2, hq, hkv, 24, 16, seed=hq * 7 + (mask.window or 0))
+    q, k, v = random_qkv(hq * 7 + (mask.window or 0), 2, hq, hkv, 24, 24, 16)
     run = impl.prepare(q, k, v, mask, scale=None)
     assert len(fake_flashinfer.instances) == 1  # the plan is made once, in the setup step
     planned = fake_flashinfer.instances[0].planned
     assert planned["window_left"] == fia.window_left(mask) and planned["page"] == 24
     for layer in range(2):  # new values, same shapes: nothing derived from K/V may be stale
-        q, k, v = _inputs(2, hq, hkv, 24, 16, seed=100 + layer)
+        q, k, v = random_qkv(100 + layer, 2, hq, hkv, 24, 24, 16)
         out = run(q, k, v)
         assert out.shape == q.shape and out.dtype == q.dtype
-        torch.testing.assert_close(out.double(), _reference(q, k, v, mask, None), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.double(), attention64(q, k, v, **mask_kwargs(mask)), atol=1e-5, rtol=1e-5)
     assert len(fake_flashinfer.instances) == 1
 
 
@@ -353,13 +338,14 @@ def test_flashinfer_setup_step_end_to_end(fake_flashinfer, mask, hq, hkv):
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2)])
 def test_xformers_setup_step_end_to_end(fake_xformers, mask, hq, hkv):
     impl = registry.get("xformers")
-    q, k, v = _inputs(2, hq, hkv, 24, 16, seed=hq * 11 + (mask.window or 0))
+    q, k, v = random_qkv(hq * 11 + (mask.window or 0), 2, hq, hkv, 24, 24, 16)
     run = impl.prepare(q, k, v, mask, scale=0.3)
     for layer in range(2):
-        q, k, v = _inputs(2, hq, hkv, 24, 16, seed=200 + layer)
+        q, k, v = random_qkv(200 + layer, 2, hq, hkv, 24, 24, 16)
         out = run(q, k, v)
         assert out.shape == q.shape
-        torch.testing.assert_close(out.double(), _reference(q, k, v, mask, 0.3), atol=1e-5, rtol=1e-5)
+        want = attention64(q, k, v, **mask_kwargs(mask), scale=0.3)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     # GQA forward goes in as 5-D views with K shared at stride 0; MHA as 4-D views.
     assert all(c["ndim"] == (5 if hq != hkv else 4) for c in fake_xformers)
     assert all(c["k_shared"] == (hq != hkv) for c in fake_xformers)
@@ -368,14 +354,14 @@ def test_xformers_setup_step_end_to_end(fake_xformers, mask, hq, hkv):
 def test_xformers_gqa_backward_uses_the_4d_layout_and_gradients_match(fake_xformers):
     mask = Mask("window", 5)
     impl = registry.get("xformers")
-    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 6, 2, 16, 8, seed=3))
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(3, 1, 6, 2, 16, 16, 8))
     run = impl.prepare(q, k, v, mask)
     out = run(q, k, v)
     assert fake_xformers[-1]["ndim"] == 4  # xFormers' backward has no BMGHK layout
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = torch.autograd.grad(_reference(q64, k64, v64, mask, None), (q64, k64, v64), dout.double())
+    ref = torch.autograd.grad(attention64(q64, k64, v64, **mask_kwargs(mask)), (q64, k64, v64), dout.double())
     for got, want in zip(grads, ref):
         assert got.shape == want.shape
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -386,7 +372,7 @@ def test_xformers_refusal_at_run_time_is_unsupported(fake_xformers, monkeypatch)
         raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n...")
 
     monkeypatch.setattr(sys.modules["xformers.ops"], "memory_efficient_attention", no_operator)
-    q, k, v = _inputs(1, 2, 2, 8, 8, seed=0)
+    q, k, v = random_qkv(0, 1, 2, 2, 8, 8, 8)
     run = registry.get("xformers").prepare(q, k, v, Mask("causal"))
     with pytest.raises(registry.Unsupported, match="xformers: No operator found"):
         run(q, k, v)

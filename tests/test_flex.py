@@ -4,7 +4,6 @@ output against the float64 reference, and what it refuses on the CPU."""
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import all_impls
+from references import new_seed, random_qkv
 from sweep_helpers import only_run_dir, rows_by_cell, run_cli
 
 BS = flex_mod.BLOCK_SIZE
@@ -116,10 +116,8 @@ def test_a_sweep_without_a_compiler_records_unsupported(tmp_path, capsys, monkey
 
 
 def check_against_reference(mask: Mask, hq: int, hkv: int, n: int, dtype: torch.dtype, d: int = 64) -> None:
-    seed = random.SystemRandom().randrange(2**31)
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(1, hq, n, d, generator=g) * 2).to(dtype)
-    k, v = (torch.randn(1, hkv, n, d, generator=g).to(dtype) for _ in range(2))
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 1, hq, hkv, n, n, d, dtype, q_scale=2)
     out = all_impls()["flex"].call(q, k, v, mask)
     assert out.dtype == dtype and out.shape == q.shape
     rel, _ = errors(out, reference_attention(q, k, v, mask))
@@ -190,10 +188,8 @@ def test_ragged_mask_mod_is_each_sequences_mask():
 def test_flex_compiled_decode_ragged_matches_float64():
     from ctxbench.core.kv_layout import KVLayout
 
-    g = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
     lengths = [700, 129, 1000]
-    q = torch.randn(3, 4, 2, 64, generator=g)
-    k, v = torch.randn(2, 3, 2, 1000, 64, generator=g).unbind(0)
+    q, k, v = random_qkv(new_seed(), 3, 4, 2, 2, 1000, 64)
     impl = all_impls()["flex"]
     mask = Mask("window", 300, 4, q_offset=998)
     out = impl.prepare(q, k, v, mask, layout=KVLayout(tuple(lengths), torch.tensor(lengths)))(q, k, v)

@@ -44,6 +44,8 @@ def test_the_builtins_come_from_the_kernels_folder():
     assert {"naive", "chunked", "sdpa", "sliding_window", "triton", "triton_decode", "flex"} <= set(names.split(","))
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # transformers' model code imported in three interpreters and a sweep with perplexity: about 35 s
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_transformers_loads_a_model_from_the_root(tmp_path):
     """transformers 5.x imports `kernels` when it loads a model; from the root it once got the

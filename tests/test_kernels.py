@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from ctxbench.core.cell import Cell, Config
 from ctxbench.core.masks import Mask
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.registry import Unsupported, all_impls
+from references import new_seed, random_qkv
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,19 +75,6 @@ def cpu_impls(compiled_slow: bool = False) -> list:
     return [pytest.param(i, marks=pytest.mark.slow, id=i.name) if i.name in SLOW_ON_CPU else i for i in impls]
 
 
-def new_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-def random_qkv(seed: int, b: int, hq: int, hkv: int, n: int, d: int, dtype: torch.dtype,
-               q_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(b, hq, n, d, generator=g) * q_scale).to(dtype)
-    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    return q, k, v
-
-
 def cell_for(impl, *, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool,
              window: int | None, mode: str = "fwd") -> Cell:
     config = Config(batch=b, heads=hq, kv_heads=hkv, head_dim=d, dtype=dtype, mask=Mask.of(causal, window).kind,
@@ -115,7 +102,7 @@ def test_matches_reference(impl, n, d, heads, mask, dtype, b):
     if impl.unsupported_reason(cell) is not None:
         pytest.skip(impl.unsupported_reason(cell))
     seed = new_seed()
-    q, k, v = random_qkv(seed, b, hq, hkv, n, d, DTYPES[dtype])
+    q, k, v = random_qkv(seed, b, hq, hkv, n, n, d, DTYPES[dtype])
     out = run_or_skip(impl, cell, q, k, v, causal, window)
     ref = reference_attention(q, k, v, Mask.of(causal, window))
     rel, worst = errors(out, ref)
@@ -132,7 +119,7 @@ def test_peaked_scores_and_explicit_scale(impl, mask):
     causal, window = mask_args(mask, n)
     cell = cell_for(impl, b=1, hq=hq, hkv=hkv, n=n, d=d, dtype="float32", causal=causal, window=window)
     seed = new_seed()
-    q, k, v = random_qkv(seed, 1, hq, hkv, n, d, torch.float32, q_scale=6.0)
+    q, k, v = random_qkv(seed, 1, hq, hkv, n, n, d, torch.float32, q_scale=6.0)
     scale = 0.37
     out = run_or_skip(impl, cell, q, k, v, causal, window, scale=scale)
     ref = reference_attention(q, k, v, Mask.of(causal, window), scale=scale)
@@ -147,7 +134,7 @@ def test_output_dtype_and_shape(impl, dtype):
     causal, window = (True, 5) if "window" in impl.masks and len(impl.masks) == 1 else (True, None)
     cell = cell_for(impl, b=b, hq=hq, hkv=hkv, n=n, d=d, dtype=dtype, causal=causal, window=window)
     seed = new_seed()
-    q, k, v = random_qkv(seed, b, hq, hkv, n, d, DTYPES[dtype])
+    q, k, v = random_qkv(seed, b, hq, hkv, n, n, d, DTYPES[dtype])
     out = run_or_skip(impl, cell, q, k, v, causal, window)
     assert out.dtype == q.dtype
     assert out.shape == (b, hq, n, d)
@@ -208,7 +195,7 @@ def test_small_blocks_match_reference(mask, block_q, block_k):
     n, d, hq, hkv = 150, 48, 4, 2
     m = Mask.of(*((True, 40) if mask == "window40" else mask_args(mask, n)))
     seed = new_seed()
-    q, k, v = random_qkv(seed, 2, hq, hkv, n, d, torch.float32, q_scale=3.0)
+    q, k, v = random_qkv(seed, 2, hq, hkv, n, n, d, torch.float32, q_scale=3.0)
     ref = reference_attention(q, k, v, m)
     plans = {"chunked": chunked_mod.plan(n, m, block_q, block_k)}
     if m.window is not None:
@@ -235,7 +222,7 @@ def test_sliding_window_work_is_linear_in_n_times_w(monkeypatch):
     w = 64
     work = {}
     for n in (2048, 4096):
-        q, k, v = random_qkv(new_seed(), 1, 1, 1, n, 16, torch.float32)
+        q, k, v = random_qkv(new_seed(), 1, 1, 1, n, n, 16, torch.float32)
         all_impls()["sliding_window"].call(q, k, v, Mask("window", w))
         block_q, _ = sliding_mod.block_sizes(n, w, 1)
         work[n] = _blockwise.visited_pairs(plans[-1])
@@ -275,7 +262,7 @@ def _peak_rss_growth(fn) -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 def test_chunked_memory_is_not_quadratic():
     n, d = 8192, 64
-    q, k, v = random_qkv(new_seed(), 1, 1, 1, n, d, torch.float32)
+    q, k, v = random_qkv(new_seed(), 1, 1, 1, n, n, d, torch.float32)
     quadratic = n * n * 4  # one fp32 score matrix: 256 MiB
     try:
         naive_growth = _peak_rss_growth(lambda: all_impls()["naive"].call(q, k, v, Mask("causal")))
@@ -299,7 +286,7 @@ def test_gradients_match_float64_autograd(name, n, mask):
     if Mask.of(causal, window).kind not in impl.masks:
         pytest.skip(f"{name} does not support {mask}")
     seed = new_seed()
-    q, k, v = random_qkv(seed, 2, 4, 2, n, 24, torch.float32, q_scale=2.0)
+    q, k, v = random_qkv(seed, 2, 4, 2, n, n, 24, torch.float32, q_scale=2.0)
     dout = torch.randn(2, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     impl.call(*leaves, Mask.of(causal, window)).backward(dout)
@@ -311,21 +298,21 @@ def test_gradients_match_float64_autograd(name, n, mask):
 
 
 def test_gradients_in_bfloat16_have_input_dtype():
-    q, k, v = (t.requires_grad_() for t in random_qkv(new_seed(), 1, 2, 1, 50, 16, torch.bfloat16))
+    q, k, v = (t.requires_grad_() for t in random_qkv(new_seed(), 1, 2, 1, 50, 50, 16, torch.bfloat16))
     all_impls()["chunked"].call(q, k, v, Mask("causal")).float().sum().backward()
     assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_sliding_window_refuses_a_missing_window():
-    q, k, v = random_qkv(new_seed(), 1, 1, 1, 8, 8, torch.float32)
+    q, k, v = random_qkv(new_seed(), 1, 1, 1, 8, 8, 8, torch.float32)
     with pytest.raises(ValueError):
         all_impls()["sliding_window"].call(q, k, v, Mask("causal"))
     assert all_impls()["sliding_window"].masks == frozenset({"window"})
 
 
 def test_scale_default_is_inverse_sqrt_d():
-    q, k, v = random_qkv(new_seed(), 1, 2, 2, 20, 36, torch.float32)
+    q, k, v = random_qkv(new_seed(), 1, 2, 2, 20, 20, 36, torch.float32)
     a = all_impls()["chunked"].call(q, k, v, Mask("none"))
     b = all_impls()["chunked"].call(q, k, v, Mask("none"), 1 / math.sqrt(36))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -369,7 +356,7 @@ def test_sinks_are_declared():
 def test_sinks_match_reference(impl, n, window, sinks, dtype):
     hq, hkv, d = 4, 2, 32
     seed = new_seed()
-    q, k, v = random_qkv(seed, 2, hq, hkv, n, d, DTYPES[dtype], q_scale=3.0)
+    q, k, v = random_qkv(seed, 2, hq, hkv, n, n, d, DTYPES[dtype], q_scale=3.0)
     out = impl.call(q, k, v, Mask("window", window, sinks))
     ref = reference_attention(q, k, v, Mask("window", window, sinks))
     rel, _ = errors(out, ref)
@@ -383,7 +370,7 @@ def test_sink_gradients_match_float64_autograd(name):
     impl = all_impls()[name]
     n, window, sinks = 130, 16, 4
     seed = new_seed()
-    q, k, v = random_qkv(seed, 1, 4, 2, n, 24, torch.float32, q_scale=2.0)
+    q, k, v = random_qkv(seed, 1, 4, 2, n, n, 24, torch.float32, q_scale=2.0)
     dout = torch.randn(1, 4, n, 24, generator=torch.Generator().manual_seed(seed + 1))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     impl.call(*leaves, Mask("window", window, sinks)).backward(dout)

@@ -19,7 +19,7 @@ from ctxbench.engine.results import columns, read_results
 from ctxbench.engine.sweep import run_sweep
 from ctxbench.reports.report import markdown, report
 from ctxbench.reports.summary import print_summary
-from sweep_helpers import run_cli
+from sweep_helpers import run_cli, usage_error
 
 LENGTHS = (32, 64, 96)
 IMPLS = ("naive", "sdpa")
@@ -95,8 +95,7 @@ def test_a_new_kinds_command_takes_its_flags(toy, capsys, tmp_path):
     try:
         code, out, _ = run_cli(["toy", "--help"], capsys)
         assert code == 0 and "--toy-heads" in out and "--ppl-max-len" not in out
-        code, _, err = run_cli(["toy", "--toy-heads", "x", "--out", str(tmp_path)], capsys)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "--toy-heads" in err
+        usage_error(["toy", "--toy-heads", "x", "--out", str(tmp_path)], capsys, "--toy-heads")
         code, out, err = run_cli(["toy", "--lengths", "32", "--toy-heads", "2", "--out", str(tmp_path),
                                   "--run-id", "cli"], capsys)
         assert code == 0, err
@@ -107,9 +106,8 @@ def test_a_new_kinds_command_takes_its_flags(toy, capsys, tmp_path):
 
 
 def test_a_kinds_fields_and_columns_leave_other_rows_as_they_were(toy):
-    kernel = Cell.of(Config(), "sdpa", 64, "kernel", query_len=None, ragged=False, kv_lens=None, page_size=None,
-                     allow_interpreter=False)
+    kernel = Cell.of(Config(), "sdpa", 64, "kernel", query_len=None, ragged=False, kv_lens=None, page_size=None)
     row = kernel.row()
     assert row["toy_heads"] == "" and row["rope"] == "default" and row["kind"] == "kernel"
     assert kinds.get("kernel").fields == tuple(f for f in kinds.fields() if f.name in
-                                              ("query_len", "ragged", "kv_lens", "page_size", "allow_interpreter"))
+                                              ("query_len", "ragged", "kv_lens", "page_size"))

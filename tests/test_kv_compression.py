@@ -25,18 +25,14 @@ from ctxbench.models.kv_cache import cache_bytes, layer_kv
 from ctxbench.core.cell import Cell, Config, Settings
 from ctxbench.measurements.ruler import ContinuationPlan, RetrievalPlan
 from ctxbench.engine.results import read_results
-from sweep_helpers import only_run_dir, run_cli
+from sweep_helpers import only_run_dir, run_cli, usage_error
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return H.checkpoint(str(tmp_path_factory.mktemp("tiny-ruler") / "model"))
-
-
-@pytest.fixture(scope="module")
-def eager(tiny):
+def eager(tiny_checkpoint):
     """The checkpoint under transformers' own eager attention: the independent reference."""
-    return H.transformers.AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="eager").float().eval()
+    return H.transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint,
+                                                               attn_implementation="eager").float().eval()
 
 
 def ruler_cell(**fields) -> Cell:
@@ -73,8 +69,8 @@ def words(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_full_cache_reproduces_the_uncompressed_greedy_tokens(tiny, eager):
-    model, _ = prepare(tiny)
+def test_full_cache_reproduces_the_uncompressed_greedy_tokens(tiny_checkpoint, eager):
+    model, _ = prepare(tiny_checkpoint)
     ids = random_ids(150, seed=41)
     prefill = kc.run_prefill(model, ids[:-1], "cpu", ("test",))
     cache, _ = kc.compress(prefill, "full", prefill.length, seed=0)
@@ -88,8 +84,8 @@ def test_full_cache_reproduces_the_uncompressed_greedy_tokens(tiny, eager):
     assert tokens == want and len(steps) == 12
 
 
-def test_continuation_under_the_full_cache_is_the_teacher_forced_loss(tiny, eager):
-    model, _ = prepare(tiny)
+def test_continuation_under_the_full_cache_is_the_teacher_forced_loss(tiny_checkpoint, eager):
+    model, _ = prepare(tiny_checkpoint)
     ids = random_ids(140, seed=42)
     context = 100
     prefill = kc.run_prefill(model, ids[:context - 1], "cpu", ("test",))
@@ -99,14 +95,15 @@ def test_continuation_under_the_full_cache_is_the_teacher_forced_loss(tiny, eage
     torch.testing.assert_close(torch.tensor(nll), want, rtol=1e-4, atol=1e-4)
 
 
-def test_measure_retrieval_with_the_full_cache_answers_as_the_uncompressed_model(tiny, eager):
+def test_measure_retrieval_with_the_full_cache_answers_as_the_uncompressed_model(tiny_checkpoint, eager):
     """The cell's own path (prefill, compression, the position it feeds the last prompt token
     at): its answer is transformers' plain greedy generation from the same prompt."""
-    s = settings(tiny)
+    s = settings(tiny_checkpoint)
     c = ruler_cell(n=300)
     row = kc.measure_retrieval(registry.get("sdpa"), c, s)
-    tok = lm.load_tokenizer(lm.resolve_model(tiny))
-    sample = ruler.build_sample(tok, "niah_single", 300, 0.5, 0, 0, kc.haystack(s, tok, lm.resolve_model(tiny), 300))
+    path = lm.resolve_model(tiny_checkpoint)
+    tok = lm.load_tokenizer(path)
+    sample = ruler.build_sample(tok, "niah_single", 300, 0.5, 0, 0, kc.haystack(s, tok, path, 300))
     eos = H.config().eos_token_id
     with torch.no_grad():
         out = eager.generate(torch.tensor([sample.ids]), max_new_tokens=sample.max_new_tokens, do_sample=False,
@@ -118,22 +115,22 @@ def test_measure_retrieval_with_the_full_cache_answers_as_the_uncompressed_model
     assert row["score"] == ref.recall(sample.answers, tok.decode(answer)) and row["kv_kept"] == 299
 
 
-def test_measure_continuation_with_the_full_cache_is_the_uncompressed_perplexity(tiny, eager):
+def test_measure_continuation_with_the_full_cache_is_the_uncompressed_perplexity(tiny_checkpoint, eager):
     """The cell's own path: its ppl is exp(mean NLL) of the continuation in one plain forward
     pass over context and continuation."""
-    s = settings(tiny, continuation_tokens=24)
+    s = settings(tiny_checkpoint, continuation_tokens=24)
     c = ruler_cell(n=300, kind="continuation")  # as ContinuationPlan plans it
     row = kc.measure_continuation(registry.get("sdpa"), c, s)
-    ids = lm.load_corpus("", lm.resolve_model(tiny)).ids[:300 + 24]
+    ids = lm.load_corpus("", lm.resolve_model(tiny_checkpoint)).ids[:300 + 24]
     want = math.exp(float(H.token_losses(eager, ids)[300 - 1:].double().mean()))
     assert row["status"] == "ok" and row["ppl_tokens"] == 24 and row["kv_kept"] == 299
     assert row["ppl"] == pytest.approx(want, rel=1e-5)
 
 
-def test_observed_queries_give_h2o_the_eager_attention_weights(tiny, eager):
+def test_observed_queries_give_h2o_the_eager_attention_weights(tiny_checkpoint, eager):
     """H2O's scores from the observer's queries and the cache's keys are the attention
     probabilities transformers' eager attention returns, summed over queries and head groups."""
-    model, _ = prepare(tiny)
+    model, _ = prepare(tiny_checkpoint)
     ids = random_ids(90, seed=43)
     prefill = kc.run_prefill(model, ids, "cpu", ("test",))
     with torch.no_grad():
@@ -147,10 +144,10 @@ def test_observed_queries_give_h2o_the_eager_attention_weights(tiny, eager):
 
 
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv", "knorm", "random"])
-def test_the_compressed_cache_holds_exactly_the_kept_keys_and_values(tiny, eager, policy):
+def test_the_compressed_cache_holds_exactly_the_kept_keys_and_values(tiny_checkpoint, eager, policy):
     """The positions come from the reference (the eager model's own attention and keys, the
     papers' rules in float64), the tensors from the prefill's cache."""
-    model, _ = prepare(tiny)
+    model, _ = prepare(tiny_checkpoint)
     ids = random_ids(120, seed=44)
     prefill = kc.run_prefill(model, ids, "cpu", ("test",))
     keep = 37
@@ -167,15 +164,16 @@ def test_the_compressed_cache_holds_exactly_the_kept_keys_and_values(tiny, eager
     assert layer_kv(prefill.cache, 0)[0].shape[2] == 120  # the prefill itself is untouched
 
 
-def test_a_prompt_is_prefilled_once_for_all_its_policies(tiny, eager):
+def test_a_prompt_is_prefilled_once_for_all_its_policies(tiny_checkpoint, eager):
     """Three policies of one prompt: each answer is the eager model's under the attention mask
     of the reference's kept tokens, each score the answers' recall in it, and the prefill (its
     ms) is shared."""
-    s = settings(tiny)
+    s = settings(tiny_checkpoint)
     cases = [("full", None, 299), ("streaming", "64", 64), ("snapkv", "0.25", 75)]
     rows = [kc.measure_retrieval(registry.get("sdpa"), ruler_cell(policy=p, kv_budget=b), s) for p, b, _ in cases]
-    tok = lm.load_tokenizer(lm.resolve_model(tiny))
-    sample = ruler.build_sample(tok, "niah_single", 300, 0.5, 0, 0, kc.haystack(s, tok, lm.resolve_model(tiny), 300))
+    path = lm.resolve_model(tiny_checkpoint)
+    tok = lm.load_tokenizer(path)
+    sample = ruler.build_sample(tok, "niah_single", 300, 0.5, 0, 0, kc.haystack(s, tok, path, 300))
     stop = {H.config().eos_token_id}
     for r, (policy, _, keep) in zip(rows, cases):
         kept = ref.prefill_kept(eager, sample.ids[:-1], policy, keep, seed=0)
@@ -207,11 +205,11 @@ def test_policy_budgets_plan_each_kept_size_once():
         ("continuation", policy, budget) for policy, budget in plan.policy_budgets(1024)]
 
 
-def test_ruler_command_runs_resumes_and_reports(tiny, eager, tmp_path, capsys, monkeypatch):
+def test_ruler_command_runs_resumes_and_reports(tiny_checkpoint, eager, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["ruler", "--device", "cpu", "--model", tiny, "--lengths", "420", "--tasks", "niah_single,niah_multivalue",
-            "--policies", "full,snapkv", "--kv-budget", "64", "--continuation-tokens", "16",
-            "--out", str(tmp_path), "--run-id", "r"]
+    args = ["ruler", "--device", "cpu", "--model", tiny_checkpoint, "--lengths", "420", "--tasks",
+            "niah_single,niah_multivalue", "--policies", "full,snapkv", "--kv-budget", "64",
+            "--continuation-tokens", "16", "--out", str(tmp_path), "--run-id", "r"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     run_dir = only_run_dir(str(tmp_path))
@@ -220,7 +218,7 @@ def test_ruler_command_runs_resumes_and_reports(tiny, eager, tmp_path, capsys, m
     assert {(r["kind"], r["ruler_task"], r["policy"], r["kv_budget"]) for r in rows} >= {
         ("retrieval", "niah_multivalue", "snapkv", "64"), ("continuation", "", "full", "")}
     # each continuation's ppl is the eager model's under the attention mask of the reference's kept tokens
-    ids = lm.load_corpus("", lm.resolve_model(tiny)).ids[:420 + 16].tolist()
+    ids = lm.load_corpus("", lm.resolve_model(tiny_checkpoint)).ids[:420 + 16].tolist()
     for r in (r for r in rows if r["kind"] == "continuation"):
         kept = ref.prefill_kept(eager, ids[:419], r["policy"], int(r["kv_kept"]), seed=0)
         assert float(r["ppl"]) == pytest.approx(ref.masked_ppl(eager, ids, 420, kept), rel=1e-4), r["policy"]
@@ -233,8 +231,8 @@ def test_ruler_command_runs_resumes_and_reports(tiny, eager, tmp_path, capsys, m
     assert len(read_results(os.path.join(run_dir, "results.csv"))[1]) == len(rows)  # nothing measured twice
     code, out, err = run_cli(["report", run_dir], capsys)
     assert code == 0 and "| snapkv@64 |" in out.replace("  ", " ")
-    code, out, err = run_cli(["passkey", "--resume", run_dir], capsys)  # a ruler run resumes as one
-    assert code == 2 and "is a `ctxbench ruler` run; continue it with ctxbench ruler --resume" in err
+    usage_error(["passkey", "--resume", run_dir], capsys,  # a ruler run resumes as one
+                "is a `ctxbench ruler` run; continue it with ctxbench ruler --resume")
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -248,13 +246,9 @@ def test_ruler_command_runs_resumes_and_reports(tiny, eager, tmp_path, capsys, m
     (["--depths", "1.2"], ["--depths"]),
     (["--heads", "4"], ["No such option '--heads'"]),
 ])
-def test_bad_ruler_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, args, fragments):
-    code, out, err = run_cli(["ruler", "--device", "cpu", "--lengths", "420", "--model", tiny, "--out", str(tmp_path),
-                              *args], capsys)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctxbench: error:"), (code, err)
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+def test_bad_ruler_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys, args, fragments):
+    usage_error(["ruler", "--device", "cpu", "--lengths", "420", "--model", tiny_checkpoint, "--out", str(tmp_path),
+                 *args], capsys, *fragments)
     assert not list(tmp_path.iterdir()), "bad input must not leave a run behind"
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from ctxbench.reports import kv_memory as kv
-from ctxbench.cli import main
+from sweep_helpers import run_cli, usage_error
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 BF16 = 2
@@ -144,7 +144,7 @@ def test_llama_8b_on_80_gib():
 
 
 def test_weights_that_do_not_fit_are_reported(capsys):
-    code, out, err = run(["kv", "deepseek-v3", "--gpu-memory", "80GiB"], capsys)
+    code, out, err = run_cli(["kv", "deepseek-v3", "--gpu-memory", "80GiB"], capsys)
     assert code == 0, err
     assert "the weights alone do not fit" in out
     assert "61 MLA" in out
@@ -202,15 +202,8 @@ def test_parse_bytes(text, expected):
 
 # ---------------------------------------------------------------- the command
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
 def test_command_prints_a_row_per_length(capsys):
-    code, out, err = run(["kv", "llama-3.1-8b", "--gpu-memory", "80GiB", "--lengths", "1024,131072"], capsys)
+    code, out, err = run_cli(["kv", "llama-3.1-8b", "--gpu-memory", "80GiB", "--lengths", "1024,131072"], capsys)
     assert code == 0, err
     rows = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
     assert rows == [["1024", "128", "MiB", "456"], ["131072", "16", "GiB", "3"]]
@@ -218,7 +211,7 @@ def test_command_prints_a_row_per_length(capsys):
 
 
 def test_command_default_lengths_go_to_1m(capsys):
-    code, out, _ = run(["kv", "gemma-3-27b"], capsys)
+    code, out, _ = run_cli(["kv", "gemma-3-27b"], capsys)
     assert code == 0
     assert "1048576" in out and "10 global" in out and "52 sliding" in out
 
@@ -233,31 +226,21 @@ def test_command_default_lengths_go_to_1m(capsys):
     (["kv", "llama-3.1-8b", "--params", "many"], ["--params"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments, capsys):
-    bad(args, capsys, *fragments)
+    usage_error(args, capsys, *fragments, quiet=True)
 
 
 def test_bad_configs_are_one_line_and_exit_2(tmp_path, capsys):
-    bad(["kv", str(tmp_path)], capsys, "has no config.json")
+    usage_error(["kv", str(tmp_path)], capsys, "has no config.json", quiet=True)
     (tmp_path / "config.json").write_text("{not json")
-    bad(["kv", str(tmp_path)], capsys, "not valid JSON")
+    usage_error(["kv", str(tmp_path)], capsys, "not valid JSON", quiet=True)
     write(tmp_path, {"hidden_size": 64})
-    bad(["kv", str(tmp_path / "config.json")], capsys, "no num_hidden_layers")
+    usage_error(["kv", str(tmp_path / "config.json")], capsys, "no num_hidden_layers", quiet=True)
     write(tmp_path, dict(QWEN_LIKE, layer_types=["linear_attention"] * 4))
-    bad(["kv", str(tmp_path)], capsys, "linear_attention")
+    usage_error(["kv", str(tmp_path)], capsys, "linear_attention", quiet=True)
     unreadable = tmp_path / "sub"
     unreadable.mkdir()
     (unreadable / "config.json").mkdir()  # a folder where the file should be
-    bad(["kv", str(unreadable)], capsys, "cannot read")
-
-
-def bad(args: list[str], capsys, *fragments: str) -> None:
-    code, out, err = run(args, capsys)
-    assert code == 2, (code, out, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ctxbench: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert out == ""
+    usage_error(["kv", str(unreadable)], capsys, "cannot read", quiet=True)
 
 
 def test_qwen2_without_use_sliding_window_does_not_slide():
@@ -270,8 +253,8 @@ def test_qwen2_without_use_sliding_window_does_not_slide():
 def test_params_override_a_config_without_vocab(tmp_path, capsys):
     config = {k: v for k, v in QWEN_LIKE.items() if k != "vocab_size"}
     write(tmp_path, config)
-    bad(["kv", str(tmp_path)], capsys, "no vocab_size", "--params")
-    code, out, err = run(["kv", str(tmp_path), "--params", "1000", "--lengths", "1024"], capsys)
+    usage_error(["kv", str(tmp_path)], capsys, "no vocab_size", "--params", quiet=True)
+    code, out, err = run_cli(["kv", str(tmp_path), "--params", "1000", "--lengths", "1024"], capsys)
     assert code == 0, err
     # 1000 parameters x 2 B
     assert "1,000 parameters x 2 B = 1.95 KiB" in out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ruler_references as ref
+from references import random_qkv
 from ctxbench.measurements.ruler import policies as kp
 from ctxbench.measurements.ruler.budgets import parse_budgets, resolve_budget
 
@@ -21,8 +22,8 @@ HQ, HKV = 4, 2  # query heads and KV heads of the random inputs: two query heads
 
 def _qk(n: int, seed: int, hq: int = HQ, hkv: int = HKV, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded standard-normal queries [1, hq, n, d] and keys [1, hkv, n, d]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, hq, n, d, generator=g), torch.randn(1, hkv, n, d, generator=g)
+    q, k, _ = random_qkv(seed, 1, hq, hkv, n, n, d)
+    return q, k
 
 
 # ---------------------------------------------------------------- registry

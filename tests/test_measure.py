@@ -1,11 +1,10 @@
 """ctxbench.measurements.kernel.measure on its own: the inputs a cell is measured on, the latency
 quantiles and repeat count, the throughput numbers of a known cell, and measure_cell on tiny cells
-against a float64 reference written here. (verdict's rules: tests/test_verdict.py.)"""
+against the float64 reference of tests/references.py. (verdict's rules: tests/test_verdict.py.)"""
 
 from __future__ import annotations
 
 import gc
-import math
 import random
 
 import numpy as np
@@ -16,6 +15,7 @@ from ctxbench.core import kinds, registry
 from ctxbench.core.cell import Cell, Config, Settings
 from ctxbench.core.registry import Impl
 from ctxbench.measurements.kernel.measure import make_inputs, measure_cell, quantiles, repeats, throughput, verdict
+from references import attention64
 
 FAST = Settings(warmup_ms=0.5, rep_ms=2.0, min_repeats=3, max_repeats=6, seed=29)
 
@@ -33,22 +33,6 @@ def quick_gc():
 
 def kernel(config: Config, n: int, impl: str = "sdpa", **fields) -> Cell:
     return Cell.of(config, impl, n, "kernel", **fields)
-
-
-def attention64(q, k, v, *, window=None, sinks=0, offset=0, causal=True):
-    """Softmax attention in float64 from its definition: query i sits at position offset + i and
-    sees key j <= its position (causal), within the last `window` keys, or among the first `sinks`."""
-    q, k, v = (t.detach().double() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    pos = torch.arange(n_q)[:, None] + offset
-    j = torch.arange(n_k)[None, :]
-    sees = (j <= pos) if causal else torch.ones(n_q, n_k, dtype=torch.bool)
-    if window is not None:
-        sees &= (j > pos - window) | (j < sinks)
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return torch.softmax(s.masked_fill(~sees, float("-inf")), dim=-1) @ v
 
 
 def rel_l2(got, want) -> float:
@@ -227,7 +211,7 @@ def test_measure_cell_of_a_decode_window_with_sinks():
     assert row["status"] == "ok" and row["err_rel_l2"] < 1e-5
     q, k, v, _ = make_inputs(cell, FAST.seed, False)
     out = registry.get("naive").call(q, k, v, cell.attention_mask)
-    assert rel_l2(out, attention64(q, k, v, window=9, sinks=2, offset=59)) == \
+    assert rel_l2(out, attention64(q, k, v, window=9, sinks=2, q_offset=59)) == \
         pytest.approx(row["err_rel_l2"], rel=1e-6, abs=1e-12)
 
 
@@ -241,7 +225,7 @@ def test_measure_cell_of_a_backward_checks_gradients():
 
 def test_measure_cell_of_a_plain_function_that_is_one_percent_off():
     def off(q, k, v, *, causal, window, scale=None):
-        return attention64(q, k, v, causal=causal, offset=k.shape[-2] - q.shape[-2]).float() * 1.01
+        return attention64(q, k, v, causal=causal).float() * 1.01
 
     cell = kernel(Config(heads=2, kv_heads=2, head_dim=8), 32, impl="off")
     row = measure_cell(Impl("off", off), cell, FAST)

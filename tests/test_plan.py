@@ -86,8 +86,8 @@ def test_kernel_cells_carry_the_configuration_and_model_cells_the_models_shape()
     for c in kernel:
         assert (c.batch, c.heads, c.kv_heads, c.head_dim, c.mask, c.window, c.sinks, c.mode) == \
                (2, 4, 2, 16, "window", 24, 2, "fwd+bwd")
-        assert dict(c.params) == {"query_len": 8, "ragged": False, "kv_lens": None, "page_size": 16,
-                                  "allow_interpreter": False}
+        assert dict(c.params) == {"query_len": 8, "ragged": False, "kv_lens": None, "page_size": 16}
+        assert c.allow_interpreter is False
         assert c.q_len == 8
     for c in (c for c in cells if c.kind in ("perplexity", "decode")):
         # one sequence of the model's shape, forward only; mask and device stay the run's
@@ -124,7 +124,7 @@ def test_to_json_is_plain_json_with_every_plan_by_kind():
     assert via_json(data) == data
     assert data["command"] == "sweep" and list(data["plans"]) == ["kernel", "perplexity", "decode"]
     assert data["plans"]["kernel"] == {"impls": ["sdpa", "naive"], "query_len": 8, "ragged": False, "kv_lens": None,
-                                       "page_size": 16, "allow_interpreter": False}
+                                       "page_size": 16}
     assert data["plans"]["decode"] == {"impls": ["chunked"], **MODEL, "max_len": 32}
     assert data["config"]["window"] == 24 and data["settings"]["seed"] == 11
     assert (data["timeout_s"], data["memory_limit_bytes"], data["reuse_workers"], data["memory_limit_auto"]) == \
@@ -165,8 +165,8 @@ def test_ruler_cells_plan_each_kept_token_count_once():
 # ---------------------------------------------------------------- meta.json of the ctxbench before kinds
 # Written as SweepSpec.to_json wrote them at ea26b0e (`git show ea26b0e:ctxbench/plan.py`): the kernel
 # implementations as "impls", one entry per model plan ("ppl", "passkey", "decode", "ruler"), and the
-# kernel and perplexity fields (allow_interpreter, ppl_scheme, query_len, ragged, kv_lens, page_size)
-# inside "config". No "command" and no "plans".
+# kernel and perplexity fields (ppl_scheme, query_len, ragged, kv_lens, page_size) inside "config"
+# beside allow_interpreter (which stays there). No "command" and no "plans".
 
 OLD_SETTINGS = {"warmup_ms": 100.0, "rep_ms": 40.0, "min_repeats": 3, "max_repeats": 100, "check_rows": 256,
                 "seed": 11, "model": "", "text": "", "ppl_tokens": 300, "ppl_stride": 64, "decode_tokens": 16,
@@ -190,7 +190,7 @@ def old_spec(config: dict, impls: list[str], **entries) -> dict:
     return via_json(spec)
 
 
-NEW_CONFIG = Config(batch=2, heads=4, kv_heads=2, head_dim=16)
+NEW_CONFIG = Config(batch=2, heads=4, kv_heads=2, head_dim=16, allow_interpreter=True)
 
 
 def test_an_old_sweep_meta_json_gives_the_cells_of_the_same_new_spec():
@@ -202,8 +202,7 @@ def test_an_old_sweep_meta_json_gives_the_cells_of_the_same_new_spec():
     new = SweepSpec(command="sweep", config=NEW_CONFIG, lengths=[32, 64, 128], timeout_s=75.0,
                     memory_limit_bytes=3 * 2**30, settings=Settings(**OLD_SETTINGS), reuse_workers=False,
                     memory_limit_auto=True,
-                    plans={"kernel": KernelPlan(impls=["sdpa", "naive"], query_len=8, page_size=16,
-                                                allow_interpreter=True),
+                    plans={"kernel": KernelPlan(impls=["sdpa", "naive"], query_len=8, page_size=16),
                            "perplexity": PerplexityPlan(impls=["naive"], **MODEL, max_len=64,
                                                         ropes=["default", "yarn:2"], scheme="strided"),
                            "decode": DecodePlan(impls=["chunked"], **MODEL, max_len=32)})
@@ -213,8 +212,8 @@ def test_an_old_sweep_meta_json_gives_the_cells_of_the_same_new_spec():
     by_kind = {}
     for c in spec.cells():
         by_kind.setdefault(c.kind, []).append(c)
-    assert {(c.get("query_len"), c.get("page_size"), c.get("allow_interpreter")) for c in by_kind["kernel"]} == \
-           {(8, 16, True)}
+    assert {(c.get("query_len"), c.get("page_size")) for c in by_kind["kernel"]} == {(8, 16)}
+    assert all(c.allow_interpreter for c in spec.cells())  # the run's configuration, every kind's
     assert {c.row()["ppl_scheme"] for c in by_kind["kernel"]} == {"truncated"}
     assert {c.row()["ppl_scheme"] for c in by_kind["perplexity"]} == {"strided"}
     assert [(c.impl, c.n) for c in by_kind["decode"]] == [("chunked", 32)]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sweep_helpers import MISBEHAVING, rows_by_cell, run_cli
+from sweep_helpers import MISBEHAVING, rows_by_cell, run_cli, usage_error
 
 ray = pytest.importorskip("ray")
 
@@ -127,15 +127,11 @@ def test_resume_across_executors(cluster, tmp_path, capsys, first, then):
 
 def test_missing_ray_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    code, out, err = run_cli(COMMON + ["--impls", "sdpa", "--lengths", "32", "--executor", "ray",
-                                       "--out", str(tmp_path)], capsys)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'ctxbench[ray]'" in lines[0], err
+    usage_error(COMMON + ["--impls", "sdpa", "--lengths", "32", "--executor", "ray", "--out", str(tmp_path)], capsys,
+                "pip install 'ctxbench[ray]'")
     assert not os.listdir(tmp_path)  # nothing half-made
 
 
 def test_address_needs_ray_executor(tmp_path, capsys):
-    code, _, err = run_cli(COMMON + ["--impls", "sdpa", "--lengths", "32", "--address", "10.0.0.1:6379",
-                                     "--out", str(tmp_path)], capsys)
-    assert code == 2 and "--executor ray" in err
+    usage_error(COMMON + ["--impls", "sdpa", "--lengths", "32", "--address", "10.0.0.1:6379", "--out", str(tmp_path)],
+                capsys, "--executor ray")

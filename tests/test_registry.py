@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-import ctxbench
 from ctxbench.core import registry
 from ctxbench.core.cell import Cell, Config
 from ctxbench.core.kv_layout import KVLayout
 from ctxbench.core.masks import Mask
 from ctxbench.core.registry import Impl, RegistryError, load_spec, register
+from references import random_qkv
 
 SEED = 1234
 
@@ -155,9 +155,7 @@ def test_in_default_sweep():
 # ---------------------------------------------------------------- prepare and call
 
 def inputs(n_q: int, n_k: int, heads: int = 2, kv_heads: int = 2, d: int = 8, seed: int = SEED):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, heads, n_q, d, generator=g), torch.randn(1, kv_heads, n_k, d, generator=g),
-            torch.randn(1, kv_heads, n_k, d, generator=g))
+    return random_qkv(seed, 1, heads, kv_heads, n_q, n_k, d)
 
 
 def test_prepare_of_a_setup_implementation_returns_its_runner():

@@ -12,7 +12,7 @@ from ctxbench.engine.results import ResultsWriter, columns, read_results
 from ctxbench.measurements.kernel.report import fits_markdown, pivot_markdown
 from ctxbench.reports.fits import fit_all, fit_impl, slope
 from ctxbench.reports.report import markdown, report
-from sweep_helpers import only_run_dir, run_cli
+from sweep_helpers import only_run_dir, run_cli, usage_error
 
 # Kernel cells only: a perplexity cell runs a language model (tens of seconds on a CPU).
 SMALL = ["--device", "cpu", "--heads", "2", "--head-dim", "16", "--rep-ms", "5", "--lengths", "16,32,64",
@@ -164,10 +164,8 @@ def test_report_of_synthetic_run_marks_oom_and_plots_perplexity(tmp_path, capsys
 
 
 def test_report_bad_input(tmp_path, capsys):
-    code, _, err = run_cli(["report", str(tmp_path / "nope")], capsys)
-    assert code == 2 and "no such run folder" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(["report", str(tmp_path)], capsys)
-    assert code == 2 and "has no results.csv" in err and len(err.strip().splitlines()) == 1
+    usage_error(["report", str(tmp_path / "nope")], capsys, "no such run folder")
+    usage_error(["report", str(tmp_path)], capsys, "has no results.csv")
 
 
 # ---------------------------------------------------------------- implementations that never ran

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import socket
 import traceback
 
@@ -22,6 +21,7 @@ from ctxbench.kernels.ring_attention import last_stats, ring_attention
 from ctxbench.core.masks import Mask
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention
 from ctxbench.core.shards import shard_bounds
+from references import new_seed, random_qkv
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAUNCH_TIMEOUT_S = 120  # a hung ring fails the test instead of blocking the run
@@ -36,12 +36,7 @@ def case(n: int, *, causal: bool = True, window: int | None = None, b: int = 1, 
 
 def full_qkv(seed: int, c: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole sequence's q, k, v: identical on every rank and in the test process."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[c["dtype"]]
-    q = torch.randn(c["b"], c["hq"], c["n"], c["d"], generator=g).to(dtype)
-    k = torch.randn(c["b"], c["hkv"], c["n"], c["d"], generator=g).to(dtype)
-    v = torch.randn(c["b"], c["hkv"], c["n"], c["d"], generator=g).to(dtype)
-    return q, k, v
+    return random_qkv(seed, c["b"], c["hq"], c["hkv"], c["n"], c["n"], c["d"], DTYPES[c["dtype"]])
 
 
 def _rank_main(rank: int, world: int, init_method: str, seed: int, cases: list[dict], out_dir: str) -> None:
@@ -117,7 +112,7 @@ def expected_skips(n: int, world: int, rank: int, causal: bool, window: int | No
 
 def check_launch(world: int, cases: list[dict], tmp_path) -> list[list[dict]]:
     """Launch, then compare every case with the reference and check the stats; stats[case][rank]."""
-    seed = random.SystemRandom().randrange(2**31)
+    seed = new_seed()
     results = launch(world, cases, seed, tmp_path)
     all_stats = []
     for i, c in enumerate(cases):
@@ -224,7 +219,7 @@ def test_single_process_is_plain_attention(causal, window, monkeypatch):
     """No process group: attention over the local tensors, in query chunks."""
     monkeypatch.setattr(ring_mod, "QUERY_CHUNK", 7)
     c = case(29, causal=causal, window=window, b=2, hq=4, hkv=2)
-    q, k, v = full_qkv(random.SystemRandom().randrange(2**31), c)
+    q, k, v = full_qkv(new_seed(), c)
     q.requires_grad_(True)
     out = ring_attention(q, k, v, causal=causal, window=window)
     assert not out.requires_grad  # forward only, documented

@@ -5,7 +5,6 @@ boundaries, seeded reproducibility, whole-word scoring, and the option and lengt
 from __future__ import annotations
 
 import copy
-import random
 import re
 
 import pytest
@@ -16,13 +15,14 @@ from ctxbench.measurements.passkey.prompt import FILLER  # the filler haystack's
 
 from ctxbench.measurements.ruler import prompts as ruler
 from ctxbench.measurements.ruler.words import WORDS
+from references import new_seed
 
 NIAH_NEEDLE = re.compile(r"One of the special magic numbers for (\w+) is: (\d+)\.")
 VT_STATEMENT = re.compile(r"VAR ([A-Z]+) = (\w+)\.")
 ASKED = re.compile(r"The special magic numbers? for (\w+)(?: and (\w+))? mentioned in the provided text (?:is|are)$")
 VT_ASKED = re.compile(r"5 variables are assigned the value (\d+), they are:$")
-# a fresh seed each run besides fixed ones; a failure's message names it
-FRESH = random.SystemRandom().randrange(1, 10**9)
+# a fresh seed each run besides fixed ones; a failure's message names it (CTXBENCH_TEST_SEED replays it)
+FRESH = new_seed()
 
 
 # ChatML with a default system turn, as the default model's template, for the tiny tokenizer

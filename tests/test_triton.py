@@ -144,7 +144,10 @@ def test_pairwise_cases_cover_every_pair():
         assert seen == set(itertools.product(AXES[a], AXES[b])), (a, b)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()).replace(" ", ""))
+# The cases at n=130 (about 60 s of interpretation on 2 cores) run in `pytest -m ci`: the default
+# suite keeps every other pair of the covering design (n in 1, 17, 64).
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow, pytest.mark.ci]) if c["n"] == 130 else c
+                                  for c in CASES], ids=lambda c: "-".join(str(v) for v in c.values()).replace(" ", ""))
 def test_forward_and_gradients_match_reference(case):
     """dQ is forced down the path the case names (the fused_dq setting), so both backward paths
     meet every value of every other axis."""
@@ -206,7 +209,8 @@ def _planted_logits(n: int, d: int, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=[pytest.mark.slow, pytest.mark.ci])])
-@pytest.mark.parametrize("mask", ["none", "causal", "w5", "w5s3"])
+@pytest.mark.parametrize("mask", ["none", "w5s3", *(pytest.param(m, marks=[pytest.mark.slow, pytest.mark.ci])
+                                                    for m in ("causal", "w5"))])
 def test_planted_large_logits(mask, dtype):
     """Deterministic logits above 100 (see _planted_logits), at N <= 512 so the interpreter
     runs triton: the max-subtraction of the online softmax, its rescaling between blocks and
@@ -460,8 +464,9 @@ def _check_block_visits(blocks, n, n_k, fused):
         assert errors(out, ref)[0] < TOLERANCE["float32"], label
 
 
-@pytest.mark.parametrize("causal,window,sinks,lq", [(True, None, 0, 100), (True, 5, 3, 100), (False, None, 0, 100),
-                                                   (True, None, 0, 37)])
+@pytest.mark.parametrize("causal,window,sinks,lq", [
+    (True, 5, 3, 100), (True, None, 0, 37),
+    *(pytest.param(*c, marks=[pytest.mark.slow, pytest.mark.ci]) for c in ((True, None, 0, 100), (False, None, 0, 100)))])
 def test_heaviest_query_blocks_start_first(causal, window, sinks, lq):
     """Under a causal mask, forward and dQ programs start in order of decreasing work (the
     last query block, which sees the most keys, first); dK/dV programs start with key block 0,
@@ -737,10 +742,13 @@ print(json.dumps({"rel": rel, "restored": restored, "interpreted": triton_attent
 
 
 # What imports triton before ctxbench does: transformers' model code (the case of the issue),
-# triton itself, torch's flex attention, and ctxbench's sdpa kernel (torch.nn.attention.bias).
+# triton itself, torch's flex attention, and ctxbench's sdpa kernel module.
 FIRST_IMPORTS = ["transformers.modeling_utils", "triton", "torch.nn.attention.flex_attention", "ctxbench.kernels.sdpa"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # four interpreters, one importing transformers' model code: about 20 s; .ci/run's
+# every-file-alone step checks the same property for every test file
 def test_interpreter_whatever_was_imported_first(tmp_path):
     """A process that imported triton before ctxbench, with TRITON_INTERPRET unset then (the
     transformers import used to fail every interpreted call with "Cannot call @triton.jit'd

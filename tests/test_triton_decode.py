@@ -32,6 +32,7 @@ from ctxbench.kernels import triton_decode as td  # noqa: E402
 from ctxbench import registry  # noqa: E402
 from ctxbench.core.masks import Mask  # noqa: E402
 from ctxbench.core.reference import errors, reference_attention  # noqa: E402
+from references import random_qkv  # noqa: E402
 
 # Kernels run interpreted here (CPU tensors), on a machine with CUDA too. TRITON_INTERPRET is
 # read when a call is prepared, so setting it after triton was imported is enough.
@@ -57,11 +58,7 @@ def _seed(name: str) -> int:
 
 
 def _inputs(name, B, hq, hkv, lq, lk, d, dtype):
-    g = torch.Generator().manual_seed(_seed(name))
-    q = torch.randn(B, hq, lq, d, generator=g).to(DTYPES[dtype])
-    k = torch.randn(B, hkv, lk, d, generator=g).to(DTYPES[dtype])
-    v = torch.randn(B, hkv, lk, d, generator=g).to(DTYPES[dtype])
-    return q, k, v
+    return random_qkv(_seed(name), B, hq, hkv, lq, lk, d, DTYPES[dtype])
 
 
 def _reference(q, k, v, mask_name, kv_lens=None):
@@ -188,8 +185,9 @@ def _paged(k, v, lens, page_size, generator):
     return pools[0], pools[1], table
 
 
-@pytest.mark.parametrize("page_size,mask,dtype", [(16, "causal", "float32"), (64, "w40s3", "float32"),
-                                                  (32, "none", "bfloat16"), (128, "w7", "float16")])
+@pytest.mark.parametrize("page_size,mask,dtype", [
+    (16, "causal", "float32"), (64, "w40s3", "float32"),
+    *(pytest.param(*c, marks=[pytest.mark.slow, pytest.mark.ci]) for c in ((32, "none", "bfloat16"), (128, "w7", "float16")))])
 def test_paged_equals_contiguous(page_size, mask, dtype):
     lq = 3
     lens = torch.tensor([300, 64, 129, lq], dtype=torch.int32)

@@ -108,8 +108,7 @@ def impls(tmp_path_factory) -> str:
 def job(impl: str, n: int = 32, kind: str = "kernel", settings: Settings = FAST, **fields) -> dict:
     """A job as the executor writes it (JSON: what a worker process reads)."""
     if kind == "kernel":
-        fields = {"query_len": None, "ragged": False, "kv_lens": None, "page_size": None,
-                  "allow_interpreter": False, **fields}
+        fields = {"query_len": None, "ragged": False, "kv_lens": None, "page_size": None, **fields}
     cell = Cell.of(CONFIG, impl, n, kind, **fields)
     return json.loads(json.dumps({"cell": cell.to_json(), "settings": asdict(settings),
                                   "kind_origin": kinds.origin(kind)}))

@@ -51,9 +51,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from ctxbench.core import kinds, registry
     from ctxbench.core.cell import Cell, Settings
 
+    kind = kinds.find(job["cell"]["kind"], job.get("kind_origin"))  # first: the cell's fields are the kind's
     cell = Cell.from_json(job["cell"])
     settings = Settings(**job["settings"])
-    kind = kinds.find(cell.kind, job.get("kind_origin"))
     impl = registry.resolve(cell.impl)
     try:
         row = kind.measure(impl, cell, settings)
