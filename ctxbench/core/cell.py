@@ -157,6 +157,14 @@ class Cell(Config):
                 "params": dict(self.params)}
 
     @classmethod
+    def from_job(cls, data: dict[str, Any], where: dict[str, str] | None) -> "Cell":
+        """from_json in a process that may not have imported the cell's kind yet (a worker, a Ray
+        task, a torchrun rank): the kind's module, or its file (`where`, as kinds.origin gave it),
+        is imported first, since the cell's fields are the kind's."""
+        kinds.find(data["kind"], where)
+        return cls.from_json(data)
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Cell":
         data = dict(data)
         return cls(**{**data, "params": own_fields(data["kind"], dict(data.pop("params", {})))})

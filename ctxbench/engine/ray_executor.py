@@ -52,7 +52,6 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     Returns the worker's result plus `env` (this node's environment columns), `log_lines`
     (the worker's log for this cell) and `node` (hostname).
     """
-    from ctxbench.core import kinds
     from ctxbench.core.env import environment
     from ctxbench.engine.executor import Worker, default_memory_limit
 
@@ -60,8 +59,7 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     os.environ.setdefault("CTXBENCH_IMPORT_PATH", import_path)
     if memory_limit_bytes is None:
         memory_limit_bytes = default_memory_limit()
-    kinds.find(cell_json["kind"], kind_origin)  # first: the cell's fields are the kind's
-    cell = Cell.from_json(cell_json)
+    cell = Cell.from_job(cell_json, kind_origin)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
         # as the local executor: only a worker reading an attention call's peak memory pins glibc's heap

@@ -191,8 +191,7 @@ def _follow(memory_limit_bytes: int | None, log_dir: str) -> None:
                 dist.destroy_process_group()
                 return
             _, cell_json, settings_json, timeout_s, index, kind_origin = msg[0]
-            kinds.find(cell_json["kind"], kind_origin)  # first: the cell's fields are the kind's
-            cell = Cell.from_json(cell_json)
+            cell = Cell.from_job(cell_json, kind_origin)
             _worker_env(index)
             log_path = os.path.join(log_dir, f"{safe_name(cell.impl)}.rank{rank}.log")  # beside rank 0's
             result = pool.run_cell(cell, Settings(**settings_json), timeout_s=timeout_s, log_path=log_path)

@@ -51,8 +51,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from ctxbench.core import kinds, registry
     from ctxbench.core.cell import Cell, Settings
 
-    kind = kinds.find(job["cell"]["kind"], job.get("kind_origin"))  # first: the cell's fields are the kind's
-    cell = Cell.from_json(job["cell"])
+    cell = Cell.from_job(job["cell"], job.get("kind_origin"))
+    kind = kinds.get(cell.kind)
     settings = Settings(**job["settings"])
     impl = registry.resolve(cell.impl)
     try:
