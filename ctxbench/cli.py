@@ -234,7 +234,7 @@ def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
 
 @cli.command("compare")
 @click.argument("baseline")
-@click.argument("current")
+@click.argument("current", required=False)
 @click.option("--max-slowdown", default="10%", show_default=True, callback=_percent,
               help="latency increase (percent) above which a slowdown is a regression")
 @click.option("--max-memory-growth", default="5%", show_default=True, callback=_percent,
@@ -252,21 +252,36 @@ def _percent(ctx: click.Context, param: click.Parameter, value: str) -> float:
               help="latency of the repeats the slowdown is measured on (min suits a shared CPU)")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
               help="significance level of the slowdown test")
-def compare_cmd(baseline: str, current: str, max_slowdown: float, max_memory_growth: float,
+@click.option("--allow-missing", is_flag=True,
+              help="a cell of the baseline that the current run lacks is not a regression")
+@click.option("--min-common", default="50%", show_default=True,
+              help="fewest cells in common, a count or a percentage of the baseline's cells; fewer is an error")
+def compare_cmd(baseline: str, current: str | None, max_slowdown: float, max_memory_growth: float,
                 min_memory_growth: float, max_ppl_increase: float, max_score_drop: float, normalize_by: str | None,
-                statistic: str, alpha: float) -> int:
-    """Compare two sweeps (results.csv files or run folders): a markdown table of changes.
+                statistic: str, alpha: float, allow_missing: bool, min_common: str) -> int:
+    """Compare two sweeps (results.csv files or run folders): a markdown table of changes. With one
+    run folder, compare within an A/B run: each X@REV (baseline) against X (current).
 
-    Exit status 1 when a regression passes its threshold, 2 on bad input, else 0.
+    Exit status 1 when a regression passes its threshold or a baseline cell is missing, 2 on bad
+    input (or fewer cells in common than --min-common), else 0.
     """
     from ctxbench.reports.compare import BadInput, Thresholds, compare_paths
 
     if min_memory_growth < 0:
         fail(f"--min-memory-growth must be >= 0 MiB (got {min_memory_growth:g})")
+    text = min_common.strip()
+    try:
+        common = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        common = -1.0
+    if not (text.endswith("%") and 0 <= common <= 1) and not (not text.endswith("%") and common >= 1
+                                                               and common.is_integer()):
+        fail(f"--min-common {min_common!r}: give a count of cells (e.g. 10) or a percentage of the baseline's (e.g. 50%)")
     thresholds = Thresholds(max_slowdown=max_slowdown, max_memory_growth=max_memory_growth,
                             max_ppl_increase=max_ppl_increase, max_score_drop=max_score_drop,
                             min_memory_growth_bytes=int(min_memory_growth * 2**20),
-                            alpha=alpha, statistic=statistic)
+                            alpha=alpha, statistic=statistic, allow_missing=allow_missing,
+                            min_common=min(common, 0.999999) if text.endswith("%") else common)
     try:
         comparison = compare_paths(baseline, current, thresholds, normalize_by)
     except BadInput as exc:

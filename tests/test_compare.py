@@ -342,3 +342,125 @@ def test_compare_imports_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"importing ctxbench.reports.compare imported {done.stdout.strip()}"
+
+
+# ---------------------------------------------------------------- nothing passes by accident
+
+
+def test_a_pandas_round_trip_still_joins(base, tmp_path, capsys):
+    """pandas writes an integer column with blanks as floats (trial 0 -> 0.0, n 512 -> 512.0) and a
+    blank as NaN: the same cells by value, so the comparison joins every one of them."""
+    pd = pytest.importorskip("pandas")
+    rows = make_rows(extra={"trial": 0})
+    rows[0]["trial"] = ""  # a blank beside numbers: pandas makes the column float, the blank NaN
+    plain = write_csv(str(tmp_path / "plain" / "results.csv"), rows)
+    resaved = str(tmp_path / "resaved.csv")
+    frame = pd.read_csv(plain)
+    frame["n"] = frame["n"].astype(float)
+    frame.to_csv(resaved, index=False)
+    text = open(resaved).read()
+    assert ",0.0," in text and ",512.0," in text  # the round trip did change the text
+    comp = compare_paths(plain, resaved)
+    assert len(comp.changes) == 9 and comp.only_base == comp.only_cur == 0 and not comp.missing
+    assert comp.exit_code == 0
+
+
+def test_a_dropped_implementation_fails(base, tmp_path, capsys):
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), [r for r in make_rows() if r["impl"] != "chunked"])
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 1, out
+    assert "**3 cells of the baseline missing** from the current run: chunked N=256, chunked N=512, chunked N=1024" \
+        in out
+    assert "cells are missing: failed" in out
+    # allowed when asked
+    code, out, _ = compare(capsys, base, cur, "--allow-missing")
+    assert code == 0 and "(allowed: --allow-missing)" in out
+
+
+def test_a_dropped_length_fails(base, tmp_path, capsys):
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), [r for r in make_rows() if r["n"] != 1024])
+    comp = compare_paths(base, cur)
+    assert sorted((m["impl"], m["n"]) for m in comp.missing) == [("chunked", "1024"), ("naive", "1024"),
+                                                                 ("sdpa", "1024")]
+    assert comp.exit_code == 1 and not comp.regressions
+
+
+def test_a_blank_score_fails(tmp_path, capsys):
+    rows = make_rows(extra={"score": 1.0}, task="ruler")
+    base = write_csv(str(tmp_path / "b" / "results.csv"), rows)
+    blank = [dict(r) for r in rows]
+    cell(blank, "sdpa", 512)["score"] = ""
+    cur = write_csv(str(tmp_path / "c" / "results.csv"), blank)
+    (reg,) = compare_paths(base, cur).regressions
+    assert reg.key["impl"] == "sdpa" and reg.regressions == ["score missing (baseline 1.0)"]
+
+
+def test_an_added_cell_is_allowed(base, tmp_path, capsys):
+    rows = make_rows()
+    rows.append(dict(cell(rows, "sdpa", 1024), n=2048))
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    code, out, _ = compare(capsys, base, cur)
+    assert code == 0, out
+    assert "9 cells in common, 1 only in the current run" in out
+
+
+def test_too_few_cells_in_common_is_bad_input(base, tmp_path, capsys):
+    """4 of 9 cells left: under the default 50%, a one-line refusal (exit 2), even with --allow-missing."""
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"),
+                    [r for r in make_rows() if r["impl"] == "naive" or (r["impl"], r["n"]) == ("sdpa", 256)])
+    usage_error(["compare", base, cur, "--allow-missing"], capsys, "only 4 of the baseline's 9 cells", "--min-common")
+    code, _, _ = compare(capsys, base, cur, "--allow-missing", "--min-common", "4")
+    assert code == 0
+    usage_error(["compare", base, cur, "--min-common", "many"], capsys, "--min-common 'many'")
+
+
+def test_the_threshold_is_tested_not_only_the_slowdown(base, tmp_path, capsys):
+    """A slowdown of 10.5% with 3% jitter: beyond the spread, so a regression at a 5% threshold; at
+    10% the test asks whether it is more than 10% slower, which 10 repeats of +-3% cannot show."""
+    rows = make_rows()
+    scale_latency(cell(rows, "chunked", 1024), 1.105)
+    cur = write_csv(str(tmp_path / "cur" / "results.csv"), rows)
+    five = next(c for c in compare_paths(base, cur, Thresholds(max_slowdown=0.05)).changes
+                if (c.key["impl"], c.key["n"]) == ("chunked", "1024"))
+    assert five.regressions and five.latency.p_value < 1e-3
+    ten = next(c for c in compare_paths(base, cur, Thresholds(max_slowdown=0.10)).changes
+               if (c.key["impl"], c.key["n"]) == ("chunked", "1024"))
+    assert not ten.regressions and ten.latency.p_value > 0.05
+    assert "within the run-to-run spread" in ten.notes[0]
+
+
+# ---------------------------------------------------------------- one A/B run
+
+
+def ab_rows(factor: float) -> list[dict[str, object]]:
+    """One run holding X (current) and X@<commit> (baseline) for every X, X `factor` times as slow."""
+    rows = []
+    for r in make_rows():
+        rows.append(dict(r, impl=f"{r['impl']}@0123456789ab"))
+        now = dict(r, latency_samples_ms=[x * (factor if r["impl"] == "chunked" else 1.0)
+                                          for x in r["latency_samples_ms"]])  # type: ignore[union-attr]
+        rows.append(now)
+    return rows
+
+
+def test_one_ab_run_compares_each_revision_with_its_implementation(tmp_path, capsys):
+    same = write_csv(str(tmp_path / "same" / "results.csv"), ab_rows(1.0))
+    code, out, _ = compare(capsys, os.path.dirname(same), "--max-slowdown", "5%")
+    assert code == 0, out
+    assert "[chunked@0123456789ab, naive@0123456789ab, sdpa@0123456789ab]" in out
+    assert "**No regression** in 9 cells" in out
+    slower = write_csv(str(tmp_path / "slower" / "results.csv"), ab_rows(1.10))
+    code, out, _ = compare(capsys, slower, "--max-slowdown", "5%")
+    assert code == 1, out
+    assert "**3 regressions** in 9 cells" in out and "chunked N=512: slower +10.0%" in out
+
+
+def test_an_ab_run_without_pairs_is_bad_input(base, capsys):
+    usage_error(["compare", base], capsys, "holds no implementation at a revision", "--impls X,X@REV")
+
+
+def test_an_ab_run_that_lost_a_side_fails(tmp_path, capsys):
+    rows = [r for r in ab_rows(1.0) if (r["impl"], r["n"]) != ("chunked", 1024)]
+    run = write_csv(str(tmp_path / "run" / "results.csv"), rows)
+    comp = compare_paths(run)
+    assert [(m["impl"], m["n"]) for m in comp.missing] == [("chunked", "1024")] and comp.exit_code == 1

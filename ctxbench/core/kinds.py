@@ -113,6 +113,9 @@ class Kind:
     oldest: bool = False
     # Rough seconds to start a worker and import what a cell needs, for weight (ETAs only).
     worker_start_s: float = 2.0
+    # Whether a cell of X measured beside X@REV is timed in interleaved rounds (ctxbench.engine.
+    # interleave), its rows then joined by merge_rounds.
+    interleaves: bool = False
     # "module:function" the worker calls: function(impl, cell, settings) -> dict (see measure).
     measurement: str = ""
     # "module:name" of its report section (ctxbench.reports.section); "" for none.
@@ -172,6 +175,11 @@ class Kind:
         """Measure one cell in the worker: the measured columns with `status` and `message`."""
         module, _, function = self.measurement.partition(":")
         return getattr(importlib.import_module(module), function)(impl, cell, settings)
+
+    def merge_rounds(self, cell: Cell, rows: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+        """One row from the rows of a cell measured in several rounds (each with the share of the
+        timing budget ctxbench.engine.interleave gave it); only asked of a kind that interleaves."""
+        raise NotImplementedError(f"kind {self.name!r} does not merge rounds")
 
     def section(self) -> Any:
         """Its report section, or None."""

@@ -51,7 +51,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -383,7 +383,18 @@ def load_spec(spec: str) -> Impl:
 
 
 def resolve(name_or_spec: str) -> Impl:
-    """A registered name, or a module:function spec (anything with a colon)."""
+    """A registered name, a module:function spec (anything with a colon), or a name at a pinned
+    revision, `X@<commit>` (ctxbench.core.revisions): X as registered in this process, under that
+    name. (A worker measuring X@<commit> has pointed ctxbench.kernels at the revision's kernels/
+    first, so there X is the revision's; the driver plans it with the current X's capabilities.)"""
     if ":" in name_or_spec:
         return load_spec(name_or_spec)
+    from ctxbench.core import revisions
+
+    base, rev = revisions.split(name_or_spec)
+    if rev is not None:
+        if not revisions.is_pinned(name_or_spec):
+            raise RegistryError(f"{name_or_spec}: an implementation at a revision is planned as X@<commit>; "
+                                "pin it first (ctxbench.core.revisions.pin)")
+        return replace(get(base), name=name_or_spec)
     return get(name_or_spec)

@@ -10,6 +10,13 @@ CPU: no datasheet figure means anything on a shared or virtual machine, so the d
 measured: the read bandwidth of summing a tensor far larger than the caches, with the thread
 count the workers use (the same environment, so torch picks the same number of threads).
 
+The CPU estimator is the best pass, as STREAM reports its best time: interference (another
+process, a descheduled thread) only ever slows a pass, so the fastest pass of many is the
+figure that moves least, and it is what a kernel can at best reach. One probe is PROBE_REPEATS
+passes; PROBES probes, with pauses between them, give the denominator (the best of all) and the
+spread (the slowest and fastest probe's best), both recorded with the run. A single median of 7
+passes read 25.9 and 32.5 GB/s minutes apart on the 2-core CI machine.
+
 The sweep runs the probe once per run (ctxbench.engine.sweep) and keeps it in the run's Settings, so
 every row of a run, resumed or not, is divided by the same figure.
 """
@@ -37,6 +44,9 @@ HBM_PEAK_GBPS: tuple[tuple[str, float], ...] = (
 CPU_PROBE_BYTES = 512 * 2**20
 CUDA_PROBE_BYTES = 2 * 2**30
 PROBE_REPEATS = 7
+# CPU probes per run, and the pause between them (s): the spread spans a few seconds of load.
+PROBES = 5
+PROBE_PAUSE_S = 0.5
 
 
 def peak_hbm_gbps(device_name: str) -> float | None:
@@ -47,19 +57,26 @@ def peak_hbm_gbps(device_name: str) -> float | None:
     return None
 
 
-def cpu_read_gbps(nbytes: int = CPU_PROBE_BYTES, repeats: int = PROBE_REPEATS) -> float:
+def cpu_read_gbps(nbytes: int = CPU_PROBE_BYTES, repeats: int = PROBE_REPEATS, probes: int = 1,
+                  pause_s: float = 0.0) -> list[float]:
     """Read bandwidth (GB/s, 1e9 bytes) of summing an fp32 tensor of `nbytes` bytes, with torch's
-    current thread count: the median of `repeats` passes after one warm-up pass."""
+    current thread count: per probe, the best of `repeats` passes (after one warm-up pass), for
+    `probes` probes `pause_s` seconds apart."""
     import torch
 
     x = torch.ones(nbytes // 4, dtype=torch.float32)  # written once: its pages are resident
     x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    bests = []
+    for i in range(probes):
+        if i:
+            time.sleep(pause_s)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t0)
+        bests.append(x.numel() * 4 / min(times) / 1e9)
+    return bests
 
 
 def cuda_copy_gbps(nbytes: int = CUDA_PROBE_BYTES, repeats: int = PROBE_REPEATS) -> float:
@@ -97,9 +114,12 @@ def probe(device: str) -> dict[str, Any]:
                 "bandwidth_source": f"datasheet HBM peak of {name}"}
     import torch
 
-    measured = cpu_read_gbps()
-    return {"bandwidth_gbps": measured, "bandwidth_probe_gbps": measured,
-            "bandwidth_source": f"measured read of {CPU_PROBE_BYTES // 2**20} MiB, {torch.get_num_threads()} threads"}
+    bests = cpu_read_gbps(probes=PROBES, pause_s=PROBE_PAUSE_S)
+    best = max(bests)
+    return {"bandwidth_gbps": best, "bandwidth_probe_gbps": statistics.median(bests),
+            "bandwidth_source": f"best pass of {PROBES} probes x {PROBE_REPEATS} reads of {CPU_PROBE_BYTES // 2**20} "
+                                f"MiB, {torch.get_num_threads()} threads (probes' best {min(bests):.1f}-{best:.1f} GB/s, "
+                                f"median {statistics.median(bests):.1f})"}
 
 
 def main(argv: list[str] | None = None) -> None:

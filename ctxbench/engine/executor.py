@@ -36,25 +36,13 @@ def default_memory_limit() -> int:
     return int(psutil.virtual_memory().available * 0.85)
 
 
-# glibc's mmap and trim thresholds, pinned in the workers that measure an attention call's peak
-# memory: a freed block above 128 KiB then leaves the resident set at once, which the peak-RSS
-# growth of ctxbench.measurements.kernel.measure relies on. The price is a fresh mmap, page faults and zeroed pages
-# for every such block, and a model allocates thousands of them per forward pass (a KV cache grows
-# by a copy per token): pinned, `ctxbench ruler --lengths 4096,8192` took 31 min 36 s against
-# 12 min 53 s on the 2-core CPU (prefill 1.7x, H2O's rescoring 4.6x, a decode step 2-3.3x as
-# long). So a model cell's worker (Cell.runs_a_model: nothing there reads peak RSS) keeps glibc's
-# own thresholds, as any transformers process does.
-PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def worker_env(pinned_malloc: bool = True) -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     """The worker's environment: the parent's, plus the current directory in
     CTXBENCH_IMPORT_PATH (so --impl module:function resolves as it did here, appended after
-    the installed packages) and, with pinned_malloc, PINNED_MALLOC (unless already set)."""
+    the installed packages). glibc's heap is left as a user's process has it; only the peak-memory
+    pass pins it, for its own duration (ctxbench.core.heap)."""
     env = dict(os.environ)
     env.setdefault("CTXBENCH_IMPORT_PATH", os.getcwd())
-    for name, value in (PINNED_MALLOC.items() if pinned_malloc else ()):
-        env.setdefault(name, value)
     return env
 
 
@@ -106,8 +94,7 @@ class Worker:
     `oom`, when it passes the same limit.
     """
 
-    def __init__(self, memory_limit_bytes: int | None, log_path: str, device: str = "cpu",
-                 pinned_malloc: bool = True) -> None:
+    def __init__(self, memory_limit_bytes: int | None, log_path: str, device: str = "cpu") -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         args = [sys.executable, "-c", _BOOT]
@@ -116,7 +103,7 @@ class Worker:
             args += ["--memory-limit", str(int(memory_limit_bytes))]
         # A new session: on timeout the whole process group (threads, helpers) is killed.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
-                                     env=worker_env(pinned_malloc), start_new_session=True, text=True)
+                                     env=worker_env(), start_new_session=True, text=True)
 
     def run(self, cell: Cell, settings: Settings, timeout_s: float) -> dict[str, Any]:
         """Measure one cell; the result dict always has a status. Raises nothing for the
@@ -180,8 +167,9 @@ REPLACE_AFTER = ("error", "oom", "timeout")
 
 class WorkerPool:
     """Worker processes keyed by implementation and by whether they run a model (whose cells
-    get a worker of their own, without PINNED_MALLOC; it replaces the implementation's kernel
-    worker, and the other way round), replaced after any failure.
+    get a worker of their own, so nothing a kernel cell left in the process, its heap thresholds
+    after a memory pass or its compiled caches, reaches a model's timings; it replaces the
+    implementation's kernel worker, and the other way round), replaced after any failure.
 
     With reuse=False every cell gets a fresh process (slower, fully cold).
     """
@@ -201,8 +189,7 @@ class WorkerPool:
             other = self.workers.pop((cell.impl, not cell.runs_a_model), None)
             if other is not None:
                 other.close()
-            worker = self.workers[key] = Worker(self.memory_limit_bytes, log_path, cell.device,
-                                                pinned_malloc=not cell.runs_a_model)
+            worker = self.workers[key] = Worker(self.memory_limit_bytes, log_path, cell.device)
         try:
             result = worker.run(cell, settings, timeout_s)
         except BaseException:  # Ctrl-C in the parent: don't leave the worker behind

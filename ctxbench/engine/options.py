@@ -199,12 +199,16 @@ def validate_impls(names: list[str], specs: list[str]) -> list[str]:
     """Names and --impl specs, each checked to resolve (UsageError naming the problem), in order."""
     from ctxbench.core import registry
 
+    from ctxbench.core import revisions
+
     try:
         for spec in specs:
             registry.load_spec(spec)
+        # X@REV: the revision's kernels/ exported and the name pinned to its commit (X@<commit>)
+        names = [revisions.pin(name) for name in names]
         for name in names:
-            registry.get(name)
-    except registry.RegistryError as exc:
+            registry.get(revisions.split(name)[0])
+    except (registry.RegistryError, revisions.RevisionError) as exc:
         fail(str(exc))
     return list(dict.fromkeys(names + specs))
 
@@ -378,8 +382,8 @@ def resolve_resume(o: Options) -> tuple[SweepSpec, str, dict[str, Any]]:
             changes["lengths"] = wanted
     saved = spec.all_impls()
     if o.given.keys() & {"impl_names", "impl_specs"}:
-        names = impl_names(o)
-        validate_impls(names, list(o.impl_specs))
+        names = validate_impls(impl_names(o), [])  # X@REV pinned to X@<commit>
+        validate_impls([], list(o.impl_specs))
         # --impls names registered implementations; a saved --impl spec (module:function) stays
         registered = [n for n in saved if ":" not in n]
         missing = [n for n in registered if names and n not in names]
@@ -428,6 +432,8 @@ def check_world(spec: SweepSpec, world: int) -> None:
 def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec, str, dict[str, Any]]:
     """The validated spec, the run folder and (for --resume) what changed: every command's one
     entry into validation."""
+    from ctxbench.core import revisions
+
     if o.command not in kinds.commands():
         raise ValueError(f"unknown command {o.command!r}")
     if world > 1 and o.executor != "local":
@@ -445,5 +451,11 @@ def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec
             spec = replace(spec, memory_limit_bytes=spec.memory_limit_bytes // local_world)
     if world > 1:
         check_world(spec, world)
+    at_revision = [name for name in spec.all_impls() if revisions.split(name)[1] is not None]
+    if at_revision and (o.executor != "local" or world > 1):
+        # the revision's kernels/ is exported into this machine's cache, and its samples are
+        # interleaved with the current implementation's by the local executor (ctxbench.engine.interleave)
+        fail(f"{at_revision[0]}: an implementation at a revision runs with the local executor only "
+             f"(drop {'--executor ray' if o.executor != 'local' else 'torchrun'})")
     return spec, run_dir, changes
 

@@ -62,8 +62,7 @@ def run_cell_on_node(cell_json: dict[str, Any], settings_json: dict[str, Any], t
     cell = Cell.from_job(cell_json, kind_origin)
     with tempfile.TemporaryDirectory(prefix="ctxbench-ray-") as tmp:
         log_path = os.path.join(tmp, "worker.log")
-        # as the local executor: only a worker reading an attention call's peak memory pins glibc's heap
-        worker = Worker(memory_limit_bytes, log_path, cell.device, pinned_malloc=not cell.runs_a_model)
+        worker = Worker(memory_limit_bytes, log_path, cell.device)
         try:
             result = worker.run(cell, Settings(**settings_json), timeout_s)
         finally:

@@ -158,6 +158,8 @@ def read_results(path: str, *, repair_tail: bool = False) -> tuple[list[str], li
             row = normalize(dict(zip(header, values)))
             if row["status"] not in STATUSES:
                 raise CorruptResults(f"{path} line {line}: unknown status {row['status']!r}")
+            if row["n"].endswith(".0") and row["n"][:-2].isdigit():
+                row["n"] = row["n"][:-2]  # saved again by pandas (a float column): the same length
             if not row["n"].isdigit():
                 raise CorruptResults(f"{path} line {line}: length {row['n']!r} is not a number")
             rows.append(row)

@@ -61,13 +61,19 @@ def read_meta(run_dir: str) -> dict[str, Any]:
 
 
 def make_executor(spec: SweepSpec, executor: str = "local", address: str | None = None) -> Executor:
-    """The executor that measures cells: "local" (worker processes here) or "ray" (tasks on a
-    Ray cluster; raises ray_executor.RayMissing when ray is not installed)."""
+    """The executor that measures cells: "local" (worker processes here; for a run holding X and
+    X@<commit>, ctxbench.engine.interleave's, which interleaves their timed calls) or "ray" (tasks
+    on a Ray cluster; raises ray_executor.RayMissing when ray is not installed)."""
     if executor == "ray":
         from ctxbench.engine.ray_executor import RayExecutor
 
         limit = None if spec.memory_limit_auto else spec.memory_limit_bytes
         return RayExecutor(address, limit, spec.config.device)
+    from ctxbench.engine.interleave import InterleavedExecutor, partners
+
+    names = spec.all_impls()
+    if partners(names):  # X beside X@<commit>: their timed calls interleaved
+        return InterleavedExecutor(spec.memory_limit_bytes, names, reuse=spec.reuse_workers)
     return LocalExecutor(spec.memory_limit_bytes, reuse=spec.reuse_workers)
 
 

@@ -48,9 +48,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Measure the job's cell with its kind's measurement (ctxbench.core.kinds: Kind.measure);
     never raises for failures of the implementation itself. What a kind loads (a model, a
     prompt's prefill, compiled kernels) stays in this process for the next cell."""
-    from ctxbench.core import kinds, registry
+    from ctxbench.core import kinds, registry, revisions
     from ctxbench.core.cell import Cell, Settings
 
+    # X@<commit>: this process imports its implementations from that commit's kernels/, before
+    # anything imports the current ones
+    revisions.use_revision(str(job["cell"].get("impl", "")))
     cell = Cell.from_job(job["cell"], job.get("kind_origin"))
     kind = kinds.get(cell.kind)
     settings = Settings(**job["settings"])

@@ -1,19 +1,29 @@
 """`ctxbench compare BASELINE CURRENT`: what changed between two sweeps, and is it a regression.
+`ctxbench compare RUN`: the same within one A/B run, X@<commit> (the baseline) against X.
 
 Each side is a results.csv, a run folder, or a folder of run folders (benchmarks/gpu_check.sh's
-OUTDIR). Rows are joined on their configuration; for each pair the latency, TFLOP/s, peak
-memory, error, perplexity and status are compared and a markdown table is printed. A regression
-is any of:
+OUTDIR). Rows are joined on their configuration, by value (0, 0.0 and "0" are one cell; a blank
+equals NaN); for each pair the latency, TFLOP/s, peak memory, error, perplexity and status are
+compared and a markdown table is printed. With one RUN, the rows of each X@<commit> are the
+baseline and those of X the current side (ctxbench.core.revisions; their timed calls were
+interleaved, ctxbench.engine.interleave). A regression is any of:
 
-* latency: slower by more than --max-slowdown AND by more than the run-to-run spread (a one-sided
-  Mann-Whitney U test on the per-repeat samples, or p20/p80 separation for rows without samples);
+* latency: slower by more than --max-slowdown, beyond the run-to-run spread: a one-sided
+  Mann-Whitney U test that the current repeats are larger than the baseline's repeats scaled by
+  (1 + max slowdown), or p20/p80 separation for rows without samples;
 * peak memory grown by more than --max-memory-growth (and by at least --min-memory-growth bytes:
   a CPU reading has page-sized noise that is a large fraction of a small cell);
 * perplexity up by more than --max-ppl-increase;
 * a retrieval score (passkey's `correct`, ctxbench ruler's `score`, 0..1) down by more than
   --max-score-drop (points: 0.1 is ten points of percent; by default any drop);
 * a status that was ok and is anything else;
-* an error that went over its tolerance.
+* an error that went over its tolerance;
+* a gated value (latency, peak memory, perplexity, a score) the baseline has and an ok current
+  row lacks;
+* a cell of the baseline missing from the current run (unless --allow-missing).
+
+And the comparison fails as bad input (exit 2) when fewer cells are in common than --min-common
+(a count, or a percentage of the baseline's cells): a gate never passes because it compared nothing.
 
 With --normalize-by IMPL every latency (and every repeat) is divided by IMPL's latency in the
 same cell of the same run first, which cancels the speed of the machine each run had. The latency
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +72,8 @@ class Thresholds:
     min_memory_growth_bytes: int = 2**20
     alpha: float = ALPHA
     statistic: str = "median"  # the latency the slowdown threshold applies to: a key of LATENCY_COLUMNS
+    allow_missing: bool = False  # a baseline cell absent from the current run is not a regression
+    min_common: float = 0.5  # fewest cells in common: a count (>= 1) or a fraction of the baseline's (< 1)
 
 
 @dataclass
@@ -120,12 +133,25 @@ def key_columns(base: Table, cur: Table) -> list[str]:
     return [c for c in config_columns() if c in base.header and c in cur.header]
 
 
+def key_value(text: str | None) -> str:
+    """A configuration value as compared: numbers by value ("0", "0.0" and "0e0" are "0"), a blank
+    and NaN alike (""), anything else as written. A CSV saved again by pandas still joins."""
+    text = (text or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if value != value:  # NaN
+        return ""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**63 else repr(value)
+
+
 def _index(table: Table, keys: list[str]) -> tuple[dict[tuple, dict[str, str]], int]:
     """Rows by key (a later row for the same configuration wins, as in a resumed run) and the duplicates."""
     out: dict[tuple, dict[str, str]] = {}
     dups = 0
     for r in table.rows:
-        k = tuple(r.get(c, "") for c in keys)
+        k = tuple(key_value(r.get(c)) for c in keys)
         dups += k in out
         out[k] = r
     return out, dups
@@ -172,7 +198,7 @@ def _ref_latencies(table: Table, keys: list[str], impl: str, column: str) -> dic
     for r in table.rows:
         lat = _num(r, column)
         if r.get("impl") == impl and r.get("status") == "ok" and lat and lat > 0:
-            k = tuple(r.get(c, "") for c in keys)
+            k = tuple(key_value(r.get(c)) for c in keys)
             out[k[:i] + k[i + 1:]] = lat
     return out
 
@@ -189,29 +215,33 @@ class Latency:
     note: str = ""
 
 
-def slowdown_test(base: list[float], cur: list[float], alpha: float) -> tuple[float, bool]:
-    """One-sided Mann-Whitney U: p-value that `cur` is not larger than `base`, and p <= alpha.
+def slowdown_test(base: list[float], cur: list[float], alpha: float, margin: float = 0.0) -> tuple[float, bool]:
+    """One-sided Mann-Whitney U: p-value that `cur` is not larger than `base` scaled by
+    (1 + margin), and p <= alpha. With margin the allowed slowdown (0.05: 5%), a significant
+    result says "slower by more than the margin", not merely "slower".
 
     Ranks only, so one descheduled repeat (a 10x outlier on a shared machine) counts as one
     repeat. Exact distribution for small samples without ties (scipy's method='auto').
     """
     from scipy.stats import mannwhitneyu
 
-    p = float(mannwhitneyu(cur, base, alternative="greater").pvalue)
+    p = float(mannwhitneyu(cur, [x * (1 + margin) for x in base], alternative="greater").pvalue)
     # 3 repeats against 3 can reach p = 1/20 = alpha exactly; allow for its rounding.
     return p, p <= alpha * (1 + 1e-9)
 
 
 TEST_NAMES = {
-    "mwu": "one-sided Mann-Whitney U on the per-repeat samples",
-    "p20p80": "p20/p80 separation (current p20 above baseline p80)",
+    "mwu": "one-sided Mann-Whitney U of the current repeats against the baseline's scaled by (1 + the threshold)",
+    "p20p80": "p20/p80 separation (current p20 above baseline p80 scaled by (1 + the threshold))",
     "none": "none (no spread recorded; threshold only)",
 }
 
 
 def compare_latency(b: dict[str, str], c: dict[str, str], b_ref: float | None, c_ref: float | None,
-                    normalize_by: str | None, alpha: float, column: str = "latency_ms") -> Latency:
-    """Latency change of one cell (`column`, ms), normalized by the reference implementation's when asked."""
+                    normalize_by: str | None, alpha: float, column: str = "latency_ms",
+                    margin: float = 0.0) -> Latency:
+    """Latency change of one cell (`column`, ms), normalized by the reference implementation's when
+    asked; significant when slower by more than `margin` (a fraction) beyond the spread."""
     bl, cl = _num(b, column), _num(c, column)
     if not bl or not cl or b.get("status") not in ("ok", "wrong") or c.get("status") not in ("ok", "wrong"):
         return Latency(None, None)
@@ -226,11 +256,11 @@ def compare_latency(b: dict[str, str], c: dict[str, str], b_ref: float | None, c
     ratio = (cl / cs) / (bl / bs)
     b_samples, c_samples = samples(b), samples(c)
     if len(b_samples) >= 2 and len(c_samples) >= 2:
-        p, sig = slowdown_test([x / bs for x in b_samples], [x / cs for x in c_samples], alpha)
+        p, sig = slowdown_test([x / bs for x in b_samples], [x / cs for x in c_samples], alpha, margin)
         return Latency(ratio, raw, p, sig, "mwu")
     b80, c20 = _num(b, "latency_p80_ms"), _num(c, "latency_p20_ms")
     if b80 is not None and c20 is not None:
-        return Latency(ratio, raw, None, c20 / cs > b80 / bs, "p20p80")
+        return Latency(ratio, raw, None, c20 / cs > (1 + margin) * b80 / bs, "p20p80")
     return Latency(ratio, raw, None, True, "none")
 
 
@@ -284,6 +314,10 @@ def judge(change: Change, t: Thresholds) -> None:
         bq, cq = _num(b, col), _num(c, col)
         if bq is not None and cq is not None and bq - cq > t.max_score_drop + 1e-12:
             change.regressions.append(f"{col} {100 * bq:.0f}% -> {100 * cq:.0f}%")
+    if cs == "ok":  # an ok row that lost a gated number would otherwise pass every check above
+        for col in (LATENCY_COLUMNS[t.statistic], "peak_mem_bytes", "ppl", *kinds.score_columns()):
+            if _num(b, col) is not None and _num(c, col) is None:
+                change.regressions.append(f"{col} missing (baseline {b.get(col)})")
 
 
 @dataclass
@@ -299,14 +333,20 @@ class Comparison:
     only_base: int = 0
     only_cur: int = 0
     notes: list[str] = field(default_factory=list)
+    # The baseline's cells the current run lacks (their keys), a regression unless allowed.
+    missing: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[Change]:
         return [ch for ch in self.changes if ch.regressions]
 
     @property
+    def missing_fails(self) -> bool:
+        return bool(self.missing) and not self.thresholds.allow_missing
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_REGRESSION if self.regressions else EXIT_OK
+        return EXIT_REGRESSION if self.regressions or self.missing_fails else EXIT_OK
 
     def tests_used(self) -> list[str]:
         return sorted({ch.latency.test for ch in self.changes if ch.latency.test})
@@ -336,6 +376,11 @@ def compare_tables(base: Table, cur: Table, thresholds: Thresholds = Thresholds(
     if not common:
         raise BadInput(f"no rows in common between BASELINE {base.path} and CURRENT {cur.path}; "
                        f"configurations differ: {_why_disjoint(base, cur, keys)}")
+    needed = (thresholds.min_common if thresholds.min_common >= 1
+              else max(1, math.ceil(thresholds.min_common * len(bi) - 1e-9)))
+    if len(common) < needed:
+        raise BadInput(f"only {len(common)} of the baseline's {len(bi)} cells are in the current run (at least "
+                       f"{needed:g} needed, --min-common); configurations differ: {_why_disjoint(base, cur, keys)}")
     column = LATENCY_COLUMNS[thresholds.statistic]
     b_ref = c_ref = {}
     if normalize_by is not None:
@@ -350,12 +395,13 @@ def compare_tables(base: Table, cur: Table, thresholds: Thresholds = Thresholds(
     for k in common:
         cell = k[:i] + k[i + 1:]
         lat = compare_latency(bi[k], ci[k], b_ref.get(cell), c_ref.get(cell), normalize_by, thresholds.alpha,
-                              column)
+                              column, thresholds.max_slowdown)
         ch = Change(key=dict(zip(keys, k)), base=bi[k], cur=ci[k], latency=lat)
         judge(ch, thresholds)
         changes.append(ch)
     comp = Comparison(base=base, cur=cur, keys=keys, changes=changes, thresholds=thresholds,
-                      normalize_by=normalize_by, only_base=len(bi) - len(common), only_cur=len(ci) - len(common))
+                      normalize_by=normalize_by, only_base=len(bi) - len(common), only_cur=len(ci) - len(common),
+                      missing=[dict(zip(keys, k)) for k in bi if k not in ci])
     for table, n in ((base, bdup), (cur, cdup)):
         if n:
             comp.notes.append(f"{table.label} {table.path} has {n} rows repeating a configuration; "
@@ -439,7 +485,8 @@ def render_markdown(comp: Comparison) -> str:
         f"* also a regression: peak memory over +{100 * t.max_memory_growth:g}% (and at least "
         f"{human_bytes(t.min_memory_growth_bytes)}), perplexity over +{100 * t.max_ppl_increase:g}%, "
         f"a retrieval score down by more than {100 * t.max_score_drop:g} points, "
-        "a status that was ok and is not, an error that went over its tolerance",
+        "a status that was ok and is not, an error that went over its tolerance, a gated number an ok row lost, "
+        + ("a cell of the baseline missing" if not t.allow_missing else "(missing cells allowed)"),
     ]
     lines += [f"* note: {n}" for n in comp.notes]
     lines += ["", markdown_table(header, body, left=len(shown_keys), left_last=True), ""]
@@ -451,9 +498,18 @@ def render_markdown(comp: Comparison) -> str:
             v, ch = worst[name]
             extremes.append(f"{label} {100 * v:+.1f}% ({cell_name(ch, shown_keys)})")
     regs = comp.regressions
+    if comp.missing:
+        names = [f"{m['impl']} N={m['n']}" + "".join(f" {k}={m[k]}" for k in shown_keys if k not in ("impl", "n")
+                                                  and m.get(k) not in ("", None)) for m in comp.missing]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        lines.append(f"**{len(names)} cell{'s' if len(names) != 1 else ''} of the baseline missing** from the current "
+                     f"run{' (allowed: --allow-missing)' if not comp.missing_fails else ''}: {shown}")
+        lines.append("")
     if regs:
         lines.append(f"**{len(regs)} regression{'s' if len(regs) != 1 else ''}** in {len(comp.changes)} cells: "
                      + "; ".join(f"{cell_name(ch, shown_keys)}: {', '.join(ch.regressions)}" for ch in regs))
+    elif comp.missing_fails:
+        lines.append(f"**No regression** in the {len(comp.changes)} cells in common, but cells are missing: failed.")
     else:
         lines.append(f"**No regression** in {len(comp.changes)} cells.")
     if extremes:
@@ -469,7 +525,32 @@ def _describe(table: Table) -> str:
             f"{first.get('device_name', '?')}; commit {first.get('git_commit', '') or '?'})")
 
 
-def compare_paths(baseline: str, current: str, thresholds: Thresholds = Thresholds(),
+def split_revisions(table: Table) -> tuple[Table, Table]:
+    """(baseline, current) of one A/B run: the rows of each X@<commit> (as X) and those of X, for
+    every X the run measured at both; BadInput when it measured none."""
+    from ctxbench.core import revisions
+
+    impls = {r.get("impl", "") for r in table.rows}
+    paired = {}
+    for name in sorted(impls):
+        base, rev = revisions.split(name)
+        if rev is not None and base in impls:
+            paired.setdefault(base, name)  # the first revision of X, as the sweep interleaved it
+    if not paired:
+        raise BadInput(f"RUN {table.path} holds no implementation at a revision beside itself (X and X@REV); "
+                       "give BASELINE and CURRENT, or sweep with --impls X,X@REV")
+    base_rows = [dict(r, impl=revisions.split(r["impl"])[0]) for r in table.rows if r.get("impl") in paired.values()]
+    cur_rows = [r for r in table.rows if r.get("impl") in paired]
+    label = ", ".join(paired.values())
+    return (Table("BASELINE", f"{table.path} [{label}]", table.header, base_rows),
+            Table("CURRENT", f"{table.path} [{', '.join(paired)}]", table.header, cur_rows))
+
+
+def compare_paths(baseline: str, current: str | None = None, thresholds: Thresholds = Thresholds(),
                   normalize_by: str | None = None) -> Comparison:
-    """Load both sides (BadInput when one is unusable) and compare them."""
+    """Load both sides (BadInput when one is unusable) and compare them; with current None,
+    `baseline` is one A/B run whose X@<commit> rows are compared with its X rows."""
+    if current is None:
+        base, cur = split_revisions(load_table(baseline, "RUN"))
+        return compare_tables(base, cur, thresholds, normalize_by)
     return compare_tables(load_table(baseline, "BASELINE"), load_table(current, "CURRENT"), thresholds, normalize_by)

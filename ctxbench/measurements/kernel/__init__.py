@@ -111,6 +111,7 @@ class KernelKind(Kind):
         "latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats",  # ms; timed calls
         "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
         "timing_method",                                   # perf_counter, cuda_events or cuda_graph (replays)
+        "timing_rounds",                                   # rounds the repeats ran in (A/B: interleaved with X@REV)
         "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
         "first_call_ms",                                   # ms; compilation and autotuning happen in it
         "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
@@ -132,6 +133,7 @@ class KernelKind(Kind):
     uses_bandwidth = True
     oldest = True  # the first ctxbench measured nothing else
     measurement = "ctxbench.measurements.kernel.measure:measure_kernel"
+    interleaves = True
     report = "ctxbench.measurements.kernel.report:SECTION"
 
     def validate(self, o: Any) -> None:
@@ -235,6 +237,11 @@ class KernelKind(Kind):
         seconds = max(flops / ROUGH_FLOPS_PER_S.get(cell.device, 5e10),
                       moved / ROUGH_BYTES_PER_S.get(cell.device, 5e9))
         return self.worker_start_s + settings.rep_ms / 1e3 + 5 * seconds
+
+    def merge_rounds(self, cell: Any, rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+        from ctxbench.measurements.kernel.measure import merge_rounds
+
+        return merge_rounds(cell, rows, settings)
 
     def label(self, cell: Any) -> str:
         query_len = cell.get("query_len")

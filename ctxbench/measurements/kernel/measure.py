@@ -22,6 +22,7 @@ from ctxbench.core.formatting import first_line
 from ctxbench.core.flops import attention_bytes, attention_flops, device_peak_tflops
 from ctxbench.core.kv_layout import KVLayout, draw_lengths, paginate
 from ctxbench.core.cell import Cell, Settings
+from ctxbench.core.heap import pinned_heap
 from ctxbench.core.procfs import reset_rss_peak, status_kib
 from ctxbench.core.reference import TOLERANCE, errors, reference_attention, sample_rows
 from ctxbench.core.registry import Impl, Runner
@@ -110,8 +111,9 @@ def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
 
     cuda: torch.cuda.max_memory_allocated minus memory_allocated before the step (so the
     inputs' footprint is not counted). cpu: growth of the process's peak resident set
-    (VmHWM after resetting it) over the resident set before the step; the worker sets
-    glibc's mmap threshold low so freed blocks leave the resident set at once.
+    (VmHWM after resetting it) over the resident set before the step, read with glibc's mmap
+    threshold pinned low for this pass only (ctxbench.core.heap.pinned_heap), so freed blocks
+    leave the resident set at once; the timed calls run on the heap a user's process has.
     """
     gc.collect()
     if device == "cuda":
@@ -121,11 +123,12 @@ def peak_memory(step: Callable[[], Any], device: str) -> tuple[int, str, Any]:
         result = step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, "cuda_max_allocated", result
-    base_kib = status_kib("VmRSS")
-    if base_kib is not None and reset_rss_peak():
-        result = step()
-        peak_kib = status_kib("VmHWM") or base_kib
-        return max(0, peak_kib - base_kib) * 1024, "cpu_rss_peak_growth", result
+    with pinned_heap():
+        base_kib = status_kib("VmRSS")
+        if base_kib is not None and reset_rss_peak():
+            result = step()
+            peak_kib = status_kib("VmHWM") or base_kib
+            return max(0, peak_kib - base_kib) * 1024, "cpu_rss_peak_growth", result
     import resource  # not Linux: ru_maxrss is a lifetime peak, the best available
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -156,21 +159,22 @@ def repeats(estimate_ms: float, s: Settings) -> int:
     return int(min(s.max_repeats, max(s.min_repeats, math.ceil(s.rep_ms / max(estimate_ms, 1e-3)))))
 
 
-def time_cpu(step: Callable[[], Any], s: Settings, warmed_ms: float = 0.0) -> dict[str, Any]:
-    """Warm up until s.warmup_ms (ms) have been spent, then time repeats with perf_counter (ms).
+def time_cpu(step: Callable[[], Any], s: Settings) -> dict[str, Any]:
+    """Warm up for s.warmup_ms (ms; at least one call, at most 20), then time repeats with
+    perf_counter (ms), as many as fill s.rep_ms at the fastest warm-up call.
 
-    warmed_ms: time (ms) the same step has already run in this cell (the memory run), which
-    counts towards the warm-up; with none, at least one warm-up call is made.
-    """
+    The warm-up is its own: the memory run before it is no estimate of a call (its wall time
+    holds a garbage collection and the peak-RSS reset, often 100 ms and more around a call of a
+    few ms, which once sized an 8-repeat loop for a 6 ms call), and it ran under the pinned
+    heap of the memory pass."""
     warm: list[float] = []
     start = time.perf_counter()
-    while (not warm and warmed_ms <= 0) or (
-            warmed_ms + (time.perf_counter() - start) * 1e3 < s.warmup_ms and len(warm) < 20):
+    while not warm or ((time.perf_counter() - start) * 1e3 < s.warmup_ms and len(warm) < 20):
         t0 = time.perf_counter()
         step()
         warm.append((time.perf_counter() - t0) * 1e3)
     samples = []
-    for _ in range(repeats(min(warm) if warm else warmed_ms, s)):
+    for _ in range(repeats(min(warm), s)):
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -383,9 +387,7 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     # Compilation and autotuning (which allocate benchmark buffers of their own) happen on
     # the first call: keep them out of the memory reading as well as the timings.
     row["first_call_ms"] = timed_first_call(once, cell.device)
-    t0 = time.perf_counter()
     mem_bytes, mem_method, out = peak_memory(once, cell.device)
-    mem_call_ms = (time.perf_counter() - t0) * 1e3
     row.update({"peak_mem_bytes": mem_bytes, "mem_method": mem_method})
     row.update(check_output(impl, cell, q, k, v, out, s, lengths))
     del out
@@ -407,13 +409,28 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     elif cell.device == "cuda":
         timing = {**time_cuda(step, s), "timing_method": "cuda_events"}
     else:
-        # the memory run was this very step in fwd and fwd+bwd: it counts as warm-up
-        timing = {**time_cpu(step, s, warmed_ms=mem_call_ms if cell.mode != "bwd" else 0.0),
-                  "timing_method": "perf_counter"}
-    row.update(timing)
+        timing = {**time_cpu(step, s), "timing_method": "perf_counter"}
+    row.update(timing, timing_rounds=1)
     row.update(throughput(cell, timing["latency_ms"], s, lengths=lengths))
     row["status"], row["message"] = status, message
     return row
+
+
+def merge_rounds(cell: Cell, rows: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """One row from a cell measured in rounds (ctxbench.engine.interleave: X and X@REV in turn):
+    the first round's checks, memory and setup, and the latency columns and rates of every round's
+    timed calls together (ms). A round that did not end ok or wrong ends the cell with its row."""
+    first = rows[0]
+    if len(rows) == 1 or first.get("status") not in ("ok", "wrong"):
+        return first
+    failed = next((r for r in rows[1:] if r.get("status") not in ("ok", "wrong")), None)
+    if failed is not None:
+        return failed
+    timed = [float(x) for r in rows for x in str(r.get("latency_samples_ms") or "").split(";") if x]
+    merged = {**first, **quantiles(timed), "timing_rounds": len(rows)}
+    lengths = [int(x) for x in str(first["kv_lens_used"]).split(",")] if first.get("kv_lens_used") else None
+    merged.update(throughput(cell, merged["latency_ms"], s, lengths=lengths))
+    return merged
 
 
 def measure_kernel(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:

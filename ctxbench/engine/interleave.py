@@ -1,0 +1,90 @@
+"""A/B runs: an implementation X and the same X at another revision (X@<commit>, ctxbench.core.
+revisions) measured in one run, their timed calls interleaved so that whatever the machine does
+meanwhile (another job, a frequency change, a warm or cold cache) falls on both alike.
+
+When the sweep submits a cell of X whose partner X@<commit> is in the run (or the other way
+round), and the cell's kind interleaves (Kind.interleaves), both cells are measured here in
+ROUNDS rounds, each worker timing its share of the budget per round:
+
+    round 1: A B    round 2: B A    round 3: A B    ...
+
+(A is whichever the sweep submitted first; who goes first alternates, so neither side always
+follows the other's cache footprint.) Each side keeps its own worker process, so the two
+revisions never share one. The kind joins a side's rounds into one row (Kind.merge_rounds);
+the partner's row is kept until the sweep submits its cell, and returned at once then.
+Other cells are measured as the local executor always does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from typing import Any
+
+from ctxbench.core import kinds, revisions
+from ctxbench.core.cell import Cell, Settings
+from ctxbench.core.formatting import safe_name
+from ctxbench.engine.executor import LocalExecutor
+
+# Rounds per A/B cell: enough alternations that a minute of load falls on both sides, few enough
+# that the per-round work outside the timed loop (setup, first call, error check, memory run) stays
+# a small part of a cell.
+ROUNDS = 6
+MEASURED = ("ok", "wrong")
+
+
+def partners(names: list[str]) -> dict[str, str]:
+    """Each implementation's partner among names: X <-> X@<commit> (the first such revision of X)."""
+    out: dict[str, str] = {}
+    for name in names:
+        base, rev = revisions.split(name)
+        if rev is not None and base in names and base not in out:
+            out[base], out[name] = name, base
+    return out
+
+
+def round_settings(s: Settings, rounds: int) -> Settings:
+    """The timing budget of one round: the cell's repeats and time split over `rounds` (at least
+    one timed call per round); the warm-up stays whole, since each round's worker call starts cold."""
+    return replace(s, rep_ms=s.rep_ms / rounds, min_repeats=max(1, math.ceil(s.min_repeats / rounds)),
+                   max_repeats=max(1, math.ceil(s.max_repeats / rounds)))
+
+
+class InterleavedExecutor(LocalExecutor):
+    """The local executor (an Executor) for a run holding X and X@<commit>: their cells are timed
+    in interleaved rounds (module docstring); every other cell as LocalExecutor measures it."""
+
+    def __init__(self, memory_limit_bytes: int | None, impls: list[str], reuse: bool = True,
+                 rounds: int = ROUNDS) -> None:
+        super().__init__(memory_limit_bytes, reuse=reuse)
+        self.partner = partners(impls)
+        self.rounds = rounds
+        self._kept: dict[tuple, dict[str, Any]] = {}
+
+    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
+        kept = self._kept.pop(cell.key, None)
+        if kept is not None:
+            return kept
+        other_impl = self.partner.get(cell.impl)
+        kind = kinds.get(cell.kind)
+        if other_impl is None or not kind.interleaves or self.rounds < 2:
+            return super().run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
+        other = replace(cell, impl=other_impl)
+        logs = {cell: log_path, other: os.path.join(os.path.dirname(log_path), safe_name(other_impl) + ".log")}
+        per_round = round_settings(settings, self.rounds)
+        rows: dict[Cell, list[dict[str, Any]]] = {cell: [], other: []}
+        wall = {cell: 0.0, other: 0.0}
+        for r in range(self.rounds):
+            for side in ((cell, other) if r % 2 == 0 else (other, cell)):
+                if rows[side] and rows[side][-1].get("status") not in MEASURED:
+                    continue  # this side failed: its failure is its row
+                result = super().run_cell(side, per_round, timeout_s=timeout_s, log_path=logs[side])
+                wall[side] += result.pop("wall_s", 0.0)
+                rows[side].append(result)
+        merged = {}
+        for side in (cell, other):
+            merged[side] = kind.merge_rounds(side, rows[side], settings)
+            merged[side]["wall_s"] = wall[side]
+        self._kept[other.key] = merged[other]
+        return merged[cell]
