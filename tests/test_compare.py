@@ -464,3 +464,40 @@ def test_an_ab_run_that_lost_a_side_fails(tmp_path, capsys):
     run = write_csv(str(tmp_path / "run" / "results.csv"), rows)
     comp = compare_paths(run)
     assert [(m["impl"], m["n"]) for m in comp.missing] == [("chunked", "1024")] and comp.exit_code == 1
+
+
+def rounds_rows(factor: float, drift: list[float]) -> list[dict[str, object]]:
+    """An A/B run measured in interleaved rounds: each round's medians (round_latency_ms) follow
+    the machine's drift (the same on both sides of a pair), X `factor` times as slow as X@<commit>."""
+    rows = []
+    for r in make_rows():
+        lat = float(sorted(r["latency_samples_ms"])[5])  # type: ignore[arg-type]
+        for impl, f in ((f"{r['impl']}@0123456789ab", 1.0), (r["impl"], factor if r["impl"] == "chunked" else 1.0)):
+            per_round = [lat * f * d * (1 + j) for d, j in zip(drift, JITTER * 3)]
+            rows.append(dict(r, impl=impl, latency_samples_ms=per_round, timing_rounds=len(drift),
+                             round_latency_ms=";".join(f"{x:.6g}" for x in per_round)))
+    return rows
+
+
+# The machine's speed per round: calls 1.0 to 1.9x their quiet time, round by round.
+DRIFT = [1.0, 1.5, 1.1, 1.9, 1.0, 1.3, 1.7, 1.0, 1.2, 1.6, 1.0, 1.4, 1.1, 1.8, 1.0, 1.5, 1.2, 1.0, 1.6, 1.3]
+
+
+def test_rounds_are_paired_against_the_drift(tmp_path, capsys):
+    """The samples of both sides spread over 1.0-1.9x, so a 10% slowdown is invisible to a test on
+    the pooled samples; paired round by round, it is clear, and unchanged code stays clean."""
+    same = write_csv(str(tmp_path / "same" / "results.csv"), rounds_rows(1.0, DRIFT))
+    code, out, _ = compare(capsys, same, "--max-slowdown", "5%")
+    assert code == 0, out
+    assert "Wilcoxon signed-rank of the per-round ratios" in out and "| Δ per round |" in out
+    slower = write_csv(str(tmp_path / "slower" / "results.csv"), rounds_rows(1.10, DRIFT))
+    comp = compare_paths(slower, thresholds=Thresholds(max_slowdown=0.05))
+    regs = {(c.key["impl"], c.key["n"]) for c in comp.regressions}
+    assert regs == {("chunked", "256"), ("chunked", "512"), ("chunked", "1024")}
+    reg = comp.regressions[0]
+    assert reg.latency.test == "paired" and reg.latency.ratio == pytest.approx(1.10, rel=1e-3)
+    assert reg.latency.p_value < 1e-4
+    # the pooled samples alone would not show it: without the rounds, the rank test sees the drift
+    pooled = write_csv(str(tmp_path / "pooled" / "results.csv"),
+                       [dict(r, round_latency_ms="") for r in rounds_rows(1.10, DRIFT)])
+    assert not compare_paths(pooled, thresholds=Thresholds(max_slowdown=0.05)).regressions

@@ -147,17 +147,23 @@ def test_a_missing_export_is_an_error_row(cache, tmp_path):
 def test_partners_and_round_budget():
     assert interleave.partners(["naive", "chunked", "chunked@0123456789ab", "sdpa@0123456789ab"]) == {
         "chunked": "chunked@0123456789ab", "chunked@0123456789ab": "chunked"}
-    s = interleave.round_settings(Settings(rep_ms=1200, min_repeats=3, max_repeats=100), 6)
-    assert (s.rep_ms, s.min_repeats, s.max_repeats, s.warmup_ms) == (200, 1, 17, Settings().warmup_ms)
+    first = interleave.round_settings(Settings(rep_ms=1200, min_repeats=3, max_repeats=100), 6, first=True)
+    assert (first.rep_ms, first.min_repeats, first.max_repeats, first.warmup_ms) == (200, 1, 17, Settings().warmup_ms)
+    assert first.keep_for_more
+    later = interleave.round_settings(Settings(rep_ms=1200, min_repeats=3, max_repeats=100), 6, first=False)
+    assert (later.rep_ms, later.warmup_ms, later.keep_for_more) == (200, 0.0, False)
 
 
 def test_rounds_alternate_and_merge(monkeypatch, tmp_path):
     """A B, B A, A B ...: each side's rows merged (samples of every round, rates at the merged
     median); the partner's row is returned when the sweep submits its cell, without measuring."""
     calls: list[str] = []
+    mores: list[bool] = []
 
-    def fake(self, cell, settings, *, timeout_s, log_path):
+    def fake(self, cell, settings, *, timeout_s, log_path, more=False):
         calls.append(cell.impl)
+        mores.append(more)
+        assert settings.keep_for_more == (not more)
         k = len([c for c in calls if c == cell.impl])
         ms = 2.0 if "@" in cell.impl else 3.0
         return {"status": "ok", "message": "", "latency_samples_ms": f"{ms * k};{ms * k + 1}", "wall_s": 1.0,
@@ -172,6 +178,7 @@ def test_rounds_alternate_and_merge(monkeypatch, tmp_path):
     got_a = ex.run_cell(a, s, timeout_s=10, log_path=str(tmp_path / "chunked.log"))
     assert calls == ["chunked", "chunked@0123456789ab", "chunked@0123456789ab", "chunked",
                      "chunked", "chunked@0123456789ab", "chunked@0123456789ab", "chunked"]
+    assert mores == [False, False] + [True] * 6  # round 1 measures, the later rounds time again
     got_b = ex.run_cell(b, s, timeout_s=10, log_path=str(tmp_path / "x.log"))
     assert len(calls) == 8  # kept, not measured again
     a_samples = [3.0, 4.0, 6.0, 7.0, 9.0, 10.0, 12.0, 13.0]
@@ -180,12 +187,13 @@ def test_rounds_alternate_and_merge(monkeypatch, tmp_path):
     assert got_b["latency_ms"] == pytest.approx(5.5) and got_b["wall_s"] == 4.0
     assert got_b["log"] == safe_name("chunked@0123456789ab") + ".log"  # each side logs to its own file, as the sweep names it
     assert got_a["tflops"] == pytest.approx(got_a["flops"] / (8.0e-3) / 1e12)
+    assert got_a["round_latency_ms"] == "3.5;6.5;9.5;12.5"  # each round's median, in order
 
 
 def test_a_failed_round_ends_that_side(monkeypatch, tmp_path):
     calls: list[str] = []
 
-    def fake(self, cell, settings, *, timeout_s, log_path):
+    def fake(self, cell, settings, *, timeout_s, log_path, more=False):
         calls.append(cell.impl)
         if "@" in cell.impl and calls.count(cell.impl) == 2:
             return {"status": "timeout", "message": "no result after 10 s; worker killed", "wall_s": 10.0}
@@ -227,5 +235,6 @@ def test_an_ab_sweep_end_to_end(cache, tmp_path, capsys):
             row = rows[(impl, n)]
             assert row["status"] == "ok" and row["timing_rounds"] == str(interleave.ROUNDS), row
             assert int(row["repeats"]) >= interleave.ROUNDS
+            assert len(row["round_latency_ms"].split(";")) == interleave.ROUNDS
     code, out_text, _ = run_cli(["compare", run, "--max-slowdown", "1000%"], capsys)
-    assert code == 0 and "2 cells in common" in out_text
+    assert code == 0 and "2 cells in common" in out_text and "Wilcoxon signed-rank" in out_text

@@ -217,3 +217,6 @@ class Settings:
     bandwidth_source: str = ""
     # CUDA decode cells (query_len set, forward): time CUDA-graph replays, not launches.
     cuda_graph: bool = True
+    # Keep the cell's prepared call in the worker for more timed rounds (an A/B run's first
+    # round, ctxbench.engine.interleave; Kind.measure_more).
+    keep_for_more: bool = False

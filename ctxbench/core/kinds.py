@@ -113,9 +113,11 @@ class Kind:
     oldest: bool = False
     # Rough seconds to start a worker and import what a cell needs, for weight (ETAs only).
     worker_start_s: float = 2.0
-    # Whether a cell of X measured beside X@REV is timed in interleaved rounds (ctxbench.engine.
-    # interleave), its rows then joined by merge_rounds.
-    interleaves: bool = False
+    # "module:function" timing a cell again in a worker that measured it with
+    # Settings.keep_for_more: function(impl, cell, settings) -> the latency columns of one round.
+    # A kind with one has a cell of X measured beside X@REV in interleaved rounds
+    # (ctxbench.engine.interleave), joined by merge_rounds.
+    measurement_more: str = ""
     # "module:function" the worker calls: function(impl, cell, settings) -> dict (see measure).
     measurement: str = ""
     # "module:name" of its report section (ctxbench.reports.section); "" for none.
@@ -174,6 +176,16 @@ class Kind:
     def measure(self, impl: Any, cell: Cell, settings: Settings) -> dict[str, Any]:
         """Measure one cell in the worker: the measured columns with `status` and `message`."""
         module, _, function = self.measurement.partition(":")
+        return getattr(importlib.import_module(module), function)(impl, cell, settings)
+
+    @property
+    def interleaves(self) -> bool:
+        """Whether an A/B pair's cells of this kind are timed in interleaved rounds."""
+        return bool(self.measurement_more)
+
+    def measure_more(self, impl: Any, cell: Cell, settings: Settings) -> dict[str, Any]:
+        """One more round of timed calls of the cell this worker measured last (measurement_more)."""
+        module, _, function = self.measurement_more.partition(":")
         return getattr(importlib.import_module(module), function)(impl, cell, settings)
 
     def merge_rounds(self, cell: Cell, rows: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:

@@ -105,10 +105,12 @@ class Worker:
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
                                      env=worker_env(), start_new_session=True, text=True)
 
-    def run(self, cell: Cell, settings: Settings, timeout_s: float) -> dict[str, Any]:
+    def run(self, cell: Cell, settings: Settings, timeout_s: float, more: bool = False) -> dict[str, Any]:
         """Measure one cell; the result dict always has a status. Raises nothing for the
-        implementation's failures; on timeout or crash the process is gone afterwards."""
-        job = {"cell": cell.to_json(), "settings": asdict(settings), "kind_origin": kinds.origin(cell.kind)}
+        implementation's failures; on timeout or crash the process is gone afterwards.
+        more: time the cell this worker measured last again (an A/B run's later round)."""
+        job = {"cell": cell.to_json(), "settings": asdict(settings), "kind_origin": kinds.origin(cell.kind),
+               "more": more}
         with tempfile.TemporaryDirectory(prefix="ctxbench-") as tmp:
             job_path = os.path.join(tmp, "job.json")
             result_path = os.path.join(tmp, "result.json")
@@ -116,7 +118,8 @@ class Worker:
                 json.dump(job, f)
             self._log.write(f"=== {cell.label} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             self._log.flush()
-            deadline = time.monotonic() + timeout_s
+            start = time.monotonic()
+            deadline = start + timeout_s
             next_rss = 0.0
             try:
                 self.proc.stdin.write(job_line(job_path, result_path))
@@ -140,7 +143,8 @@ class Worker:
                         self.kill()
                         return {"status": "oom", "message": f"worker's resident set {rss / 2**30:.2f} GiB passed the "
                                 f"host-memory limit {self.rss_limit_bytes / 2**30:.2f} GiB; worker killed"}
-                time.sleep(0.02)
+                # 1 ms at first: an A/B round of a few tens of ms must not wait 20 ms for its turn
+                time.sleep(0.001 if now - start < 0.2 else 0.02)
 
     @property
     def alive(self) -> bool:
@@ -179,8 +183,10 @@ class WorkerPool:
         self.reuse = reuse
         self.workers: dict[tuple[str, bool], Worker] = {}
 
-    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
-        """Measured fields with status and message, plus wall_s (seconds, worker start included)."""
+    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str,
+                 more: bool = False) -> dict[str, Any]:
+        """Measured fields with status and message, plus wall_s (seconds, worker start included).
+        more: another round of the cell the implementation's worker measured last (Worker.run)."""
         start = time.perf_counter()
         key = (cell.impl, cell.runs_a_model)
         worker = self.workers.get(key)
@@ -191,7 +197,7 @@ class WorkerPool:
                 other.close()
             worker = self.workers[key] = Worker(self.memory_limit_bytes, log_path, cell.device)
         try:
-            result = worker.run(cell, settings, timeout_s)
+            result = worker.run(cell, settings, timeout_s, more)
         except BaseException:  # Ctrl-C in the parent: don't leave the worker behind
             worker.kill()
             raise
@@ -285,9 +291,10 @@ class LocalExecutor:
     def submit(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> None:
         self._done.append((cell, self.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)))
 
-    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
+    def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str,
+                 more: bool = False) -> dict[str, Any]:
         """Measure one cell now, in this machine's pool (submit() queues what this returns)."""
-        return self.pool.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
+        return self.pool.run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path, more=more)
 
     def wait(self) -> tuple[Cell, dict[str, Any]]:
         """The next finished cell and its result (measured fields, status, message, wall_s)."""

@@ -1,18 +1,26 @@
 """A/B runs: an implementation X and the same X at another revision (X@<commit>, ctxbench.core.
 revisions) measured in one run, their timed calls interleaved so that whatever the machine does
-meanwhile (another job, a frequency change, a warm or cold cache) falls on both alike.
+meanwhile (another job, a noisy neighbour of the VM, a frequency change) falls on both alike.
 
 When the sweep submits a cell of X whose partner X@<commit> is in the run (or the other way
-round), and the cell's kind interleaves (Kind.interleaves), both cells are measured here in
-ROUNDS rounds, each worker timing its share of the budget per round:
+round), and the cell's kind can time a cell again (Kind.measurement_more), both cells are
+measured here in ROUNDS rounds, each side timing its share of the budget per round:
 
     round 1: A B    round 2: B A    round 3: A B    ...
 
-(A is whichever the sweep submitted first; who goes first alternates, so neither side always
-follows the other's cache footprint.) Each side keeps its own worker process, so the two
-revisions never share one. The kind joins a side's rounds into one row (Kind.merge_rounds);
-the partner's row is kept until the sweep submits its cell, and returned at once then.
-Other cells are measured as the local executor always does.
+Round 1 is each side's whole measurement (setup, first call, memory, error check, warm-up and
+timed calls) with the prepared call kept in its worker (Settings.keep_for_more); the later rounds
+only time that call again (Kind.measure_more, one warm-up call each), so a round costs its timed
+calls and a few ms of hand-over. Who goes first alternates, so neither side always follows the
+other's cache footprint. Each side keeps its own worker process, so the revisions never share one.
+
+On the 2-core CI machine the speed of a call drifts by tens of percent from one tenth of a
+second to the next (chunked at N=512: round medians 4.7 to 10.3 ms in one process); rounds of a
+few tens of ms, each paired with the other side's adjacent round, are what cancels it
+(`ctxbench compare` tests the per-round ratios: ctxbench.reports.compare). The kind joins a
+side's rounds into one row (Kind.merge_rounds, which records each round's median); the partner's
+row is kept until the sweep submits its cell, and returned at once then. Other cells are
+measured as the local executor always does.
 """
 
 from __future__ import annotations
@@ -22,15 +30,14 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from ctxbench.core import kinds, revisions
+from ctxbench.core import kinds, registry, revisions
 from ctxbench.core.cell import Cell, Settings
 from ctxbench.core.formatting import safe_name
 from ctxbench.engine.executor import LocalExecutor
 
-# Rounds per A/B cell: enough alternations that a minute of load falls on both sides, few enough
-# that the per-round work outside the timed loop (setup, first call, error check, memory run) stays
-# a small part of a cell.
-ROUNDS = 6
+# Rounds per A/B cell: 20 pairs of adjacent rounds for the paired test; at the default 1 s budget
+# a round times 50 ms of calls (at least one call).
+ROUNDS = 20
 MEASURED = ("ok", "wrong")
 
 
@@ -44,11 +51,13 @@ def partners(names: list[str]) -> dict[str, str]:
     return out
 
 
-def round_settings(s: Settings, rounds: int) -> Settings:
+def round_settings(s: Settings, rounds: int, first: bool) -> Settings:
     """The timing budget of one round: the cell's repeats and time split over `rounds` (at least
-    one timed call per round); the warm-up stays whole, since each round's worker call starts cold."""
+    one timed call per round). The first round warms up as any cell does and keeps the prepared
+    call; a later one warms up with one call (the other side ran in between)."""
     return replace(s, rep_ms=s.rep_ms / rounds, min_repeats=max(1, math.ceil(s.min_repeats / rounds)),
-                   max_repeats=max(1, math.ceil(s.max_repeats / rounds)))
+                   max_repeats=max(1, math.ceil(s.max_repeats / rounds)), keep_for_more=first,
+                   warmup_ms=s.warmup_ms if first else 0.0)
 
 
 class InterleavedExecutor(LocalExecutor):
@@ -68,18 +77,18 @@ class InterleavedExecutor(LocalExecutor):
             return kept
         other_impl = self.partner.get(cell.impl)
         kind = kinds.get(cell.kind)
-        if other_impl is None or not kind.interleaves or self.rounds < 2:
+        if other_impl is None or not kind.interleaves or self.rounds < 2 or registry.resolve(cell.impl).distributed:
             return super().run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
         other = replace(cell, impl=other_impl)
         logs = {cell: log_path, other: os.path.join(os.path.dirname(log_path), safe_name(other_impl) + ".log")}
-        per_round = round_settings(settings, self.rounds)
         rows: dict[Cell, list[dict[str, Any]]] = {cell: [], other: []}
         wall = {cell: 0.0, other: 0.0}
         for r in range(self.rounds):
+            per_round = round_settings(settings, self.rounds, first=r == 0)
             for side in ((cell, other) if r % 2 == 0 else (other, cell)):
                 if rows[side] and rows[side][-1].get("status") not in MEASURED:
                     continue  # this side failed: its failure is its row
-                result = super().run_cell(side, per_round, timeout_s=timeout_s, log_path=logs[side])
+                result = super().run_cell(side, per_round, timeout_s=timeout_s, log_path=logs[side], more=r > 0)
                 wall[side] += result.pop("wall_s", 0.0)
                 rows[side].append(result)
         merged = {}

@@ -72,7 +72,7 @@ def make_executor(spec: SweepSpec, executor: str = "local", address: str | None 
     from ctxbench.engine.interleave import InterleavedExecutor, partners
 
     names = spec.all_impls()
-    if partners(names):  # X beside X@<commit>: their timed calls interleaved
+    if partners(names) and spec.reuse_workers:  # X beside X@<commit>: their timed calls interleaved
         return InterleavedExecutor(spec.memory_limit_bytes, names, reuse=spec.reuse_workers)
     return LocalExecutor(spec.memory_limit_bytes, reuse=spec.reuse_workers)
 

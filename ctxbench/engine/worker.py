@@ -59,7 +59,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     settings = Settings(**job["settings"])
     impl = registry.resolve(cell.impl)
     try:
-        row = kind.measure(impl, cell, settings)
+        # "more": another round of an A/B run's interleaved timing (ctxbench.engine.interleave)
+        row = kind.measure_more(impl, cell, settings) if job.get("more") else kind.measure(impl, cell, settings)
     except registry.Unsupported as exc:
         return {"status": "unsupported", "message": first_line(str(exc)) or "unsupported"}
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row

@@ -37,6 +37,7 @@ import csv
 import glob
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,7 +231,34 @@ def slowdown_test(base: list[float], cur: list[float], alpha: float, margin: flo
     return p, p <= alpha * (1 + 1e-9)
 
 
+def paired_test(ratios: list[float], alpha: float, margin: float = 0.0) -> tuple[float, bool]:
+    """One-sided Wilcoxon signed-rank test on per-round ratios (current / baseline, each pair of
+    adjacent interleaved rounds of an A/B run): p-value that the ratios are not above 1 + margin,
+    and p <= alpha. Pairing cancels what the machine did during both rounds of a pair."""
+    from scipy.stats import wilcoxon
+
+    shifted = [math.log(r) - math.log1p(margin) for r in ratios]
+    if not any(shifted):
+        return 1.0, False
+    p = float(wilcoxon(shifted, alternative="greater").pvalue)
+    return p, p <= alpha * (1 + 1e-9)
+
+
+def round_latencies(row: dict[str, str]) -> list[float]:
+    """Per-round medians (ms) of a row measured in interleaved rounds; [] for any other row."""
+    text = row.get("round_latency_ms", "") or ""
+    try:
+        return [float(x) for x in text.split(";") if x]
+    except ValueError:
+        return []
+
+
+# Fewest interleaved rounds for the paired test (with fewer its p-value cannot reach 0.05 reliably).
+MIN_PAIRED_ROUNDS = 6
+
 TEST_NAMES = {
+    "paired": "one-sided Wilcoxon signed-rank of the per-round ratios (adjacent interleaved rounds, current / "
+              "baseline) against 1 + the threshold",
     "mwu": "one-sided Mann-Whitney U of the current repeats against the baseline's scaled by (1 + the threshold)",
     "p20p80": "p20/p80 separation (current p20 above baseline p80 scaled by (1 + the threshold))",
     "none": "none (no spread recorded; threshold only)",
@@ -254,6 +282,12 @@ def compare_latency(b: dict[str, str], c: dict[str, str], b_ref: float | None, c
     else:
         bs, cs = b_ref, c_ref
     ratio = (cl / cs) / (bl / bs)
+    b_rounds, c_rounds = round_latencies(b), round_latencies(c)
+    if normalize_by is None and len(b_rounds) == len(c_rounds) >= MIN_PAIRED_ROUNDS and min(b_rounds + c_rounds) > 0:
+        # one A/B run (ctxbench.engine.interleave): round i of each side ran next to the other's
+        ratios = sorted(cr / br for br, cr in zip(b_rounds, c_rounds))
+        p, sig = paired_test(ratios, alpha, margin)
+        return Latency(statistics.median(ratios), raw, p, sig, "paired")
     b_samples, c_samples = samples(b), samples(c)
     if len(b_samples) >= 2 and len(c_samples) >= 2:
         p, sig = slowdown_test([x / bs for x in b_samples], [x / cs for x in c_samples], alpha, margin)
@@ -441,8 +475,11 @@ def render_markdown(comp: Comparison) -> str:
                                   and len({ch.key[k] for ch in comp.changes}) > 1]
     has_ppl = any(_num(ch.base, "ppl") is not None or _num(ch.cur, "ppl") is not None for ch in comp.changes)
     header = [("N" if k == "n" else k) for k in shown_keys] + [f"latency ({t.statistic})", "Δ latency"]
+    paired = not comp.normalize_by and "paired" in comp.tests_used()
     if comp.normalize_by:
         header.append(f"Δ vs {comp.normalize_by}")
+    elif paired:
+        header.append("Δ per round")  # the median of the per-round ratios, which is judged
     header += ["p", "TFLOP/s", "peak memory", "Δ memory", "error"] + (["ppl", "Δ ppl"] if has_ppl else [])
     header += ["status", "verdict"]
     body = []
@@ -451,8 +488,8 @@ def render_markdown(comp: Comparison) -> str:
         row = [ch.key[k] for k in shown_keys]
         column = LATENCY_COLUMNS[t.statistic]
         row += [_pair(_num(b, column), _num(c, column), human_ms), _pct(lat.raw_ratio)]
-        if comp.normalize_by:
-            row.append(_pct(lat.ratio))
+        if comp.normalize_by or paired:
+            row.append(_pct(lat.ratio) if comp.normalize_by or lat.test == "paired" else "")
         row.append(f"{lat.p_value:.2g}" if lat.p_value is not None else "")
         row += [_pair(_num(b, "tflops"), _num(c, "tflops"), lambda x: f"{x:.3g}"),
                 _pair(_num(b, "peak_mem_bytes"), _num(c, "peak_mem_bytes"), human_bytes),
@@ -479,6 +516,7 @@ def render_markdown(comp: Comparison) -> str:
         + (f", {comp.only_cur} only in the current run" if comp.only_cur else ""),
         f"* latency ({t.statistic} of the repeats): "
         + (f"each divided by {comp.normalize_by}'s in the same cell of the same run" if comp.normalize_by
+           else "interleaved rounds: the median of the per-round ratios is judged" if paired
            else "as measured (not normalized)")
         + f"; a slowdown over {100 * t.max_slowdown:g}% is a regression when the slowdown test agrees: {tests}, "
         f"alpha {t.alpha:g}",

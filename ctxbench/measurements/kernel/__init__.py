@@ -112,6 +112,7 @@ class KernelKind(Kind):
         "latency_samples_ms",                              # every timed call, ms, ';'-separated (ctxbench compare)
         "timing_method",                                   # perf_counter, cuda_events or cuda_graph (replays)
         "timing_rounds",                                   # rounds the repeats ran in (A/B: interleaved with X@REV)
+        "round_latency_ms",                                # A/B: each round's median, ms, ';'-separated, in order
         "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
         "first_call_ms",                                   # ms; compilation and autotuning happen in it
         "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
@@ -128,12 +129,12 @@ class KernelKind(Kind):
         # communication (mean over ranks and timed calls)
         "world_size", "peak_mem_rank_bytes", "comm_fraction",
     )
-    text_columns = ("latency_samples_ms", "timing_method", "device_bw_source", "kv_lens_used", "mem_method",
+    text_columns = ("latency_samples_ms", "round_latency_ms", "timing_method", "device_bw_source", "kv_lens_used", "mem_method",
                     "impl_info", "peak_mem_rank_bytes")
     uses_bandwidth = True
     oldest = True  # the first ctxbench measured nothing else
     measurement = "ctxbench.measurements.kernel.measure:measure_kernel"
-    interleaves = True
+    measurement_more = "ctxbench.measurements.kernel.measure:measure_more"
     report = "ctxbench.measurements.kernel.report:SECTION"
 
     def validate(self, o: Any) -> None:

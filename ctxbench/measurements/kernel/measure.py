@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
 from typing import Any, Callable
 
@@ -367,6 +368,7 @@ def throughput(cell: Cell, latency_ms: float, s: Settings, devices: int = 1,
 
 def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     """Measure one cell; returns the measured CSV fields (status 'ok' or 'wrong', message)."""
+    _KEPT.clear()  # the previous cell's tensors go before this cell's are made
     needs_grad = cell.mode != "fwd"
     q, k, v, dout = make_inputs(cell, s.seed, needs_grad)
     layout, k_in, v_in = kv_inputs(impl, cell, s.seed, k, v)  # the page pools, for a paged reader
@@ -399,35 +401,64 @@ def measure_cell(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     gc.collect()
 
     step = make_step(run, cell.mode, q, k_in, v_in, dout)
-    if cell.device == "cuda" and s.cuda_graph and cell.query_len is not None and cell.mode == "fwd":
-        try:
-            timing = {**time_cuda_graph(step, s), "timing_method": "cuda_graph"}
-        except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside the call: time it launch by launch
-            torch.cuda.synchronize()
-            timing = {**time_cuda(step, s),
-                      "timing_method": f"cuda_events (graph capture failed: {first_line(str(exc))})"}
-    elif cell.device == "cuda":
-        timing = {**time_cuda(step, s), "timing_method": "cuda_events"}
-    else:
-        timing = {**time_cpu(step, s), "timing_method": "perf_counter"}
-    row.update(timing, timing_rounds=1)
+    timing = time_step(step, cell, s)
+    row.update(timing, timing_rounds=1, round_latency_ms=None)
     row.update(throughput(cell, timing["latency_ms"], s, lengths=lengths))
     row["status"], row["message"] = status, message
+    if s.keep_for_more:  # an A/B run times this call again in later rounds (measure_more)
+        _KEPT.update(key=cell.key, step=step, timing_method=timing["timing_method"])
     return row
+
+
+def time_step(step: Callable[[], Any], cell: Cell, s: Settings, method: str | None = None) -> dict[str, Any]:
+    """The latency columns of timed calls of `step` and the method used: CUDA-graph replays for a
+    CUDA decode cell (falling back to CUDA events when capture fails), CUDA events on CUDA,
+    perf_counter on the CPU. method: the one an earlier round of the cell used, kept."""
+    if cell.device == "cuda" and s.cuda_graph and cell.query_len is not None and cell.mode == "fwd" \
+            and (method is None or method == "cuda_graph"):
+        try:
+            return {**time_cuda_graph(step, s), "timing_method": "cuda_graph"}
+        except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside the call: time it launch by launch
+            torch.cuda.synchronize()
+            return {**time_cuda(step, s), "timing_method": f"cuda_events (graph capture failed: {first_line(str(exc))})"}
+    if cell.device == "cuda":
+        return {**time_cuda(step, s), "timing_method": method or "cuda_events"}
+    return {**time_cpu(step, s), "timing_method": "perf_counter"}
+
+
+# The prepared call of the cell this worker measured last with Settings.keep_for_more, which an
+# A/B run's later rounds time again (measure_more) without setting it up, checking it or reading
+# its memory again; dropped when the next cell starts.
+_KEPT: dict[str, Any] = {}
+
+
+def measure_more(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
+    """More timed calls of the cell this worker measured last (ctxbench.engine.interleave's later
+    rounds): the latency columns of this round (ms), with its own warm-up (s.warmup_ms, at least
+    one call: the other side ran in between)."""
+    if _KEPT.get("key") != cell.key:
+        raise RuntimeError(f"this worker has no prepared call of {cell.label} to time again (it measured "
+                           "another cell since, or restarted)")
+    return {**time_step(_KEPT["step"], cell, s, _KEPT["timing_method"]), "status": "ok", "message": ""}
 
 
 def merge_rounds(cell: Cell, rows: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
     """One row from a cell measured in rounds (ctxbench.engine.interleave: X and X@REV in turn):
-    the first round's checks, memory and setup, and the latency columns and rates of every round's
-    timed calls together (ms). A round that did not end ok or wrong ends the cell with its row."""
+    the first round's checks, memory and setup (measure_cell), and the latency columns and rates
+    of every round's timed calls together (ms), with each round's median in round_latency_ms (ms,
+    ';'-separated, in the order run: ctxbench compare pairs them with the other side's). A round
+    that did not end ok or wrong ends the cell with its row."""
     first = rows[0]
     if len(rows) == 1 or first.get("status") not in ("ok", "wrong"):
         return first
     failed = next((r for r in rows[1:] if r.get("status") not in ("ok", "wrong")), None)
     if failed is not None:
         return failed
-    timed = [float(x) for r in rows for x in str(r.get("latency_samples_ms") or "").split(";") if x]
-    merged = {**first, **quantiles(timed), "timing_rounds": len(rows)}
+    per_round = [[float(x) for x in str(r.get("latency_samples_ms") or "").split(";") if x] for r in rows]
+    timed = [x for samples in per_round for x in samples]
+    medians = [statistics.median(x) for x in per_round if x]
+    merged = {**first, **quantiles(timed), "timing_rounds": len(rows),
+              "round_latency_ms": ";".join(f"{x:.6g}" for x in medians)}
     lengths = [int(x) for x in str(first["kv_lens_used"]).split(",")] if first.get("kv_lens_used") else None
     merged.update(throughput(cell, merged["latency_ms"], s, lengths=lengths))
     return merged
