@@ -220,3 +220,7 @@ class Settings:
     # Keep the cell's prepared call in the worker for more timed rounds (an A/B run's first
     # round, ctxbench.engine.interleave; Kind.measure_more).
     keep_for_more: bool = False
+    # An A/B round of a single-threaded run: the CPU its calls run on, the same for both sides of a
+    # pair of rounds, so that a CPU that is slower than the other (a busy hyperthread sibling, the
+    # driver's polling) weighs on both alike (ctxbench.engine.interleave). None: wherever the OS puts it.
+    pin_cpu: int | None = None

@@ -51,13 +51,26 @@ def partners(names: list[str]) -> dict[str, str]:
     return out
 
 
-def round_settings(s: Settings, rounds: int, first: bool) -> Settings:
+def round_settings(s: Settings, rounds: int, first: bool, cpu: int | None = None) -> Settings:
     """The timing budget of one round: the cell's repeats and time split over `rounds` (at least
     one timed call per round). The first round warms up as any cell does and keeps the prepared
-    call; a later one warms up with one call (the other side ran in between)."""
+    call; a later one warms up with one call (the other side ran in between). cpu: the CPU both
+    sides of the round run on (pin_cpu)."""
     return replace(s, rep_ms=s.rep_ms / rounds, min_repeats=max(1, math.ceil(s.min_repeats / rounds)),
                    max_repeats=max(1, math.ceil(s.max_repeats / rounds)), keep_for_more=first,
-                   warmup_ms=s.warmup_ms if first else 0.0)
+                   warmup_ms=s.warmup_ms if first else 0.0, pin_cpu=cpu)
+
+
+def round_cpus() -> list[int | None]:
+    """The CPUs the rounds of a single-threaded run rotate over (both sides of a round on the same
+    one): a process the OS keeps on the slower of two CPUs measured 9-14% slower than its identical
+    partner through every round. [None] (no pinning) when torch runs several threads, which one
+    CPU would starve."""
+    import torch
+
+    if torch.get_num_threads() != 1 or not hasattr(os, "sched_getaffinity"):
+        return [None]
+    return sorted(os.sched_getaffinity(0))
 
 
 class InterleavedExecutor(LocalExecutor):
@@ -83,8 +96,10 @@ class InterleavedExecutor(LocalExecutor):
         logs = {cell: log_path, other: os.path.join(os.path.dirname(log_path), safe_name(other_impl) + ".log")}
         rows: dict[Cell, list[dict[str, Any]]] = {cell: [], other: []}
         wall = {cell: 0.0, other: 0.0}
+        cpus = round_cpus()
         for r in range(self.rounds):
-            per_round = round_settings(settings, self.rounds, first=r == 0)
+            # the first round measures memory and checks: wherever the OS puts it
+            per_round = round_settings(settings, self.rounds, first=r == 0, cpu=None if r == 0 else cpus[r % len(cpus)])
             for side in ((cell, other) if r % 2 == 0 else (other, cell)):
                 if rows[side] and rows[side][-1].get("status") not in MEASURED:
                     continue  # this side failed: its failure is its row

@@ -57,6 +57,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cell = Cell.from_job(job["cell"], job.get("kind_origin"))
     kind = kinds.get(cell.kind)
     settings = Settings(**job["settings"])
+    pin(settings.pin_cpu)
     impl = registry.resolve(cell.impl)
     try:
         # "more": another round of an A/B run's interleaved timing (ctxbench.engine.interleave)
@@ -74,6 +75,22 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # details are optional; a failure to report them is not fatal
             row["impl_info"] = json.dumps({"info_error": one_line(exc)})
     return row
+
+
+_ALL_CPUS: set[int] | None = None
+
+
+def pin(cpu: int | None) -> None:
+    """Run this process on one CPU (an A/B round, Settings.pin_cpu), or on every CPU it was
+    started with (None); nothing where the OS has no affinity call."""
+    global _ALL_CPUS
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    if _ALL_CPUS is None:
+        _ALL_CPUS = set(os.sched_getaffinity(0))
+    wanted = {cpu} if cpu is not None and cpu in _ALL_CPUS else _ALL_CPUS
+    if os.sched_getaffinity(0) != wanted:
+        os.sched_setaffinity(0, wanted)
 
 
 def job_line(job_path: str, result_path: str) -> str:
