@@ -27,7 +27,9 @@ Design:
   resumes. Lines that differ only in what the rewrite replaces run once.
 * Placeholders are runs made first: `results/<run-id>` a small sweep, `$GATE_DIR/gate-1` a copy
   of the committed CPU gate baseline (so the documented gate comparison is exact: 0),
-  `planted-baseline/` that copy with chunked's N=1024 latencies planted 40% lower (1).
+  `planted-baseline/` that copy with chunked's N=1024 latencies planted 40% lower (1),
+  `$GATE_DIR/ab-1` and `results/<ab-run-id>` an A/B run: that copy with each row repeated as
+  X@0123456789ab (exact: 0).
   Committed runs (`results/...`) are read from a copy, so nothing under the checkout is written.
 * SKIPS: a few commands can't run here, each with the reason.
 
@@ -276,7 +278,8 @@ def rewrite(cmd: DocCommand, ws: Workspace) -> tuple[list[str], dict[str, str]]:
     env["GATE_DIR"] = ws.made.get("gate_dir", "")
     env_vars = dict(os.environ, **env)
     argv = [re.sub(r"\$\{?(\w+)\}?", lambda m: env_vars.get(m.group(1), m.group(0)), a) for a in cmd.argv]
-    placeholders = {"results/<run-id>": ws.made.get("run", ""), "planted-baseline/": ws.made.get("planted", "")}
+    placeholders = {"results/<run-id>": ws.made.get("run", ""), "planted-baseline/": ws.made.get("planted", ""),
+                    "results/<ab-run-id>": ws.made.get("ab", "")}
     argv = [placeholders.get(a, a) for a in argv]
     if cmd.command == "ruler" and "--resume" not in argv:
         return rewrite_ruler(argv, ws), env
@@ -374,6 +377,23 @@ def _plant(src: str, dest: str, impl: str, n: str, factor: float) -> None:
         w.writerows(rows)
 
 
+def _ab_copy(src: str, dest: str) -> None:
+    """A copy of run folder src whose every row is there twice: as measured, and as X@0123456789ab
+    (one A/B run of two identical revisions, for `ctxbench compare RUN`)."""
+    shutil.copytree(src, dest)
+    path = os.path.join(dest, "results.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    with open(path, "w", newline="") as f:
+        rounds = {"round_latency_ms": None, "ab_pair": None}
+        for r in rows:  # 20 rounds at the row's median each: every per-round ratio is exactly 1
+            r.update(round_latency_ms=";".join([r["latency_ms"]] * 20), ab_pair=f"pair{r['impl']}{r['n']}")
+        w = csv.DictWriter(f, fieldnames=header + [c for c in rounds if c not in header])
+        w.writeheader()
+        w.writerows(rows + [dict(r, impl=r["impl"] + "@0123456789ab") for r in rows])
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
     root = str(tmp_path_factory.mktemp("docs"))
@@ -388,8 +408,8 @@ def _prepare(cmd: DocCommand, ws: Workspace) -> None:
     """Make the runs and files this command's placeholders and rewrite need, once each."""
     text = " ".join(cmd.argv)
     if "$GATE_DIR" in text or "planted-baseline/" in text:
-        if "gate_dir" not in ws.made:
-            gate_dir = os.path.join(ws.root, "gate")
+        if "planted" not in ws.made:
+            gate_dir = ws.made.setdefault("gate_dir", os.path.join(ws.root, "gate"))
             # the committed baseline's own numbers: the documented gate comparison is exact
             shutil.copytree(os.path.join(ws.root, "results", "baselines", "cpu-gate"), os.path.join(gate_dir, "gate-1"))
             ws.made["gate_dir"] = gate_dir
@@ -397,6 +417,11 @@ def _prepare(cmd: DocCommand, ws: Workspace) -> None:
             _plant(os.path.join(gate_dir, "gate-1"), os.path.join(ws.root, "planted-baseline"), "chunked", "1024",
                    0.6)
             ws.made["planted"] = os.path.join(ws.root, "planted-baseline") + os.sep
+    if ("$GATE_DIR" in text or "results/<ab-run-id>" in text) and "ab" not in ws.made:
+        # an A/B run whose X@<commit> rows equal its X rows: the documented comparison is exact (0)
+        gate_dir = ws.made.setdefault("gate_dir", os.path.join(ws.root, "gate"))
+        _ab_copy(os.path.join(ws.root, "results", "baselines", "cpu-gate"), os.path.join(gate_dir, "ab-1"))
+        ws.made["ab"] = os.path.join(gate_dir, "ab-1")
     if "results/<run-id>" in text and "run" not in ws.made:
         out = os.path.join(ws.root, "fixture-runs")
         code = _main([*RUN_FIXTURE, "--out", out, "--run-id", "run"])
@@ -503,7 +528,8 @@ def test_documented_implementations_exist():
     from ctxbench import registry
 
     known = registry.all_impls()
-    named = {name for c in COMMANDS for name in (_flag(c.argv, "--impls") or "").split(",") if name}
+    # X@REV is X at a git revision (ctxbench.core.revisions): X must be registered
+    named = {name.split("@")[0] for c in COMMANDS for name in (_flag(c.argv, "--impls") or "").split(",") if name}
     assert named and not named - set(known), f"documented but not registered: {sorted(named - set(known))}"
 
 

@@ -96,6 +96,8 @@ def test_cli_refuses_a_bad_revision_and_ray(repo, cache, tmp_path, capsys):
                  "--out", str(tmp_path / "out")], capsys, "unknown implementation 'flash9'")
     usage_error(["sweep", "--impls", "chunked,chunked@HEAD", "--lengths", "128", "--ppl-max-len", "0",
                  "--executor", "ray", "--out", str(tmp_path / "out")], capsys, "local executor only")
+    usage_error(["sweep", "--impls", "chunked,chunked@HEAD", "--lengths", "128", "--ppl-max-len", "0",
+                 "--fresh-worker", "--out", str(tmp_path / "out")], capsys, "drop --fresh-worker")
 
 
 def planted(cache: str, commit: str) -> None:
@@ -238,3 +240,51 @@ def test_an_ab_sweep_end_to_end(cache, tmp_path, capsys):
             assert len(row["round_latency_ms"].split(";")) == interleave.ROUNDS
     code, out_text, _ = run_cli(["compare", run, "--max-slowdown", "1000%"], capsys)
     assert code == 0 and "2 cells in common" in out_text and "Wilcoxon signed-rank" in out_text
+
+
+def test_the_kept_call_is_timed_again_then_dropped():
+    """Round 1 keeps the prepared call (keep_for_more), a later round times it again without
+    setting it up, and the last round (keep_for_more False) drops it: no tensors stay behind."""
+    from ctxbench.core import registry
+    from ctxbench.measurements.kernel import measure
+
+    cell = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), "chunked", 64, "kernel")
+    s = Settings(warmup_ms=1, rep_ms=1, min_repeats=2, max_repeats=2, check_rows=16, keep_for_more=True)
+    impl = registry.resolve("chunked")
+    first = measure.measure_cell(impl, cell, s)
+    assert first["status"] == "ok" and first["timing_rounds"] == 1
+    again = measure.measure_more(impl, cell, s)
+    assert again["status"] == "ok" and again["repeats"] == 2 and again["latency_ms"] > 0
+    last = measure.measure_more(impl, cell, Settings(warmup_ms=0, rep_ms=1, min_repeats=1, max_repeats=1))
+    assert last["repeats"] == 1
+    with pytest.raises(RuntimeError, match="no prepared call"):
+        measure.measure_more(impl, cell, s)
+    # another cell's round never times this one's call
+    measure.measure_cell(impl, cell, s)
+    other = Cell.of(Config(heads=2, kv_heads=2, head_dim=16), "chunked", 128, "kernel")
+    with pytest.raises(RuntimeError, match="no prepared call"):
+        measure.measure_more(impl, other, s)
+
+
+def test_the_revision_declares_its_own_capabilities(cache, tmp_path):
+    """The driver plans X@<commit> with today's X's declarations; the worker asks the revision's:
+    an export whose chunked declares no window mask makes the window cell unsupported there."""
+    commit = "0badc0ffee00"
+    folder = revisions.folder(commit)
+    shutil.copytree(KERNELS, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(os.path.join(folder, "chunked.py"), "a") as f:
+        f.write(NO_WINDOW)
+    config = Config(heads=2, kv_heads=2, head_dim=16, mask="window", window=16)
+    with WorkerPool(None) as pool:
+        got = pool.run_cell(Cell.of(config, f"chunked@{commit}", 64, "kernel"), Settings(rep_ms=1, check_rows=16),
+                            timeout_s=300, log_path=str(tmp_path / "w.log"))
+    assert got["status"] == "unsupported" and "window" in got["message"], got
+
+
+# appended to the exported chunked.py: chunked registered again without the window mask
+NO_WINDOW = """
+_orig = next(f for f in list(globals().values()) if getattr(getattr(f, "__ctxbench_impl__", None), "name", "") == "chunked")
+_i = _orig.__ctxbench_impl__
+register("chunked", devices=_i.devices, dtypes=_i.dtypes, masks=("none", "causal"), modes=_i.modes, gqa=_i.gqa,
+         sinks=_i.sinks, kv_cache=_i.kv_cache, ragged=_i.ragged, paged=_i.paged, setup=True)(_orig)
+"""

@@ -101,8 +101,8 @@ class Kind:
     text_columns: tuple[str, ...] = ()
     # Measured columns in [0, 1] where a drop is a regression (ctxbench compare: --max-score-drop).
     score_columns: tuple[str, ...] = ()
-    # Whether a cell runs a whole language model rather than one attention call: only an attention
-    # call's peak memory is read, so only those workers pin glibc's heap (ctxbench.engine.executor).
+    # Whether a cell runs a whole language model rather than one attention call: its cells get a
+    # worker apart from the kernel cells' (ctxbench.engine.executor.WorkerPool).
     runs_a_model: bool = False
     # Whether its implementations must take fewer queries than keys (a KV cache, kv_cache=True).
     needs_kv_cache: bool = False

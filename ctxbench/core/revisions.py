@@ -82,6 +82,8 @@ def _git(repo: str, *args: str) -> bytes:
         done = subprocess.run(["git", "-C", repo, *args], capture_output=True, timeout=120)
     except FileNotFoundError:
         raise RevisionError("git is not installed; implementations at a revision (X@REV) need it") from None
+    except subprocess.TimeoutExpired:
+        raise RevisionError(f"git {' '.join(args)} in {repo} took over 120 s") from None
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip().splitlines()
         raise RevisionError(err[-1] if err else f"git {' '.join(args)} failed")
@@ -117,11 +119,18 @@ def export(repo: str, commit: str, dest: str) -> None:
     except RevisionError:
         raise RevisionError(f"commit {commit[:SHORT]} of {repo} has no kernels/ folder to measure") from None
     parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    except OSError as exc:
+        raise RevisionError(f"cannot write the revision's kernels/ under {parent} ({exc.strerror or exc}); "
+                            "set CTXBENCH_CACHE to a writable folder") from None
     try:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: no links out of the folder
+                tar.extractall(tmp, filter="data")
+            else:  # the archive is git's own, of the checkout's commit
+                tar.extractall(tmp)
         if os.path.exists(os.path.join(tmp, "kernels", "__init__.py")):
             # before ctxbench.kernels (a namespace folder imported as ctxbench.kernels) the folder
             # was a top-level package `kernels`, whose modules import each other by that name

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from ctxbench.core import kinds, registry, revisions
 from ctxbench.core.cell import Cell, Settings
 from ctxbench.core.formatting import safe_name
 from ctxbench.engine.executor import LocalExecutor
+from ctxbench.engine.sweep import STOP_STATUSES  # what the sweep skips longer lengths after
 
 # Rounds per A/B cell: 20 pairs of adjacent rounds for the paired test; at the default 1 s budget
 # a round times 50 ms of calls (at least one call).
@@ -51,13 +53,13 @@ def partners(names: list[str]) -> dict[str, str]:
     return out
 
 
-def round_settings(s: Settings, rounds: int, first: bool, cpu: int | None = None) -> Settings:
+def round_settings(s: Settings, rounds: int, first: bool, cpu: int | None = None, last: bool = False) -> Settings:
     """The timing budget of one round: the cell's repeats and time split over `rounds` (at least
     one timed call per round). The first round warms up as any cell does and keeps the prepared
-    call; a later one warms up with one call (the other side ran in between). cpu: the CPU both
-    sides of the round run on (pin_cpu)."""
+    call; a later one warms up with one call (the other side ran in between); the last lets the
+    worker drop the call (keep_for_more False). cpu: the CPU both sides of the round run on (pin_cpu)."""
     return replace(s, rep_ms=s.rep_ms / rounds, min_repeats=max(1, math.ceil(s.min_repeats / rounds)),
-                   max_repeats=max(1, math.ceil(s.max_repeats / rounds)), keep_for_more=first,
+                   max_repeats=max(1, math.ceil(s.max_repeats / rounds)), keep_for_more=not last,
                    warmup_ms=s.warmup_ms if first else 0.0, pin_cpu=cpu)
 
 
@@ -83,6 +85,9 @@ class InterleavedExecutor(LocalExecutor):
         self.partner = partners(impls)
         self.rounds = rounds
         self._kept: dict[tuple, dict[str, Any]] = {}
+        # (impl, kind) -> the length where it ran out of memory or time, as the sweep skips past it:
+        # its partner's longer cells are then measured alone
+        self._stopped: dict[tuple[str, str], int] = {}
 
     def run_cell(self, cell: Cell, settings: Settings, *, timeout_s: float, log_path: str) -> dict[str, Any]:
         kept = self._kept.pop(cell.key, None)
@@ -90,7 +95,9 @@ class InterleavedExecutor(LocalExecutor):
             return kept
         other_impl = self.partner.get(cell.impl)
         kind = kinds.get(cell.kind)
-        if other_impl is None or not kind.interleaves or self.rounds < 2 or registry.resolve(cell.impl).distributed:
+        stopped = self._stopped.get((other_impl or "", cell.kind))
+        if other_impl is None or not kind.interleaves or self.rounds < 2 or registry.resolve(cell.impl).distributed \
+                or (stopped is not None and stopped < cell.n):
             return super().run_cell(cell, settings, timeout_s=timeout_s, log_path=log_path)
         other = replace(cell, impl=other_impl)
         logs = {cell: log_path, other: os.path.join(os.path.dirname(log_path), safe_name(other_impl) + ".log")}
@@ -99,7 +106,8 @@ class InterleavedExecutor(LocalExecutor):
         cpus = round_cpus()
         for r in range(self.rounds):
             # the first round measures memory and checks: wherever the OS puts it
-            per_round = round_settings(settings, self.rounds, first=r == 0, cpu=None if r == 0 else cpus[r % len(cpus)])
+            per_round = round_settings(settings, self.rounds, first=r == 0, cpu=None if r == 0 else cpus[r % len(cpus)],
+                                       last=r == self.rounds - 1)
             for side in ((cell, other) if r % 2 == 0 else (other, cell)):
                 if rows[side] and rows[side][-1].get("status") not in MEASURED:
                     continue  # this side failed: its failure is its row
@@ -107,8 +115,13 @@ class InterleavedExecutor(LocalExecutor):
                 wall[side] += result.pop("wall_s", 0.0)
                 rows[side].append(result)
         merged = {}
+        pair = uuid.uuid4().hex[:12]  # ctxbench compare pairs the rounds of rows that share it
         for side in (cell, other):
             merged[side] = kind.merge_rounds(side, rows[side], settings)
             merged[side]["wall_s"] = wall[side]
+            if merged[side].get("round_latency_ms"):
+                merged[side]["ab_pair"] = pair
+            if merged[side].get("status") in STOP_STATUSES:
+                self._stopped.setdefault((side.impl, side.kind), side.n)
         self._kept[other.key] = merged[other]
         return merged[cell]

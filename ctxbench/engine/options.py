@@ -452,6 +452,9 @@ def resolve(o: Options, world: int = 1, local_world: int = 1) -> tuple[SweepSpec
     if world > 1:
         check_world(spec, world)
     at_revision = [name for name in spec.all_impls() if revisions.split(name)[1] is not None]
+    if at_revision and not spec.reuse_workers:
+        fail(f"{at_revision[0]}: an implementation at a revision is timed in rounds that reuse its worker; "
+             "drop --fresh-worker")
     if at_revision and (o.executor != "local" or world > 1):
         # the revision's kernels/ is exported into this machine's cache, and its samples are
         # interleaved with the current implementation's by the local executor (ctxbench.engine.interleave)

@@ -59,6 +59,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     settings = Settings(**job["settings"])
     pin(settings.pin_cpu)
     impl = registry.resolve(cell.impl)
+    if revisions.split(cell.impl)[1] is not None and not job.get("more"):
+        # the driver planned X@<commit> with today's X's declarations; the revision's own decide here
+        reason = impl.unsupported_reason(cell)
+        if reason is not None:
+            return {"status": "unsupported", "message": reason}
     try:
         # "more": another round of an A/B run's interleaved timing (ctxbench.engine.interleave)
         row = kind.measure_more(impl, cell, settings) if job.get("more") else kind.measure(impl, cell, settings)
@@ -129,8 +134,10 @@ def serve(memory_limit_bytes: int | None) -> None:
             result = {"status": "oom" if is_oom(exc) else "error", "message": one_line(exc)}
         sys.stdout.flush()
         sys.stderr.flush()
-        if not job.get("more"):  # another round of the same call allocates nothing to free (and a
-            _free_device_memory()  # collection costs 50-100 ms, more than such a round's calls)
+        # a round of an A/B run that keeps its call for the next one allocated nothing to free (and a
+        # collection costs 50-100 ms, more than such a round's calls)
+        if not (job.get("more") and job["settings"].get("keep_for_more")):
+            _free_device_memory()
         _write_result(result, result_path)
 
 

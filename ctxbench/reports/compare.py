@@ -267,9 +267,10 @@ TEST_NAMES = {
 
 def compare_latency(b: dict[str, str], c: dict[str, str], b_ref: float | None, c_ref: float | None,
                     normalize_by: str | None, alpha: float, column: str = "latency_ms",
-                    margin: float = 0.0) -> Latency:
+                    margin: float = 0.0, one_run: bool = False) -> Latency:
     """Latency change of one cell (`column`, ms), normalized by the reference implementation's when
-    asked; significant when slower by more than `margin` (a fraction) beyond the spread."""
+    asked; significant when slower by more than `margin` (a fraction) beyond the spread. one_run:
+    both rows come from one A/B run, whose paired rounds are then tested (paired_test)."""
     bl, cl = _num(b, column), _num(c, column)
     if not bl or not cl or b.get("status") not in ("ok", "wrong") or c.get("status") not in ("ok", "wrong"):
         return Latency(None, None)
@@ -283,7 +284,11 @@ def compare_latency(b: dict[str, str], c: dict[str, str], b_ref: float | None, c
         bs, cs = b_ref, c_ref
     ratio = (cl / cs) / (bl / bs)
     b_rounds, c_rounds = round_latencies(b), round_latencies(c)
-    if normalize_by is None and len(b_rounds) == len(c_rounds) >= MIN_PAIRED_ROUNDS and min(b_rounds + c_rounds) > 0:
+    # paired only when the two rows' rounds really ran side by side: the same A/B pair of one run
+    # (ctxbench.engine.interleave's ab_pair), never two runs or a side re-measured on resume
+    same_pair = one_run and bool(b.get("ab_pair")) and b.get("ab_pair") == c.get("ab_pair")
+    if normalize_by is None and same_pair and len(b_rounds) == len(c_rounds) >= MIN_PAIRED_ROUNDS \
+            and min(b_rounds + c_rounds) > 0:
         # one A/B run (ctxbench.engine.interleave): round i of each side ran next to the other's
         ratios = sorted(cr / br for br, cr in zip(b_rounds, c_rounds))
         p, sig = paired_test(ratios, alpha, margin)
@@ -401,8 +406,9 @@ class Comparison:
 
 
 def compare_tables(base: Table, cur: Table, thresholds: Thresholds = Thresholds(),
-                   normalize_by: str | None = None) -> Comparison:
-    """Join base and cur on their configuration and judge every cell both have."""
+                   normalize_by: str | None = None, one_run: bool = False) -> Comparison:
+    """Join base and cur on their configuration and judge every cell both have. one_run: the two
+    sides of one A/B run (split_revisions), whose interleaved rounds pair."""
     keys = key_columns(base, cur)
     bi, bdup = _index(base, keys)
     ci, cdup = _index(cur, keys)
@@ -429,7 +435,7 @@ def compare_tables(base: Table, cur: Table, thresholds: Thresholds = Thresholds(
     for k in common:
         cell = k[:i] + k[i + 1:]
         lat = compare_latency(bi[k], ci[k], b_ref.get(cell), c_ref.get(cell), normalize_by, thresholds.alpha,
-                              column, thresholds.max_slowdown)
+                              column, thresholds.max_slowdown, one_run)
         ch = Change(key=dict(zip(keys, k)), base=bi[k], cur=ci[k], latency=lat)
         judge(ch, thresholds)
         changes.append(ch)
@@ -568,9 +574,9 @@ def split_revisions(table: Table) -> tuple[Table, Table]:
     every X the run measured at both; BadInput when it measured none."""
     from ctxbench.core import revisions
 
-    impls = {r.get("impl", "") for r in table.rows}
+    impls = list(dict.fromkeys(r.get("impl", "") for r in table.rows))  # in the order the run measured them
     paired = {}
-    for name in sorted(impls):
+    for name in impls:
         base, rev = revisions.split(name)
         if rev is not None and base in impls:
             paired.setdefault(base, name)  # the first revision of X, as the sweep interleaved it
@@ -584,11 +590,29 @@ def split_revisions(table: Table) -> tuple[Table, Table]:
             Table("CURRENT", f"{table.path} [{', '.join(paired)}]", table.header, cur_rows))
 
 
+def unmeasured_baseline(base: Table, cur: Table) -> str:
+    """The first cells (as "impl N=n: status (message)") where an A/B run's baseline side did not
+    measure (error, unsupported, timeout...) but the current side did; "" when there is none. Such a
+    cell compares no latency, and a gate made only of them would pass having compared nothing."""
+    keys = key_columns(base, cur)
+    ci, _ = _index(cur, keys)
+    found = []
+    for k, r in _index(base, keys)[0].items():
+        c = ci.get(k)
+        if c is not None and c.get("status") in ("ok", "wrong") and r.get("status") not in ("ok", "wrong"):
+            found.append(f"{r.get('impl')} N={r.get('n')}: {r.get('status')} ({(r.get('message') or '')[:120]})")
+    return "; ".join(found[:3]) + (f"; ... ({len(found)} cells)" if len(found) > 3 else "")
+
+
 def compare_paths(baseline: str, current: str | None = None, thresholds: Thresholds = Thresholds(),
                   normalize_by: str | None = None) -> Comparison:
     """Load both sides (BadInput when one is unusable) and compare them; with current None,
     `baseline` is one A/B run whose X@<commit> rows are compared with its X rows."""
     if current is None:
         base, cur = split_revisions(load_table(baseline, "RUN"))
-        return compare_tables(base, cur, thresholds, normalize_by)
+        unmeasured = unmeasured_baseline(base, cur)
+        if unmeasured:
+            raise BadInput(f"the revision could not be measured where the current code was, so nothing was compared "
+                           f"there: {unmeasured}")
+        return compare_tables(base, cur, thresholds, normalize_by, one_run=True)
     return compare_tables(load_table(baseline, "BASELINE"), load_table(current, "CURRENT"), thresholds, normalize_by)

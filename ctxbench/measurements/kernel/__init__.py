@@ -113,6 +113,7 @@ class KernelKind(Kind):
         "timing_method",                                   # perf_counter, cuda_events or cuda_graph (replays)
         "timing_rounds",                                   # rounds the repeats ran in (A/B: interleaved with X@REV)
         "round_latency_ms",                                # A/B: each round's median, ms, ';'-separated, in order
+        "ab_pair",                                         # A/B: an id both sides' rows share (their rounds pair)
         "setup_ms", "setup_mem_bytes",                     # the setup step, once per cell: ms; bytes it keeps
         "first_call_ms",                                   # ms; compilation and autotuning happen in it
         "flops", "tflops", "peak_fraction",                # FLOPs of one call; TFLOP/s at the median
@@ -129,7 +130,7 @@ class KernelKind(Kind):
         # communication (mean over ranks and timed calls)
         "world_size", "peak_mem_rank_bytes", "comm_fraction",
     )
-    text_columns = ("latency_samples_ms", "round_latency_ms", "timing_method", "device_bw_source", "kv_lens_used", "mem_method",
+    text_columns = ("latency_samples_ms", "round_latency_ms", "ab_pair", "timing_method", "device_bw_source", "kv_lens_used", "mem_method",
                     "impl_info", "peak_mem_rank_bytes")
     uses_bandwidth = True
     oldest = True  # the first ctxbench measured nothing else

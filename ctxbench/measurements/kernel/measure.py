@@ -439,7 +439,10 @@ def measure_more(impl: Impl, cell: Cell, s: Settings) -> dict[str, Any]:
     if _KEPT.get("key") != cell.key:
         raise RuntimeError(f"this worker has no prepared call of {cell.label} to time again (it measured "
                            "another cell since, or restarted)")
-    return {**time_step(_KEPT["step"], cell, s, _KEPT["timing_method"]), "status": "ok", "message": ""}
+    timing = time_step(_KEPT["step"], cell, s, _KEPT["timing_method"])
+    if not s.keep_for_more:  # the last round: the worker holds no tensors while other cells run
+        _KEPT.clear()
+    return {**timing, "status": "ok", "message": ""}
 
 
 def merge_rounds(cell: Cell, rows: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
