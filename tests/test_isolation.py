@@ -164,7 +164,7 @@ def test_model_cells_get_a_worker_of_their_own(tmp_path, monkeypatch):
             self.kinds = []
             started.append(self)
 
-        def run(self, cell, settings, timeout_s):
+        def run(self, cell, settings, timeout_s, more=False):
             self.kinds.append(cell.kind)
             return {"status": "ok"}
 

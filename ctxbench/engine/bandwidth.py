@@ -12,7 +12,7 @@ count the workers use (the same environment, so torch picks the same number of t
 
 The CPU estimator is the best pass, as STREAM reports its best time: interference (another
 process, a descheduled thread) only ever slows a pass, so the fastest pass of many is the
-figure that moves least, and it is what a kernel can at best reach. One probe is PROBE_REPEATS
+figure that moves least, and it is what a kernel can at best reach. One probe is CPU_PROBE_REPEATS
 passes; PROBES probes, with pauses between them, give the denominator (the best of all) and the
 spread (the slowest and fastest probe's best), both recorded with the run. A single median of 7
 passes read 25.9 and 32.5 GB/s minutes apart on the 2-core CI machine.
@@ -44,9 +44,11 @@ HBM_PEAK_GBPS: tuple[tuple[str, float], ...] = (
 CPU_PROBE_BYTES = 512 * 2**20
 CUDA_PROBE_BYTES = 2 * 2**30
 PROBE_REPEATS = 7
-# CPU probes per run, and the pause between them (s): the spread spans a few seconds of load.
+# CPU probes per run, of CPU_PROBE_REPEATS passes each, and the pause between them (s): 15 passes
+# in under a second, where one probe of 7 passes took 0.2 s (every sweep pays it).
 PROBES = 5
-PROBE_PAUSE_S = 0.5
+CPU_PROBE_REPEATS = 3
+PROBE_PAUSE_S = 0.05
 
 
 def peak_hbm_gbps(device_name: str) -> float | None:
@@ -57,7 +59,7 @@ def peak_hbm_gbps(device_name: str) -> float | None:
     return None
 
 
-def cpu_read_gbps(nbytes: int = CPU_PROBE_BYTES, repeats: int = PROBE_REPEATS, probes: int = 1,
+def cpu_read_gbps(nbytes: int = CPU_PROBE_BYTES, repeats: int = CPU_PROBE_REPEATS, probes: int = 1,
                   pause_s: float = 0.0) -> list[float]:
     """Read bandwidth (GB/s, 1e9 bytes) of summing an fp32 tensor of `nbytes` bytes, with torch's
     current thread count: per probe, the best of `repeats` passes (after one warm-up pass), for
@@ -117,7 +119,7 @@ def probe(device: str) -> dict[str, Any]:
     bests = cpu_read_gbps(probes=PROBES, pause_s=PROBE_PAUSE_S)
     best = max(bests)
     return {"bandwidth_gbps": best, "bandwidth_probe_gbps": statistics.median(bests),
-            "bandwidth_source": f"best pass of {PROBES} probes x {PROBE_REPEATS} reads of {CPU_PROBE_BYTES // 2**20} "
+            "bandwidth_source": f"best pass of {PROBES} probes x {CPU_PROBE_REPEATS} reads of {CPU_PROBE_BYTES // 2**20} "
                                 f"MiB, {torch.get_num_threads()} threads (probes' best {min(bests):.1f}-{best:.1f} GB/s, "
                                 f"median {statistics.median(bests):.1f})"}
 
