@@ -221,6 +221,8 @@ def test_merge_keeps_a_single_round_and_failures():
     assert merge_rounds(cell, [bad], Settings()) is bad
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # an A/B sweep through the CLI, two workers, 20 rounds: about 12 s
 def test_an_ab_sweep_end_to_end(cache, tmp_path, capsys):
     """chunked beside chunked@HEAD in one sweep: the name pinned to HEAD's commit, both measured in
     the interleaved rounds, and `ctxbench compare RUN` joins every cell."""
