@@ -5,7 +5,10 @@ measures it) and in a plain Python process (as a user would time it), interleave
         --impls naive,chunked,sliding_window,sdpa --mask window --window 1024 --trials 5 --csv OUT.csv
 
 Per implementation and length, each trial times the call twice, in turn (worker then plain
-process, and the other way round the next trial), each in a fresh process of its own:
+process, and the other way round the next trial), each in a fresh process of its own, both
+pinned to the same CPU (trial t on CPU t mod the CPUs): on the 2-core CI machine a process
+the OS keeps on the busier CPU measures 10-30% slower whatever it runs, which unpinned made
+single trials range 0.67-1.37 for the same call:
 
   worker  ctxbench.engine.executor.Worker measures the cell as a sweep does (setup, first call,
           memory pass, error check, then the timed loop), with --repeats calls timed;
@@ -42,6 +45,8 @@ def config(args: argparse.Namespace):
 
 def plain(impl_name: str, n: int, args: argparse.Namespace) -> float:
     """Median (ms) of args.repeats calls timed in this process, as a user's own script would."""
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     import torch
 
     from ctxbench.core import registry
@@ -66,20 +71,20 @@ def plain(impl_name: str, n: int, args: argparse.Namespace) -> float:
     return statistics.median(samples)
 
 
-def in_plain_process(impl_name: str, n: int, args: argparse.Namespace) -> float:
+def in_plain_process(impl_name: str, n: int, args: argparse.Namespace, cpu: int | None) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--plain", impl_name, "--lengths", str(n),
            "--mask", args.mask, "--window", str(args.window), "--heads", str(args.heads),
-           "--head-dim", str(args.head_dim), "--repeats", str(args.repeats)]
+           "--head-dim", str(args.head_dim), "--repeats", str(args.repeats)] + (["--cpu", str(cpu)] if cpu is not None else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def in_worker(impl_name: str, n: int, args: argparse.Namespace, log: str) -> dict:
+def in_worker(impl_name: str, n: int, args: argparse.Namespace, log: str, cpu: int | None) -> dict:
     from ctxbench.core.cell import Cell, Settings
     from ctxbench.engine.executor import WorkerPool
 
     cell = Cell.of(config(args), impl_name, n, "kernel")
-    settings = Settings(warmup_ms=100.0, rep_ms=0.0, min_repeats=args.repeats, max_repeats=args.repeats)
+    settings = Settings(warmup_ms=100.0, rep_ms=0.0, min_repeats=args.repeats, max_repeats=args.repeats, pin_cpu=cpu)
     with WorkerPool(None, reuse=False) as pool:
         return pool.run_cell(cell, settings, timeout_s=1800, log_path=log)
 
@@ -96,6 +101,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--csv", default=None)
     p.add_argument("--plain", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.plain:
@@ -109,21 +115,23 @@ def main() -> None:
     for n in lengths:
         for impl in args.impls.split(","):
             ratios = []
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
             for t in range(args.trials):
                 sides = ("worker", "plain") if t % 2 == 0 else ("plain", "worker")
+                cpu = cpus[t % len(cpus)]
                 got = {}
                 for side in sides:
                     if side == "plain":
-                        got[side] = in_plain_process(impl, n, args)
+                        got[side] = in_plain_process(impl, n, args, cpu)
                     else:
-                        result = in_worker(impl, n, args, log)
+                        result = in_worker(impl, n, args, log, cpu)
                         if result.get("status") != "ok":
                             raise SystemExit(f"{impl} N={n}: worker {result.get('status')}: {result.get('message')}")
                         got[side] = float(result["latency_ms"])
                 ratio = got["worker"] / got["plain"]
                 ratios.append(ratio)
-                rows.append({"impl": impl, "n": n, "trial": t, "worker_ms": got["worker"], "plain_ms": got["plain"],
-                             "ratio": ratio, "first": sides[0]})
+                rows.append({"impl": impl, "n": n, "trial": t, "cpu": cpu, "worker_ms": got["worker"],
+                             "plain_ms": got["plain"], "ratio": ratio, "first": sides[0]})
             print(f"{impl:>15} N={n:<6} worker/plain {statistics.median(ratios):.3f} "
                   f"(trials {min(ratios):.3f}..{max(ratios):.3f}: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
     if args.csv:
