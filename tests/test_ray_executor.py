@@ -22,8 +22,9 @@ ray = pytest.importorskip("ray")
 MEASURED = {"latency_ms", "latency_p20_ms", "latency_p80_ms", "latency_min_ms", "repeats", "latency_samples_ms",
             "tflops", "peak_fraction", "peak_mem_bytes", "wall_s", "finished_at", "tokens_per_s", "run_id",
             "torch_threads", "log", "impl_info", "setup_ms", "setup_mem_bytes", "first_call_ms",
-            # each run probes the device's bandwidth once (ctxbench.engine.bandwidth): a measurement too
-            "gbps", "bw_fraction", "device_bw_gbps", "device_bw_probe_gbps"}
+            # each run probes the device's bandwidth once (ctxbench.engine.bandwidth): a measurement too,
+            # and its source names the probes' spread
+            "gbps", "bw_fraction", "device_bw_gbps", "device_bw_probe_gbps", "device_bw_source"}
 # Errors against the float64 reference: equal up to the order of floating-point sums, which
 # depends on the number of threads.
 ERRORS = {"err_rel_l2", "err_max_abs", "grad_err_rel_l2"}
