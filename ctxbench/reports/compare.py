@@ -183,13 +183,18 @@ def _num(row: dict[str, str] | None, col: str) -> float | None:
     return None if row is None else number(row.get(col))
 
 
-def samples(row: dict[str, str]) -> list[float]:
-    """Per-repeat latencies (ms) of a row; [] for a CSV written before they were recorded."""
-    text = row.get("latency_samples_ms", "") or ""
+def _series(row: dict[str, str], column: str) -> list[float]:
+    """A ';'-separated column of numbers; [] where it is blank, absent or not numbers."""
+    text = row.get(column, "") or ""
     try:
         return [float(x) for x in text.split(";") if x]
     except ValueError:
         return []
+
+
+def samples(row: dict[str, str]) -> list[float]:
+    """Per-repeat latencies (ms) of a row; [] for a CSV written before they were recorded."""
+    return _series(row, "latency_samples_ms")
 
 
 def _ref_latencies(table: Table, keys: list[str], impl: str, column: str) -> dict[tuple, float]:
@@ -246,11 +251,7 @@ def paired_test(ratios: list[float], alpha: float, margin: float = 0.0) -> tuple
 
 def round_latencies(row: dict[str, str]) -> list[float]:
     """Per-round medians (ms) of a row measured in interleaved rounds; [] for any other row."""
-    text = row.get("round_latency_ms", "") or ""
-    try:
-        return [float(x) for x in text.split(";") if x]
-    except ValueError:
-        return []
+    return _series(row, "round_latency_ms")
 
 
 # Fewest interleaved rounds for the paired test (with fewer its p-value cannot reach 0.05 reliably).
