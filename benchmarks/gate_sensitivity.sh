@@ -6,9 +6,10 @@
 #
 #   benchmarks/gate_sensitivity.sh 0.10 5 /tmp/sensitivity     # about 4 minutes a run that fails
 #
-# ctxbench runs from the clone (PYTHONPATH) with the current environment's packages.
+# ctxbench runs from the clone (PYTHONPATH) with the active environment's packages (its ctxbench command on PATH).
 set -uo pipefail
 if [ $# -ne 3 ]; then echo "usage: $0 FRACTION RUNS OUTDIR" >&2; exit 2; fi
+command -v ctxbench > /dev/null || { echo "$0: no ctxbench command: activate the environment it is installed in" >&2; exit 2; }
 frac=$1 runs=$2 out=$(mkdir -p "$3" && cd "$3" && pwd)
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
